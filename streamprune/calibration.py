@@ -1,0 +1,148 @@
+"""Calibration data: read documents, sample token windows exactly as the Wanda reference does.
+
+Reference (locuslab/wanda `lib/data.py`, get_c4): `random.seed(seed)`; for each sample, draw random
+documents until one is longer than seqlen tokens, then take a random window of seqlen tokens in
+it. A single text file is one document, like the reference's WikiText-2 loader, which draws only
+the window. We reproduce the same random calls, so the same seed picks the same windows.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import BadInputError, ResourceError
+
+C4_REPO = "allenai/c4"
+C4_SHARD = "en/c4-train.00000-of-01024.json.gz"  # the shard the Wanda paper calibrates on
+_TOKENIZE_BATCH = 256  # documents per tokenizer call while counting tokens
+
+
+@dataclass
+class Calibration:
+    input_ids: torch.Tensor  # [nsamples, seqlen] int64
+    source: str  # path or hub file the documents came from
+    source_sha256: str
+    documents: int
+
+
+def fetch_c4() -> Path:
+    """The C4 shard the Wanda paper uses, from the hub (cached by huggingface_hub)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(C4_REPO, C4_SHARD, repo_type="dataset"))
+    except Exception as err:  # network, auth and offline errors all end the same way for the user
+        raise ResourceError(
+            f"cannot download the C4 calibration shard ({C4_REPO}/{C4_SHARD}) from the Hugging Face hub: "
+            f"{_first_line(err)}. Offline, pass local text instead: --calib PATH (.txt, .jsonl or .jsonl.gz "
+            "with a \"text\" field, e.g. a C4 .json.gz shard)."
+        ) from err
+
+
+def read_documents(path: Path) -> list[str]:
+    """A .txt file is one document; .jsonl / .jsonl.gz / .json.gz have one {"text": ...} per line."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".txt") or name.endswith(".raw"):
+            return [path.read_text(encoding="utf-8")]
+        if name.endswith((".jsonl", ".json.gz", ".jsonl.gz")):
+            opener = gzip.open if name.endswith(".gz") else open
+            documents = []
+            with opener(path, "rt", encoding="utf-8") as f:
+                for number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise BadInputError(f"{path}, line {number}: no \"text\" string field")
+                    documents.append(record["text"])
+            return documents
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInputError(f"cannot read calibration data {path}: {err}") from err
+    raise BadInputError(
+        f"calibration file {path} has an unknown extension; use .txt, .jsonl, .jsonl.gz or .json.gz, or --calib c4"
+    )
+
+
+def sample_windows(documents: list[str], tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """[nsamples, seqlen] token ids, drawn as the reference draws them.
+
+    Refuses (BadInputError, with the numbers and what would fit) when the documents longer than
+    seqlen hold fewer than nsamples * seqlen tokens: windows would mostly repeat each other.
+    """
+    lengths: dict[int, int] = {}
+    long_ids: dict[int, list[int]] = {}  # only documents that can hold a window are kept
+
+    def tokenize(indices: list[int]) -> None:
+        encoded = tokenizer([documents[i] for i in indices], verbose=False).input_ids
+        for i, ids in zip(indices, encoded):
+            lengths[i] = len(ids)
+            if len(ids) > seqlen:
+                long_ids[i] = ids
+
+    # 1. count tokens in file order until enough are found (or the documents run out)
+    needed = nsamples * seqlen
+    for start in range(0, len(documents), _TOKENIZE_BATCH):
+        if sum(lengths[i] for i in long_ids) >= needed:
+            break
+        tokenize(list(range(start, min(start + _TOKENIZE_BATCH, len(documents)))))
+    usable = sum(lengths[i] for i in long_ids)
+    if usable < needed:
+        raise BadInputError(_too_short_message(list(lengths.values()), nsamples, seqlen))
+
+    # 2. the reference's random draws; documents not yet tokenized are tokenized when drawn
+    rng = random.Random(seed)
+    windows = []
+    for _ in range(nsamples):
+        if len(documents) == 1:
+            doc = 0
+        else:
+            while True:
+                doc = rng.randint(0, len(documents) - 1)
+                if doc not in lengths:
+                    tokenize([doc])
+                if doc in long_ids:
+                    break
+        start = rng.randint(0, lengths[doc] - seqlen - 1)
+        windows.append(long_ids[doc][start : start + seqlen])
+    return torch.tensor(windows, dtype=torch.int64)
+
+
+def _too_short_message(lengths: list[int], nsamples: int, seqlen: int) -> str:
+    usable = sum(n for n in lengths if n > seqlen)
+    message = (
+        f"calibration text too short: {len(lengths)} documents hold {sum(lengths):,} tokens, of which "
+        f"{usable:,} are in documents longer than --seqlen {seqlen}; --nsamples {nsamples} x --seqlen "
+        f"{seqlen} needs {nsamples * seqlen:,}."
+    )
+    fits = []
+    if usable // seqlen >= 1:
+        fits.append(f"--nsamples {usable // seqlen} --seqlen {seqlen}")
+    shorter = seqlen // 2
+    while shorter >= 16:
+        if sum(n for n in lengths if n > shorter) >= nsamples * shorter:
+            fits.append(f"--nsamples {nsamples} --seqlen {shorter}")
+            break
+        shorter //= 2
+    if fits:
+        return message + " This text would fit " + " or ".join(fits) + "; or pass more text with --calib."
+    return message + " Pass more text with --calib."
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

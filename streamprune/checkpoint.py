@@ -1,0 +1,222 @@
+"""Read a local Hugging Face checkpoint lazily: its config and its safetensors tensors, one at a time.
+
+Only the 8-byte length and the JSON header of each shard are parsed up front; a tensor's bytes are
+read from disk with plain file reads when asked for and never kept. We parse safetensors ourselves
+(the format is a length, a JSON header and raw little-endian bytes) rather than mmap the shards:
+mapped pages would stay resident and count against the process for as long as a shard is open.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import BadInputError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are: `nbytes` bytes at absolute offset `start` of `file`."""
+
+    name: str
+    file: Path
+    dtype: str  # safetensors spelling, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check one safetensors file's header; raises BadInputError naming file and tensor."""
+    try:
+        file_bytes = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise BadInputError(f"{path}: not a safetensors file ({file_bytes} bytes, no header length)")
+            header_bytes = int.from_bytes(prefix, "little")
+            if header_bytes > min(MAX_HEADER_BYTES, file_bytes - 8):
+                raise BadInputError(
+                    f"{path}: header claims {header_bytes} bytes but the file has {file_bytes}; "
+                    "the file is truncated or not safetensors"
+                )
+            raw = f.read(header_bytes)
+    except OSError as err:
+        raise BadInputError(f"cannot read {path}: {err.strerror or err}") from err
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInputError(f"{path}: safetensors header is not valid JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise BadInputError(f"{path}: safetensors header is not a JSON object")
+
+    data_start = 8 + header_bytes
+    data_bytes = file_bytes - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        tensors[name] = _tensor_info(path, name, entry, data_start, data_bytes)
+    spans = sorted((t.start, t.start + t.nbytes, t.name) for t in tensors.values())
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise BadInputError(f"{path}: tensors {first!r} and {second!r} overlap; the file is corrupt")
+    return tensors
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_bytes: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise BadInputError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise BadInputError(f"{where}: unsupported dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise BadInputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)
+    ):
+        raise BadInputError(f"{where}: data_offsets {offsets!r} are not two non-negative integers")
+    begin, end = offsets
+    itemsize = SAFETENSORS_DTYPES[dtype].itemsize
+    if end < begin or end > data_bytes:
+        raise BadInputError(
+            f"{where}: bytes {begin}..{end} run past the end of the data ({data_bytes} bytes); "
+            "the file is truncated or corrupt"
+        )
+    if end - begin != math.prod(shape) * itemsize:
+        raise BadInputError(f"{where}: {end - begin} bytes do not hold shape {shape} of {dtype}")
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, end - begin)
+
+
+class Checkpoint:
+    """A local checkpoint directory: `config.json` plus `model.safetensors` or an index and shards.
+
+    Construction reads the config and every shard header, and checks that every tensor the index
+    names is where it says. No tensor data is read until `read(name)`.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.config = self._read_config()
+        self.weight_files, self.tensors = self._read_weights()
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, freshly read into CPU memory in its stored dtype."""
+        info = self.tensors[name]
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            got = f.readinto(memoryview(data.numpy()))
+        if got != info.nbytes:
+            raise BadInputError(f"{info.file}: tensor {name!r} is truncated ({got} of {info.nbytes} bytes)")
+        return data.view(info.torch_dtype).reshape(info.shape)
+
+    def _read_config(self) -> dict:
+        path = self.directory / "config.json"
+        if not path.is_file():
+            raise BadInputError(
+                f"{self.directory} has no config.json, so it is not a Hugging Face checkpoint. "
+                "Pass the directory that holds config.json and the *.safetensors files."
+            )
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise BadInputError(f"cannot read {path}: {err}") from err
+        if not isinstance(config, dict):
+            raise BadInputError(f"{path} is not a JSON object")
+        return config
+
+    def _read_weights(self) -> tuple[list[Path], dict[str, TensorInfo]]:
+        index_path = self.directory / INDEX_FILE
+        single_path = self.directory / SINGLE_FILE
+        if index_path.is_file():
+            weight_map = self._read_index(index_path)
+            files = sorted(set(weight_map.values()))
+            headers = {file: read_safetensors_header(self.directory / file) for file in files}
+            tensors = {}
+            for name, file in weight_map.items():
+                if name not in headers[file]:
+                    raise BadInputError(
+                        f"{index_path} says tensor {name!r} is in {file}, but that file has no such tensor; "
+                        "the checkpoint is incomplete or its index is stale"
+                    )
+                tensors[name] = headers[file][name]
+            return [self.directory / f for f in files], tensors
+        if single_path.is_file():
+            return [single_path], read_safetensors_header(single_path)
+        pickles = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(
+            p.name for p in self.directory.glob("*.pt*")
+        )
+        if pickles:
+            raise BadInputError(
+                f"{self.directory} holds only pickle weights ({', '.join(pickles[:3])}); streamprune reads "
+                "safetensors only, because loading a pickle can run arbitrary code. If you trust this "
+                "checkpoint, convert it once with transformers (load it, then save_pretrained(..., "
+                "safe_serialization=True)) and pass the converted directory."
+            )
+        raise BadInputError(
+            f"{self.directory} has no {SINGLE_FILE} and no {INDEX_FILE}; streamprune needs safetensors weights."
+        )
+
+    def _read_index(self, index_path: Path) -> dict[str, str]:
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise BadInputError(f"cannot read {index_path}: {err}") from err
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise BadInputError(f"{index_path} has no \"weight_map\" naming the tensors and their shards")
+        root = self.directory.resolve()
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+                raise BadInputError(
+                    f"{index_path}: tensor {name!r} points at {file!r}; shard names must be plain file "
+                    "names inside the checkpoint directory"
+                )
+            shard = self.directory / file
+            if not shard.is_file():
+                raise BadInputError(
+                    f"{index_path} names shard {file} (for tensor {name!r}), which is missing from "
+                    f"{self.directory}; download the complete checkpoint"
+                )
+            if shard.resolve().parent != root and not _is_hub_blob(shard):
+                raise BadInputError(f"{index_path}: shard {file} resolves outside {self.directory}")
+        return weight_map
+
+
+def _is_hub_blob(path: Path) -> bool:
+    """Hugging Face cache snapshots are symlinks into the repository's own blobs/ folder."""
+    snapshots = path.parent.parent
+    return snapshots.name == "snapshots" and path.resolve().parent == (snapshots.parent / "blobs").resolve()

@@ -1,0 +1,100 @@
+"""The `streamprune` command: builds a PruneConfig from flags and calls the library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__
+from .errors import EXIT_INTERRUPTED, StreamPruneError
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+    help="Prune large language models one decoder layer at a time, on the hardware you have.",
+)
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    if version:
+        typer.echo(f"streamprune {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(
+        ...,
+        help="A local checkpoint directory (config.json + safetensors), a hub id such as "
+        "meta-llama/Llama-2-7b-hf, or an alias such as llama-70b, llama-3-8b, mistral-7b, qwen2-7b, smollm2-135m.",
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory for the pruned checkpoint."),
+    sparsity: Optional[float] = typer.Option(
+        None, help="Fraction of weights zeroed in every pruned Linear, in (0, 1). Default 0.5 when no --pattern."
+    ),
+    pattern: Optional[str] = typer.Option(
+        None,
+        help="N:M semi-structured sparsity: keep N of every M consecutive input weights in each row "
+        "(2:4 keeps 2 of 4, NVIDIA's meaning). Replaces --sparsity.",
+    ),
+    method: str = typer.Option("wanda", help="wanda (|W| x input norm, per output row) or magnitude (|W|, per matrix)."),
+    propagate: str = typer.Option(
+        "pruned", help="Next block's calibration inputs come from the pruned block (pruned) or the dense one (dense)."
+    ),
+    calib: str = typer.Option(
+        "c4",
+        help="Calibration text: a .txt, .jsonl or .jsonl.gz file (\"text\" field per line), or c4 to fetch "
+        "the Wanda paper's C4 shard from the hub.",
+    ),
+    nsamples: int = typer.Option(128, help="Number of calibration sequences."),
+    seqlen: int = typer.Option(2048, help="Tokens per calibration sequence (capped at max_position_embeddings)."),
+    seed: int = typer.Option(0, help="Seed for choosing calibration windows."),
+    device: str = typer.Option("auto", help="Compute device: auto (cuda if available), cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16."),
+    batch_size: int = typer.Option(8, help="Calibration sequences per micro-batch on the device."),
+    max_shard_size: str = typer.Option("5GB", help="Largest output shard file, e.g. 5GB, 500MB, 2GiB."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out, replacing the checkpoint there."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Prune MODEL with Wanda (or magnitude) and write a checkpoint that transformers loads as is.
+
+    Layers are read one at a time from the safetensors shards, pruned and written straight to
+    --out; the source is only ever read. Beside the checkpoint: streamprune.json (the run record)
+    and streamprune_calibration.json (the exact calibration token ids).
+    """
+    from .config import PruneConfig
+    from .pipeline import prune
+
+    try:
+        config = PruneConfig(
+            model=model, out=out, method=method, sparsity=sparsity, pattern=pattern, propagate=propagate,
+            calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
+            batch_size=batch_size, max_shard_size=max_shard_size, force=force, quiet=quiet,
+        )
+        record = prune(config)
+    except StreamPruneError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted; {out} is incomplete. Run the same command with --force to start over.", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    typer.echo(summary(record))
+
+
+def summary(record: dict) -> str:
+    gib = 1024**3
+    lines = [
+        f"pruned {record['source']['num_hidden_layers']} layers of {record['source']['model']} "
+        f"({record['arguments']['method']}, target sparsity {record['target_sparsity']:.3f}, "
+        f"achieved {record['mean_layer_sparsity']:.3f}) in {record['total_seconds']:.1f} s on {record['device']}",
+        f"peak RSS {record['peak_rss_bytes'] / gib:.2f} GiB"
+        + (f", peak VRAM {record['peak_vram_bytes'] / gib:.2f} GiB" if record["peak_vram_bytes"] else ""),
+        f"wrote {record['arguments']['out']} ({len(record['output_files'])} shards); run record: streamprune.json",
+    ]
+    return "\n".join(lines)

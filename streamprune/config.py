@@ -1,0 +1,100 @@
+"""The settings of one pruning run, checked before anything is read or written."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+from .writer import parse_size
+
+METHODS = ("wanda", "magnitude")
+PROPAGATE = ("pruned", "dense")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PruneConfig:
+    model: str  # local directory, hub id or alias
+    out: Path
+    method: str = "wanda"
+    sparsity: float | None = None  # fraction zeroed in every pruned Linear; 0.5 when no pattern
+    pattern: str | None = None  # "N:M": keep N of every M consecutive inputs in each row
+    propagate: str = "pruned"  # next block's inputs from the pruned block, or from the dense one
+    calib: str = "c4"  # "c4" or a .txt / .jsonl / .jsonl.gz path
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # compute dtype; auto: the checkpoint's
+    batch_size: int = 8  # calibration samples per micro-batch on the device
+    max_shard_size: str = "5GB"
+    force: bool = False
+    quiet: bool = False
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        if self.method not in METHODS:
+            raise UsageError(f"--method {self.method!r} is not one of: {', '.join(METHODS)}")
+        if self.propagate not in PROPAGATE:
+            raise UsageError(f"--propagate {self.propagate!r} is not one of: {', '.join(PROPAGATE)}")
+        if self.pattern is not None:
+            if self.sparsity is not None:
+                raise UsageError("give either --sparsity or --pattern, not both (N:M fixes the sparsity at (M-N)/M)")
+            self.keep_block()  # validates
+        else:
+            if self.sparsity is None:
+                self.sparsity = 0.5
+            if not 0 < self.sparsity < 1:
+                raise UsageError(
+                    f"--sparsity {self.sparsity} is outside (0, 1): it is the fraction of weights zeroed in "
+                    "each Linear, e.g. --sparsity 0.5"
+                )
+        for name in ("nsamples", "seqlen", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise UsageError(f"--dtype {self.dtype!r} is not one of: auto, {', '.join(DTYPES)}")
+        self.max_shard_bytes = parse_size(self.max_shard_size)
+        self.torch_device = self._device()
+
+    def keep_block(self) -> tuple[int, int] | None:
+        """(keep_n, block_m) of --pattern, or None for unstructured sparsity."""
+        if self.pattern is None:
+            return None
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", self.pattern)
+        if not match:
+            raise UsageError(f"--pattern {self.pattern!r} is not N:M; write it like 2:4 (keep 2 of every 4)")
+        keep_n, block_m = int(match[1]), int(match[2])
+        if not 0 < keep_n < block_m:
+            raise UsageError(
+                f"--pattern {self.pattern}: N must be at least 1 and less than M (N is how many of every M "
+                "weights are kept), e.g. 2:4 or 4:8"
+            )
+        return keep_n, block_m
+
+    @property
+    def target_sparsity(self) -> float:
+        block = self.keep_block()
+        return (block[1] - block[0]) / block[1] if block else self.sparsity
+
+    def _device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as err:
+            raise UsageError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise UsageError(f"--device {self.device!r}: only cpu and cuda are supported")
+        return device
+
+    def as_record(self) -> dict:
+        record = asdict(self)
+        record["out"] = str(self.out)
+        return record

@@ -1,0 +1,36 @@
+"""One exception type for everything the user can fix, with the exit code the CLI returns.
+
+Every message says what happened, why, and what to type instead. The CLI prints the message and
+exits with `exit_code`; nothing else in the package prints errors or calls sys.exit.
+"""
+
+from __future__ import annotations
+
+# Exit codes (documented in the README).
+EXIT_USAGE = 2  # a flag or argument is wrong
+EXIT_BAD_INPUT = 3  # the model, checkpoint or calibration data cannot be used
+EXIT_RESOURCES = 4  # not enough memory, disk, or no network where one is needed
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C
+
+
+class StreamPruneError(Exception):
+    """An error the user can act on. `str(err)` is the whole message."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(StreamPruneError):
+    exit_code = EXIT_USAGE
+
+
+class BadInputError(StreamPruneError):
+    exit_code = EXIT_BAD_INPUT
+
+
+class ResourceError(StreamPruneError):
+    exit_code = EXIT_RESOURCES

@@ -1,0 +1,138 @@
+"""Supported model families, kept as data, and how to run one of their decoder layers on its own.
+
+Every supported family is a Llama-style decoder: `model.embed_tokens`, `model.layers.{i}` with the
+same seven Linears, `model.norm`, an optional `lm_head`. transformers supplies the layer and rotary
+classes; we only build one layer at a time on the meta device and give it its own tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .errors import BadInputError
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str  # config.json "model_type"
+    architecture: str  # config.json "architectures"[0]
+    class_prefix: str  # transformers class names: f"{prefix}DecoderLayer", f"{prefix}RotaryEmbedding"
+
+    def classes(self) -> tuple[type, type]:
+        module = importlib.import_module(f"transformers.models.{self.model_type}.modeling_{self.model_type}")
+        return getattr(module, f"{self.class_prefix}DecoderLayer"), getattr(module, f"{self.class_prefix}RotaryEmbedding")
+
+
+FAMILIES = {
+    f.model_type: f
+    for f in (
+        Family("llama", "LlamaForCausalLM", "Llama"),  # Llama 2/3/3.x, SmolLM2, TinyLlama, ...
+        Family("mistral", "MistralForCausalLM", "Mistral"),
+        Family("qwen2", "Qwen2ForCausalLM", "Qwen2"),
+    )
+}
+SUPPORTED = ", ".join(f"{f.architecture} ({f.model_type})" for f in FAMILIES.values())
+
+EMBEDDING = "model.embed_tokens.weight"
+LAYER_PREFIX = "model.layers.{index}."
+# The Linears Wanda prunes in every block, in forward order. Embeddings, norms and lm_head are kept.
+PRUNABLE_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def family_of(config: dict) -> Family:
+    """The Family of a raw config.json, or a BadInputError that names what is supported."""
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    family = FAMILIES.get(model_type)
+    if family is None or (architectures and architectures[0] != family.architecture):
+        what = f"model_type {model_type!r}" + (f" ({architectures[0]})" if architectures else "")
+        raise BadInputError(
+            f"unsupported architecture: {what}. streamprune supports the Llama family: {SUPPORTED}."
+        )
+    if config.get("auto_map"):
+        raise BadInputError(
+            "this checkpoint asks for custom modeling code (auto_map in config.json); streamprune never runs "
+            f"code from a checkpoint. Supported: {SUPPORTED}."
+        )
+    num_layers = config.get("num_hidden_layers")
+    if not isinstance(num_layers, int) or num_layers <= 0:
+        raise BadInputError(
+            f"config.json has num_hidden_layers={num_layers!r}; a positive integer is needed to stream the layers"
+        )
+    return family
+
+
+def layer_tensor_names(index: int, local_names: list[str]) -> dict[str, str]:
+    """Checkpoint name -> name inside the layer module, for decoder layer `index`."""
+    prefix = LAYER_PREFIX.format(index=index)
+    return {prefix + name: name for name in local_names}
+
+
+class LayerStack:
+    """Builds decoder layers one at a time and runs them exactly as the whole model would.
+
+    The whole model computes the rotary embeddings and attention masks once, at model level, and
+    hands them to every layer; this class does the same for each micro-batch shape.
+    """
+
+    def __init__(self, model_dir, family: Family, device: torch.device, dtype: torch.dtype):
+        # sdpa: a config built without it means eager attention, where a None mask is *no* mask
+        self.config: PretrainedConfig = AutoConfig.from_pretrained(model_dir, attn_implementation="sdpa")
+        self.device, self.dtype = device, dtype
+        self.layer_class, rotary_class = family.classes()
+        self.rotary = rotary_class(config=self.config).to(device)
+        self._context: dict[tuple[int, int, str], tuple] = {}
+
+    def skeleton(self, index: int = 0) -> torch.nn.Module:
+        """Layer `index` with parameters on the meta device: names and shapes, no memory."""
+        with torch.device("meta"):
+            return self.layer_class(self.config, index)
+
+    def build(self, index: int, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """Layer `index` on the compute device; `tensors` maps local names to weights (any dtype)."""
+        layer = self.skeleton(index)
+        layer.load_state_dict(
+            {name: t.to(self.device, self.dtype) for name, t in tensors.items()}, strict=True, assign=True
+        )
+        return layer.eval()
+
+    def attention_kind(self, index: int) -> str:
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types:
+            return layer_types[index]
+        return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
+
+    @torch.no_grad()
+    def forward(self, layer: torch.nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [batch, seqlen, hidden_size] on the device -> the layer's output, same shape."""
+        batch, seqlen, _ = hidden.shape
+        kind = self.attention_kind(index)
+        key = (batch, seqlen, kind)
+        if key not in self._context:
+            position_ids = torch.arange(seqlen, device=self.device).unsqueeze(0)  # [1, seqlen]
+            make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            mask = make_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=None,
+                past_key_values=None,
+                position_ids=position_ids,
+            )
+            self._context[key] = (position_ids, mask, self.rotary(hidden, position_ids))
+        position_ids, mask, position_embeddings = self._context[key]
+        return layer(
+            hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings
+        )
