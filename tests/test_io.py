@@ -1,0 +1,87 @@
+"""The safetensors reader and the planned shard writer, checked against the safetensors library."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from streamprune.checkpoint import Checkpoint, read_safetensors_header
+from streamprune.errors import BadInputError, UsageError
+from streamprune.writer import CheckpointWriter, parse_size, plan_shards
+
+TENSORS = {
+    "a": torch.randn(3, 5),
+    "b": torch.randn(7).to(torch.bfloat16),
+    "c": torch.arange(12, dtype=torch.int64).reshape(3, 4),
+    "d": torch.randn(2, 2).half(),
+    "e": torch.tensor(1.5),
+}
+
+
+def test_reader_reads_what_safetensors_wrote(tmp_path):
+    save_file(TENSORS, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text("{}")
+    checkpoint = Checkpoint(tmp_path)
+    for name, tensor in TENSORS.items():
+        read = checkpoint.read(name)
+        assert read.dtype == tensor.dtype and torch.equal(read, tensor)
+
+
+def test_writer_output_reads_back_with_safetensors(tmp_path):
+    plan = [(n, {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64", torch.float16: "F16"}[t.dtype],
+             tuple(t.shape)) for n, t in TENSORS.items()]
+    writer = CheckpointWriter(tmp_path, plan, max_shard_bytes=150)
+    for name, tensor in TENSORS.items():
+        writer.write(name, tensor)
+    writer.finish()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(writer.files) > 1
+    loaded = {}
+    for file in writer.files:
+        assert (tmp_path / file).stat().st_size <= 150 or len(load_file(tmp_path / file)) == 1
+        loaded.update(load_file(tmp_path / file))
+    assert set(loaded) == set(TENSORS) == set(index["weight_map"])
+    for name, tensor in TENSORS.items():
+        assert torch.equal(loaded[name], tensor)
+
+
+def test_writer_refuses_out_of_order_and_abort_leaves_no_partial(tmp_path):
+    writer = CheckpointWriter(tmp_path, [("a", "F32", (3, 5)), ("b", "F32", (2,))], max_shard_bytes=10**6)
+    with pytest.raises(RuntimeError):
+        writer.write("b", torch.zeros(2))
+    writer.write("a", TENSORS["a"])
+    assert list(tmp_path.iterdir()) == [tmp_path / ".model-00001-of-00001.safetensors.partial"]
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_shards_fills_in_order():
+    plan = plan_shards([(f"t{i}", "F32", (100,)) for i in range(10)], max_shard_bytes=1000)
+    assert [list(s.entries) for s in plan][0] == ["t0", "t1"]  # 400 data bytes each + header
+    assert sum(len(s.entries) for s in plan) == 10
+    assert plan[-1].file == f"model-{len(plan):05d}-of-{len(plan):05d}.safetensors"
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("500MiB") == 500 * 2**20
+    assert parse_size("1.5kb") == 1500
+    for bad in ("five", "-1GB", "0"):
+        with pytest.raises(UsageError):
+            parse_size(bad)
+
+
+def test_header_longer_than_file_is_refused(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes((10**6).to_bytes(8, "little") + b"{}")
+    with pytest.raises(BadInputError, match="header claims 1000000 bytes"):
+        read_safetensors_header(path)
+
+
+def test_truncated_shard_is_refused_at_header_time(tmp_path):
+    save_file(TENSORS, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(BadInputError, match="run past the end"):
+        read_safetensors_header(tmp_path / "model.safetensors")
