@@ -42,7 +42,7 @@ def fetch_c4() -> Path:
         raise ResourceError(
             f"cannot download the C4 calibration shard ({C4_REPO}/{C4_SHARD}) from the Hugging Face hub: "
             f"{_first_line(err)}. Offline, pass local text instead: --calib PATH (.txt, .jsonl or .jsonl.gz "
-            "with a \"text\" field, e.g. a C4 .json.gz shard)."
+            'with a "text" field, e.g. a C4 .json.gz shard).'
         ) from err
 
 
@@ -61,7 +61,7 @@ def read_documents(path: Path) -> list[str]:
                         continue
                     record = json.loads(line)
                     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise BadInputError(f"{path}, line {number}: no \"text\" string field")
+                        raise BadInputError(f'{path}, line {number}: no "text" string field')
                     documents.append(record["text"])
             return documents
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

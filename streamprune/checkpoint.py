@@ -104,9 +104,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_byt
         raise BadInputError(f"{where}: unsupported dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise BadInputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    if not (
-        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)
-    ):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)):
         raise BadInputError(f"{where}: data_offsets {offsets!r} are not two non-negative integers")
     begin, end = offsets
     itemsize = SAFETENSORS_DTYPES[dtype].itemsize
@@ -197,7 +195,7 @@ class Checkpoint:
             raise BadInputError(f"cannot read {index_path}: {err}") from err
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise BadInputError(f"{index_path} has no \"weight_map\" naming the tensors and their shards")
+            raise BadInputError(f'{index_path} has no "weight_map" naming the tensors and their shards')
         root = self.directory.resolve()
         for name, file in weight_map.items():
             if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):

@@ -43,13 +43,15 @@ def run(
         help="N:M semi-structured sparsity: keep N of every M consecutive input weights in each row "
         "(2:4 keeps 2 of 4, NVIDIA's meaning). Replaces --sparsity.",
     ),
-    method: str = typer.Option("wanda", help="wanda (|W| x input norm, per output row) or magnitude (|W|, per matrix)."),
+    method: str = typer.Option(
+        "wanda", help="wanda (|W| x input norm, per output row) or magnitude (|W|, per matrix)."
+    ),
     propagate: str = typer.Option(
         "pruned", help="Next block's calibration inputs come from the pruned block (pruned) or the dense one (dense)."
     ),
     calib: str = typer.Option(
         "c4",
-        help="Calibration text: a .txt, .jsonl or .jsonl.gz file (\"text\" field per line), or c4 to fetch "
+        help='Calibration text: a .txt, .jsonl or .jsonl.gz file ("text" field per line), or c4 to fetch '
         "the Wanda paper's C4 shard from the hub.",
     ),
     nsamples: int = typer.Option(128, help="Number of calibration sequences."),
@@ -57,7 +59,11 @@ def run(
     seed: int = typer.Option(0, help="Seed for choosing calibration windows."),
     device: str = typer.Option("auto", help="Compute device: auto (cuda if available), cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16."),
-    batch_size: int = typer.Option(8, help="Calibration sequences per micro-batch on the device."),
+    batch_size: int = typer.Option(
+        1,
+        help="Calibration sequences per micro-batch. 1 reproduces the Wanda reference bit for bit; larger "
+        "batches round differently, which can flip near-tied weights.",
+    ),
     max_shard_size: str = typer.Option("5GB", help="Largest output shard file, e.g. 5GB, 500MB, 2GiB."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty --out, replacing the checkpoint there."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -73,9 +79,22 @@ def run(
 
     try:
         config = PruneConfig(
-            model=model, out=out, method=method, sparsity=sparsity, pattern=pattern, propagate=propagate,
-            calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
-            batch_size=batch_size, max_shard_size=max_shard_size, force=force, quiet=quiet,
+            model=model,
+            out=out,
+            method=method,
+            sparsity=sparsity,
+            pattern=pattern,
+            propagate=propagate,
+            calib=calib,
+            nsamples=nsamples,
+            seqlen=seqlen,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            max_shard_size=max_shard_size,
+            force=force,
+            quiet=quiet,
         )
         record = prune(config)
     except StreamPruneError as err:

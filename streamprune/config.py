@@ -30,7 +30,7 @@ class PruneConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # compute dtype; auto: the checkpoint's
-    batch_size: int = 8  # calibration samples per micro-batch on the device
+    batch_size: int = 1  # calibration samples per micro-batch; 1 is what the reference does
     max_shard_size: str = "5GB"
     force: bool = False
     quiet: bool = False

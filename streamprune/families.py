@@ -25,7 +25,9 @@ class Family:
 
     def classes(self) -> tuple[type, type]:
         module = importlib.import_module(f"transformers.models.{self.model_type}.modeling_{self.model_type}")
-        return getattr(module, f"{self.class_prefix}DecoderLayer"), getattr(module, f"{self.class_prefix}RotaryEmbedding")
+        return getattr(module, f"{self.class_prefix}DecoderLayer"), getattr(
+            module, f"{self.class_prefix}RotaryEmbedding"
+        )
 
 
 FAMILIES = {
@@ -59,9 +61,7 @@ def family_of(config: dict) -> Family:
     family = FAMILIES.get(model_type)
     if family is None or (architectures and architectures[0] != family.architecture):
         what = f"model_type {model_type!r}" + (f" ({architectures[0]})" if architectures else "")
-        raise BadInputError(
-            f"unsupported architecture: {what}. streamprune supports the Llama family: {SUPPORTED}."
-        )
+        raise BadInputError(f"unsupported architecture: {what}. streamprune supports the Llama family: {SUPPORTED}.")
     if config.get("auto_map"):
         raise BadInputError(
             "this checkpoint asks for custom modeling code (auto_map in config.json); streamprune never runs "
@@ -133,6 +133,4 @@ class LayerStack:
             )
             self._context[key] = (position_ids, mask, self.rotary(hidden, position_ids))
         position_ids, mask, position_embeddings = self._context[key]
-        return layer(
-            hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings
-        )
+        return layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import platform
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -89,16 +88,22 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
             stored = {local: checkpoint.read(name) for name, local in names.items()}
             layer = stack.build(index, stored)
             # 6b. Wanda: one forward of the dense layer collects ||X_j||^2 for every Linear
-            sq_sums = None
+            sq_norms = None
             if hidden is not None:
-                sq_sums = forward_all(stack, layer, index, hidden, config.batch_size,
-                                      collect=True, write_back=config.propagate == "dense")
+                sq_norms = forward_all(
+                    stack, layer, index, hidden, config.batch_size, collect=True, write_back=config.propagate == "dense"
+                )
             # 6c. all seven Linears pruned together, from the dense statistics
             masks = {}
             for local in PRUNABLE_LINEARS:
                 module = layer.get_submodule(local)
-                mask = prune_mask(module.weight, config.method, config.sparsity, config.keep_block(),
-                                  None if sq_sums is None else sq_sums[local])
+                mask = prune_mask(
+                    module.weight,
+                    config.method,
+                    config.sparsity,
+                    config.keep_block(),
+                    None if sq_norms is None else sq_norms[local],
+                )
                 module.weight.data = apply_mask(module.weight.data, mask)
                 masks[local + ".weight"] = mask.cpu()
             # 6d. write the pruned layer in its original dtype, zeros as +0.0
@@ -126,8 +131,18 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
         writer.abort()
         raise
     copy_support_files(source_dir, config.out)
-    record = run_record(config, source_dir, family.architecture, num_layers, dtype, seqlen, calibration,
-                        layers_record, writer.files, started)
+    record = run_record(
+        config,
+        source_dir,
+        family.architecture,
+        num_layers,
+        dtype,
+        seqlen,
+        calibration,
+        layers_record,
+        writer.files,
+        started,
+    )
     if calibration is not None:
         ids = {key: value for key, value in calibration.items() if key != "input_ids"}
         ids["input_ids"] = calibration["input_ids"].tolist()
@@ -140,9 +155,10 @@ def check_output_dir(out: Path, source_dir: Path, force: bool) -> None:
     """Refuse an --out that is, or is inside, the source, and a non-empty one without --force."""
     out_resolved, source_resolved = out.resolve(), source_dir.resolve()
     if out_resolved == source_resolved or source_resolved in out_resolved.parents:
+        where = "the source directory" if out_resolved == source_resolved else "inside the source directory"
         raise UsageError(
-            f"--out {out} is {'the source directory' if out_resolved == source_resolved else 'inside the source directory'} "
-            f"{source_dir}; streamprune never writes into the source. Choose another --out, e.g. --out {source_dir.name}-pruned"
+            f"--out {out} is {where} {source_dir}; streamprune never writes into the source. "
+            f"Choose another --out, e.g. --out {source_dir.name}-pruned"
         )
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is a file; choose a directory")
@@ -192,7 +208,7 @@ def layout(checkpoint: Checkpoint, stack: LayerStack, num_layers: int) -> dict:
         head = name.split(".")
         prefix = ".".join(head[:3]) + "."
         if prefix in prefixes:
-            groups[prefixes[prefix]][name] = name[len(prefix):]
+            groups[prefixes[prefix]][name] = name[len(prefix) :]
         else:
             groups[None].append(name)
     for index in range(num_layers):
@@ -200,7 +216,9 @@ def layout(checkpoint: Checkpoint, stack: LayerStack, num_layers: int) -> dict:
         for local, shape in expected.items():
             full = LAYER_PREFIX.format(index=index) + local
             if local not in present:
-                raise BadInputError(f"the checkpoint has no tensor {full!r}; it is incomplete or not a {stack.config.model_type} model")
+                raise BadInputError(
+                    f"the checkpoint has no tensor {full!r}; it is incomplete or not a {stack.config.model_type} model"
+                )
             got = checkpoint.tensors[full].shape
             if got != shape:
                 raise BadInputError(f"tensor {full!r} has shape {list(got)}, but config.json implies {list(shape)}")
@@ -262,24 +280,38 @@ def embed(checkpoint: Checkpoint, input_ids: torch.Tensor, dtype: torch.dtype, b
 
 
 @torch.no_grad()
-def forward_all(stack: LayerStack, layer: torch.nn.Module, index: int, hidden: torch.Tensor, batch_size: int,
-                collect: bool, write_back: bool) -> dict[str, torch.Tensor] | None:
+def forward_all(
+    stack: LayerStack,
+    layer: torch.nn.Module,
+    index: int,
+    hidden: torch.Tensor,
+    batch_size: int,
+    collect: bool,
+    write_back: bool,
+) -> dict[str, torch.Tensor] | None:
     """Run every calibration sample through `layer` in micro-batches.
 
-    collect: return, per prunable Linear, the float32 sum of squares of each input feature.
+    collect: return, per prunable Linear, ||X_j||^2 / nsamples for each input feature j (float32).
     write_back: replace each micro-batch of `hidden` by the layer's output (in place: a sample's
     input is not needed once its output exists).
     """
-    sq_sums: dict[str, torch.Tensor] = {}
+    sq_norms: dict[str, torch.Tensor] = {}
+    samples_seen = {local: 0 for local in PRUNABLE_LINEARS}
     handles = []
     if collect:
         for local in PRUNABLE_LINEARS:
             module = layer.get_submodule(local)
-            sq_sums[local] = torch.zeros(module.in_features, dtype=torch.float32, device=stack.device)
+            sq_norms[local] = torch.zeros(module.in_features, dtype=torch.float32, device=stack.device)
 
+            # A running mean over samples, in the reference's exact arithmetic: a plain float32 sum
+            # ranks the same in exact math but rounds differently, and one flipped near-tie changes
+            # every later layer. With one sample per micro-batch the masks then match it bit for bit.
             def hook(_module, args, _output, local=local):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
-                sq_sums[local] += (x * x).sum(dim=0)
+                for sample in args[0]:  # [seqlen, in]
+                    samples_seen[local] += 1
+                    n = samples_seen[local]
+                    sq_norms[local] *= (n - 1) / n
+                    sq_norms[local] += torch.norm(sample.t().float(), p=2, dim=1) ** 2 / n
 
             handles.append(module.register_forward_hook(hook))
     try:
@@ -291,20 +323,26 @@ def forward_all(stack: LayerStack, layer: torch.nn.Module, index: int, hidden: t
     finally:
         for handle in handles:
             handle.remove()
-    return sq_sums if collect else None
+    return sq_norms if collect else None
 
 
 def copy_support_files(source_dir: Path, out: Path) -> None:
     """config.json, generation_config.json, tokenizer files and the like, byte for byte."""
     for path in sorted(source_dir.iterdir()):
-        if path.name in (RECORD_FILE, CALIBRATION_FILE) or path.name.endswith(_WEIGHT_SUFFIXES) \
-                or path.name == INDEX_FILE or path.name.startswith(".") or not path.is_file():
+        if (
+            path.name in (RECORD_FILE, CALIBRATION_FILE)
+            or path.name.endswith(_WEIGHT_SUFFIXES)
+            or path.name == INDEX_FILE
+            or path.name.startswith(".")
+            or not path.is_file()
+        ):
             continue
         write_atomic(out / path.name, path.read_bytes())
 
 
-def run_record(config, source_dir, architecture, num_layers, dtype, seqlen, calibration, layers, files,
-               started) -> dict:
+def run_record(
+    config, source_dir, architecture, num_layers, dtype, seqlen, calibration, layers, files, started
+) -> dict:
     import transformers
 
     device = config.torch_device
@@ -313,10 +351,17 @@ def run_record(config, source_dir, architecture, num_layers, dtype, seqlen, cali
         "streamprune": __version__,
         "command": sys.argv,
         "arguments": config.as_record(),
-        "source": {"model": config.model, "directory": str(source_dir), "architecture": architecture,
-                   "num_hidden_layers": num_layers},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "source": {
+            "model": config.model,
+            "directory": str(source_dir),
+            "architecture": architecture,
+            "num_hidden_layers": num_layers,
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "compute_dtype": str(dtype).removeprefix("torch."),
         "target_sparsity": config.target_sparsity,

@@ -1,8 +1,10 @@
 """Pruning math: scores and masks. Pure functions, tensors in and out, no I/O, no modules.
 
 Conventions: `weight` is a Linear's `[out_features, in_features]` matrix; a mask is a bool tensor
-of the same shape that is True where the weight is *zeroed*. Every sort is stable so that equal
-scores are broken by position, identically on every run and device.
+of the same shape that is True where the weight is *zeroed*. Equal scores are rare but do occur
+(quantization-born weights share values), and one tie decided differently changes every later
+layer's inputs: row and matrix masks use a stable sort (ties go by position), N:M masks use
+torch.topk exactly as the Wanda reference does, so that both pick the same weights.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import torch
 _SORT_SLICE_ELEMENTS = 1 << 26
 
 
-def wanda_scores(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.Tensor:
+def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
     """Wanda's metric S_ij = |W_ij| * ||X_j||_2.
 
-    weight: [out, in]; input_sq_sum: [in] float32, the sum of x_j^2 over every calibration token
-    that reached this Linear. Returns [out, in] float32.
+    weight: [out, in]; input_sq_norm: [in] float32, ||X_j||^2 over every calibration token that
+    reached this Linear, or any constant multiple of it (the reference divides by nsamples).
+    Returns [out, in] float32.
     """
-    return weight.abs().float() * input_sq_sum.float().sqrt().unsqueeze(0)
+    return weight.abs().float() * input_sq_norm.float().sqrt().unsqueeze(0)
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -55,7 +58,8 @@ def matrix_prune_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def nm_prune_mask(scores: torch.Tensor, keep_n: int, block_m: int) -> torch.Tensor:
     """N:M semi-structured: in every row, of each `block_m` consecutive inputs keep the `keep_n`
-    highest scores and zero the other block_m - keep_n. Requires in_features % block_m == 0."""
+    highest scores and zero the other block_m - keep_n. Requires in_features % block_m == 0.
+    (The reference's `prune_n` counts the pruned weights; for 2:4 and 4:8 the readings agree.)"""
     rows, cols = scores.shape
     if not 0 < keep_n < block_m or cols % block_m:
         raise ValueError(f"{keep_n}:{block_m} does not tile a row of {cols} inputs")
@@ -63,7 +67,7 @@ def nm_prune_mask(scores: torch.Tensor, keep_n: int, block_m: int) -> torch.Tens
     mask = torch.zeros_like(blocks, dtype=torch.bool)
     step = max(1, _SORT_SLICE_ELEMENTS // cols)
     for start in range(0, rows, step):
-        lowest = torch.sort(blocks[start : start + step], dim=2, stable=True).indices[..., : block_m - keep_n]
+        lowest = torch.topk(blocks[start : start + step], block_m - keep_n, dim=2, largest=False).indices
         mask[start : start + step].scatter_(2, lowest, True)
     return mask.view(rows, cols)
 
@@ -81,12 +85,12 @@ def prune_mask(
     method: str,
     sparsity: float,
     keep_block: tuple[int, int] | None = None,
-    input_sq_sum: torch.Tensor | None = None,
+    input_sq_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The mask for one Linear: Wanda per output row, or magnitude per whole matrix; N:M when
     `keep_block` = (keep_n, block_m) is given (then `sparsity` is ignored)."""
     if method == "wanda":
-        scores = wanda_scores(weight, input_sq_sum)
+        scores = wanda_scores(weight, input_sq_norm)
     elif method == "magnitude":
         scores = magnitude_scores(weight)
     else:

@@ -20,7 +20,17 @@ import torch
 from .checkpoint import DTYPE_NAMES, INDEX_FILE, SAFETENSORS_DTYPES
 from .errors import UsageError
 
-_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -57,7 +67,11 @@ def plan_shards(tensors: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes
     overhead = 8 + len(current.header())
     for name, dtype, shape in tensors:
         nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
-        entry = {"dtype": dtype, "shape": list(shape), "data_offsets": [current.data_bytes, current.data_bytes + nbytes]}
+        entry = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [current.data_bytes, current.data_bytes + nbytes],
+        }
         # each entry's own JSON, braces included, bounds what it adds to the header
         entry_bytes = len(json.dumps({name: entry}, separators=(",", ":"))) + 8
         if current.entries and overhead + entry_bytes + current.data_bytes + nbytes > max_shard_bytes:

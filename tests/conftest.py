@@ -24,8 +24,13 @@ def tiny_config(family: str, layers: int = 3):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
     )
     if family == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
@@ -46,15 +51,17 @@ def tiny_tokenizer(directory: Path) -> None:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     lines = WIKITEXT.read_text().splitlines()[:2000]
     tokenizer.train_from_iterator(lines, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(directory)
 
 
-def make_tiny_model(directory: Path, family: str = "llama", layers: int = 3, dtype=torch.float32,
-                    seed: int = 0) -> Path:
+def make_tiny_model(
+    directory: Path, family: str = "llama", layers: int = 3, dtype=torch.float32, seed: int = 0
+) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -98,5 +105,6 @@ def tree_digest(directory: Path) -> dict[str, str]:
     """sha256 of every file under `directory` (to prove a source was not modified)."""
     return {
         str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*")) if p.is_file()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
     }

@@ -12,8 +12,15 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def load_full_model(model_dir, dtype=torch.float32):
@@ -62,6 +69,7 @@ def wanda_reference(model, input_ids: torch.Tensor, sparsity: float = 0.5, prune
                 scaler[name] *= seen[name] / (seen[name] + 1)
                 seen[name] += 1
                 scaler[name] += torch.norm(x, p=2, dim=1) ** 2 / seen[name]
+
             return hook
 
         handles = [m.register_forward_hook(add_batch(n)) for n, m in subset.items()]
@@ -74,7 +82,7 @@ def wanda_reference(model, input_ids: torch.Tensor, sparsity: float = 0.5, prune
             mask = torch.zeros_like(metric, dtype=torch.bool)
             if prune_n:
                 for start in range(0, metric.shape[1], prune_m):
-                    group = metric[:, start:start + prune_m].float()
+                    group = metric[:, start : start + prune_m].float()
                     mask.scatter_(1, start + torch.topk(group, prune_n, dim=1, largest=False)[1], True)
             else:
                 order = torch.sort(metric, dim=-1, stable=True)[1]
@@ -90,8 +98,10 @@ def wanda_reference(model, input_ids: torch.Tensor, sparsity: float = 0.5, prune
 def layer_outputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """Each decoder layer's output for the whole batch, from one full-model forward."""
     outputs = []
-    handles = [layer.register_forward_hook(lambda _m, _a, out: outputs.append(out.detach().clone()))
-               for layer in model.model.layers]
+    handles = [
+        layer.register_forward_hook(lambda _m, _a, out: outputs.append(out.detach().clone()))
+        for layer in model.model.layers
+    ]
     try:
         model(input_ids)
     finally:

@@ -51,8 +51,9 @@ def test_missing_model(tmp_path):
 
 def test_config_not_json(model, tmp_path):
     (model / "config.json").write_text("{not json")
-    expect_refusal(invoke(model, "--out", tmp_path / "out", *FAST), 3, "cannot read", "config.json",
-                   out=tmp_path / "out")
+    expect_refusal(
+        invoke(model, "--out", tmp_path / "out", *FAST), 3, "cannot read", "config.json", out=tmp_path / "out"
+    )
 
 
 def test_directory_without_config(tmp_path):
@@ -77,51 +78,79 @@ def test_index_names_missing_tensor(model, tmp_path):
     index = json.loads((model / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.layers.1.mlp.extra.weight"] = index["weight_map"]["model.norm.weight"]
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
-    expect_refusal(invoke(model, "--out", tmp_path / "out", *FAST), 3, "model.layers.1.mlp.extra.weight",
-                   "no such tensor", out=tmp_path / "out")
+    expect_refusal(
+        invoke(model, "--out", tmp_path / "out", *FAST),
+        3,
+        "model.layers.1.mlp.extra.weight",
+        "no such tensor",
+        out=tmp_path / "out",
+    )
 
 
 def test_layer_tensor_absent_from_checkpoint(model, tmp_path):
     index = json.loads((model / "model.safetensors.index.json").read_text())
     del index["weight_map"]["model.layers.2.mlp.down_proj.weight"]
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
-    expect_refusal(invoke(model, "--out", tmp_path / "out", *FAST), 3, "model.layers.2.mlp.down_proj.weight",
-                   out=tmp_path / "out")
+    expect_refusal(
+        invoke(model, "--out", tmp_path / "out", *FAST), 3, "model.layers.2.mlp.down_proj.weight", out=tmp_path / "out"
+    )
 
 
 def test_unsupported_architecture(model, tmp_path):
     config = json.loads((model / "config.json").read_text())
     config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (model / "config.json").write_text(json.dumps(config))
-    expect_refusal(invoke(model, "--out", tmp_path / "out", *FAST), 3, "unsupported architecture",
-                   "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", out=tmp_path / "out")
+    expect_refusal(
+        invoke(model, "--out", tmp_path / "out", *FAST),
+        3,
+        "unsupported architecture",
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        out=tmp_path / "out",
+    )
 
 
 def test_pickle_checkpoint_refused(tmp_path):
     model = tmp_path / "pickled"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                                                    "num_hidden_layers": 2}))
+    (model / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2})
+    )
     (model / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     expect_refusal(invoke(model, "--out", tmp_path / "out"), 3, "pickle", "safetensors", out=tmp_path / "out")
 
 
 @pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.2"])
 def test_sparsity_outside_open_interval(model, tmp_path, value):
-    expect_refusal(invoke(model, "--out", tmp_path / "out", "--sparsity", value, *FAST), 2, "outside (0, 1)",
-                   out=tmp_path / "out")
+    expect_refusal(
+        invoke(model, "--out", tmp_path / "out", "--sparsity", value, *FAST), 2, "outside (0, 1)", out=tmp_path / "out"
+    )
 
 
-@pytest.mark.parametrize("pattern,phrase", [("4:4", "less than M"), ("5:4", "less than M"), ("0:4", "at least 1"),
-                                            ("2:6", "does not divide the input width 64"), ("2-4", "is not N:M")])
+@pytest.mark.parametrize(
+    "pattern,phrase",
+    [
+        ("4:4", "less than M"),
+        ("5:4", "less than M"),
+        ("0:4", "at least 1"),
+        ("2:6", "does not divide the input width 64"),
+        ("2-4", "is not N:M"),
+    ],
+)
 def test_bad_patterns(model, tmp_path, pattern, phrase):
-    expect_refusal(invoke(model, "--out", tmp_path / "out", "--pattern", pattern, *FAST), 2, phrase,
-                   out=tmp_path / "out")
+    expect_refusal(
+        invoke(model, "--out", tmp_path / "out", "--pattern", pattern, *FAST), 2, phrase, out=tmp_path / "out"
+    )
 
 
 def test_sparsity_and_pattern_together(model, tmp_path):
-    expect_refusal(invoke(model, "--out", tmp_path / "out", "--pattern", "2:4", "--sparsity", "0.5", *FAST), 2,
-                   "not both", out=tmp_path / "out")
+    expect_refusal(
+        invoke(model, "--out", tmp_path / "out", "--pattern", "2:4", "--sparsity", "0.5", *FAST),
+        2,
+        "not both",
+        out=tmp_path / "out",
+    )
 
 
 def test_calibration_too_short(model, tmp_path):
@@ -132,15 +161,23 @@ def test_calibration_too_short(model, tmp_path):
 
 
 def test_calibration_file_missing(model, tmp_path):
-    expect_refusal(invoke(model, "--out", tmp_path / "out", "--calib", tmp_path / "none.jsonl"), 3,
-                   "no such file", out=tmp_path / "out")
+    expect_refusal(
+        invoke(model, "--out", tmp_path / "out", "--calib", tmp_path / "none.jsonl"),
+        3,
+        "no such file",
+        out=tmp_path / "out",
+    )
 
 
 def test_out_equal_to_or_inside_source(model, tmp_path):
     before = tree_digest(model)
     expect_refusal(invoke(model, "--out", model, *FAST, "--force"), 2, "is the source directory")
-    expect_refusal(invoke(model, "--out", model / "pruned", *FAST, "--force"), 2, "inside the source directory",
-                   out=model / "pruned")
+    expect_refusal(
+        invoke(model, "--out", model / "pruned", *FAST, "--force"),
+        2,
+        "inside the source directory",
+        out=model / "pruned",
+    )
     assert tree_digest(model) == before
 
 
@@ -158,8 +195,13 @@ def test_non_empty_out_needs_force_and_force_replaces_the_old_checkpoint(model, 
 
 def test_hub_id_offline_fails_fast_and_suggests_a_local_path(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    result = subprocess.run([sys.executable, "-m", "streamprune", "run", "smollm2-135m", "--out", str(tmp_path / "o")],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "streamprune", "run", "smollm2-135m", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 4, result.stderr
     assert "HuggingFaceTB/SmolLM2-135M" in result.stderr and "not reachable" in result.stderr
     assert "streamprune run /path/to/model" in result.stderr

@@ -29,8 +29,14 @@ def test_reader_reads_what_safetensors_wrote(tmp_path):
 
 
 def test_writer_output_reads_back_with_safetensors(tmp_path):
-    plan = [(n, {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64", torch.float16: "F16"}[t.dtype],
-             tuple(t.shape)) for n, t in TENSORS.items()]
+    plan = [
+        (
+            n,
+            {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64", torch.float16: "F16"}[t.dtype],
+            tuple(t.shape),
+        )
+        for n, t in TENSORS.items()
+    ]
     writer = CheckpointWriter(tmp_path, plan, max_shard_bytes=150)
     for name, tensor in TENSORS.items():
         writer.write(name, tensor)

@@ -81,8 +81,16 @@ def test_streamed_hidden_states_equal_full_model(tiny_models, tmp_path, family):
     the proof that masks (causal and sliding), rotary embeddings and attention match."""
     source = tiny_models[family]
     seen = {}
-    config = PruneConfig(model=str(source), out=tmp_path / "out", calib=str(WIKITEXT), nsamples=6, seqlen=48,
-                         batch_size=4, propagate="dense", quiet=True)
+    config = PruneConfig(
+        model=str(source),
+        out=tmp_path / "out",
+        calib=str(WIKITEXT),
+        nsamples=6,
+        seqlen=48,
+        batch_size=4,
+        propagate="dense",
+        quiet=True,
+    )
     prune(config, observe=lambda index, hidden: seen.__setitem__(index, hidden.clone()))
     expected = layer_outputs(load_full_model(source), saved_ids(tmp_path / "out"))
     assert len(seen) == len(expected)

@@ -16,16 +16,16 @@ from streamprune.sparsity import (
 
 def test_wanda_scores_golden():
     weight = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])
-    sq_sum = torch.tensor([4.0, 1.0, 0.25])  # input norms 2, 1, 0.5
-    assert torch.equal(wanda_scores(weight, sq_sum), torch.tensor([[2.0, 2.0, 1.5], [8.0, 5.0, 3.0]]))
+    sq_norm = torch.tensor([4.0, 1.0, 0.25])  # input norms 2, 1, 0.5
+    assert torch.equal(wanda_scores(weight, sq_norm), torch.tensor([[2.0, 2.0, 1.5], [8.0, 5.0, 3.0]]))
 
 
 def test_input_norm_changes_the_choice_against_magnitude():
     # by |W| alone the first input goes; a loud first input makes Wanda drop the last instead
     weight = torch.tensor([[0.1, 0.5, 0.3, 0.4]])
-    sq_sum = torch.tensor([100.0, 1.0, 1.0, 1.0])
+    sq_norm = torch.tensor([100.0, 1.0, 1.0, 1.0])
     assert row_prune_mask(magnitude_scores(weight), 0.25).tolist() == [[True, False, False, False]]
-    assert row_prune_mask(wanda_scores(weight, sq_sum), 0.25).tolist() == [[False, False, True, False]]
+    assert row_prune_mask(wanda_scores(weight, sq_norm), 0.25).tolist() == [[False, False, True, False]]
 
 
 def test_row_mask_golden_and_ties_broken_by_position():
@@ -82,7 +82,7 @@ def test_prune_mask_dispatch():
     weight = torch.tensor([[1.0, -2.0, 3.0, -4.0], [8.0, 7.0, 6.0, 5.0]])
     assert prune_mask(weight, "magnitude", 0.5).tolist() == [[True] * 4, [False] * 4]  # per matrix, not per row
     sq = torch.tensor([16.0, 1.0, 1.0, 1.0])
-    assert prune_mask(weight, "wanda", 0.5, input_sq_sum=sq).tolist() == [
+    assert prune_mask(weight, "wanda", 0.5, input_sq_norm=sq).tolist() == [
         [False, True, True, False],
         [False, False, True, True],
     ]
