@@ -130,16 +130,23 @@ class Checkpoint:
         self.config = self._read_config()
         self.weight_files, self.tensors = self._read_weights()
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, freshly read into CPU memory in its stored dtype."""
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """One tensor, or rows [start, stop) of its first dimension, freshly read into CPU memory
+        in its stored dtype."""
         info = self.tensors[name]
-        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        shape, start, nbytes = info.shape, info.start, info.nbytes
+        if rows is not None:
+            first, last, _ = rows.indices(shape[0])
+            row_bytes = nbytes // shape[0] if shape[0] else 0
+            shape = (max(0, last - first), *shape[1:])
+            start, nbytes = start + first * row_bytes, shape[0] * row_bytes
+        data = torch.empty(nbytes, dtype=torch.uint8)
         with open(info.file, "rb") as f:
-            f.seek(info.start)
+            f.seek(start)
             got = f.readinto(memoryview(data.numpy()))
-        if got != info.nbytes:
-            raise BadInputError(f"{info.file}: tensor {name!r} is truncated ({got} of {info.nbytes} bytes)")
-        return data.view(info.torch_dtype).reshape(info.shape)
+        if got != nbytes:
+            raise BadInputError(f"{info.file}: tensor {name!r} is truncated ({got} of {nbytes} bytes)")
+        return data.view(info.torch_dtype).reshape(shape)
 
     def _read_config(self) -> dict:
         path = self.directory / "config.json"

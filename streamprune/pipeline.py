@@ -29,6 +29,7 @@ from .writer import CheckpointWriter, write_atomic
 
 RECORD_FILE = "streamprune.json"
 CALIBRATION_FILE = "streamprune_calibration.json"
+_EMBEDDING_SLICE_BYTES = 64 * 1024 * 1024
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
 
 # observe(layer_index, hidden) sees the CPU buffer [nsamples, seqlen, hidden] after each layer:
@@ -59,6 +60,12 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
     calibration = None
     if config.method == "wanda":
         calibration = load_calibration(config, source_dir, seqlen)
+        vocab = checkpoint.tensors[EMBEDDING].shape[0]
+        if int(calibration["input_ids"].max()) >= vocab:
+            raise BadInputError(
+                f"the tokenizer in {source_dir} produced token id {int(calibration['input_ids'].max())}, but the "
+                f"embedding has only {vocab} rows; the tokenizer does not belong to this model"
+            )
 
     # 3. the output directory and its planned shard layout
     prepare_output_dir(config.out, config.force)
@@ -76,7 +83,7 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
         # 5. embed the calibration tokens into the CPU activation buffer [nsamples, seqlen, hidden]
         hidden = None
         if calibration is not None:
-            hidden = embed(checkpoint, calibration["input_ids"], dtype, config.batch_size)
+            hidden = embed(checkpoint, calibration["input_ids"], dtype)
 
         # 6. one decoder layer at a time
         progress = tqdm(range(num_layers), desc="pruning", unit="layer", disable=config.quiet, dynamic_ncols=True)
@@ -269,13 +276,21 @@ def load_calibration(config: PruneConfig, source_dir: Path, seqlen: int) -> dict
     }
 
 
-def embed(checkpoint: Checkpoint, input_ids: torch.Tensor, dtype: torch.dtype, batch_size: int) -> torch.Tensor:
-    """The calibration tokens' embeddings, [nsamples, seqlen, hidden] on the CPU. The embedding
-    matrix is read once, here, and dropped."""
-    table = checkpoint.read(EMBEDDING).to(dtype)  # [vocab, hidden]
-    hidden = torch.empty(*input_ids.shape, table.shape[1], dtype=dtype)
-    for start in range(0, input_ids.shape[0], batch_size):
-        hidden[start : start + batch_size] = torch.nn.functional.embedding(input_ids[start : start + batch_size], table)
+def embed(checkpoint: Checkpoint, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The calibration tokens' embeddings, [nsamples, seqlen, hidden] on the CPU.
+
+    The embedding matrix (2 GB for Llama-3-70B) is read in slices of rows and each slice fills the
+    tokens that fall in it, so at most one slice is ever in memory.
+    """
+    info = checkpoint.tensors[EMBEDDING]
+    vocab, width = info.shape
+    hidden = torch.empty(*input_ids.shape, width, dtype=dtype)
+    rows_per_slice = max(1, _EMBEDDING_SLICE_BYTES // max(1, info.nbytes // vocab))
+    for first in range(0, vocab, rows_per_slice):
+        inside = (input_ids >= first) & (input_ids < first + rows_per_slice)  # [nsamples, seqlen]
+        if inside.any():
+            table = checkpoint.read(EMBEDDING, rows=slice(first, first + rows_per_slice)).to(dtype)
+            hidden[inside] = table[input_ids[inside] - first]
     return hidden
 
 

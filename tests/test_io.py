@@ -91,3 +91,22 @@ def test_truncated_shard_is_refused_at_header_time(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[:-10])
     with pytest.raises(BadInputError, match="run past the end"):
         read_safetensors_header(tmp_path / "model.safetensors")
+
+
+def test_read_rows_reads_a_slice_of_the_first_dimension(tmp_path):
+    table = torch.randn(10, 3)
+    save_file({"t": table}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    checkpoint = Checkpoint(tmp_path)
+    assert torch.equal(checkpoint.read("t", rows=slice(2, 7)), table[2:7])
+    assert torch.equal(checkpoint.read("t", rows=slice(8, 20)), table[8:])
+
+
+def test_embedding_in_slices_equals_a_lookup(tiny_llama, monkeypatch):
+    import streamprune.pipeline as pipeline
+
+    checkpoint = Checkpoint(tiny_llama)
+    ids = torch.randint(0, 512, (3, 17), generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.embedding(ids, checkpoint.read("model.embed_tokens.weight"))
+    monkeypatch.setattr(pipeline, "_EMBEDDING_SLICE_BYTES", 64 * 4 * 37)  # 37 rows per slice
+    assert torch.equal(pipeline.embed(checkpoint, ids, torch.float32), expected)
