@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,14 +21,6 @@ from .errors import BadInputError, ResourceError
 C4_REPO = "allenai/c4"
 C4_SHARD = "en/c4-train.00000-of-01024.json.gz"  # the shard the Wanda paper calibrates on
 _TOKENIZE_BATCH = 256  # documents per tokenizer call while counting tokens
-
-
-@dataclass
-class Calibration:
-    input_ids: torch.Tensor  # [nsamples, seqlen] int64
-    source: str  # path or hub file the documents came from
-    source_sha256: str
-    documents: int
 
 
 def fetch_c4() -> Path:

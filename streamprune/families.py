@@ -75,12 +75,6 @@ def family_of(config: dict) -> Family:
     return family
 
 
-def layer_tensor_names(index: int, local_names: list[str]) -> dict[str, str]:
-    """Checkpoint name -> name inside the layer module, for decoder layer `index`."""
-    prefix = LAYER_PREFIX.format(index=index)
-    return {prefix + name: name for name in local_names}
-
-
 class LayerStack:
     """Builds decoder layers one at a time and runs them exactly as the whole model would.
 

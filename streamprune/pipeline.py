@@ -90,7 +90,6 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
         for index in progress:
             layer_started = time.perf_counter()
             names = layer_names[index]  # checkpoint name -> name inside the layer module
-            prefix = LAYER_PREFIX.format(index=index)
             # 6a. read only this layer's tensors, in their stored dtype, and build the layer
             stored = {local: checkpoint.read(name) for name, local in names.items()}
             layer = stack.build(index, stored)
@@ -129,7 +128,7 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                 observe(index, hidden)
             del layer, stored, masks
             seconds = time.perf_counter() - layer_started
-            layers_record.append({"layer": index, "prefix": prefix, "sparsity": zeros / total, "seconds": seconds})
+            layers_record.append({"layer": index, "sparsity": zeros / total, "seconds": seconds})
         progress.close()
 
         # 7. finish: the index, then config and tokenizer, then the calibration ids and the record

@@ -1,0 +1,67 @@
+"""Shared by the benchmarks: where things are, what machine this is, and writing RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+C4 = DATA / "c4" / "c4_validation_2k.jsonl.gz"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def conditions() -> str:
+    """Hardware and versions, as a markdown list."""
+    import torch
+    import transformers
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return "\n".join(
+        [
+            f"- CPU: {cpu}, {os.cpu_count()} cores; RAM {ram_gib:.0f} GiB; GPU: {gpu}",
+            f"- Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
+        ]
+    )
+
+
+def max_rss_bytes(command: list[str]) -> int:
+    """Run `command` under /usr/bin/time -v; return its peak resident set size in bytes."""
+    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"benchmark command failed: {' '.join(command)}\n{result.stderr[-3000:]}")
+    kbytes = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
+    return int(kbytes[1]) * 1024
+
+
+def dir_bytes(directory: Path, pattern: str = "*.safetensors") -> int:
+    return sum(p.stat().st_size for p in Path(directory).glob(pattern))
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace the section `name` of RESULTS.md (between markers), keeping every other section."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else "# Benchmark results\n\nWritten by the scripts in `benchmarks/`; do not edit by hand.\n"
+    )
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)

@@ -1,0 +1,21 @@
+"""The CUDA path: same masks as on the CPU, peak VRAM recorded. Skipped without a GPU."""
+
+import pytest
+import torch
+from test_pipeline import LINEARS, load_state, run
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_cuda_masks_match_cpu(tiny_llama, tmp_path, pattern):
+    run(tiny_llama, tmp_path / "cpu", device="cpu", pattern=pattern, batch_size=1)
+    record = run(tiny_llama, tmp_path / "gpu", device="cuda", pattern=pattern, batch_size=1)
+    assert record["peak_vram_bytes"] > 0 and record["device"].startswith("cuda")
+    cpu, gpu = load_state(tmp_path / "cpu"), load_state(tmp_path / "gpu")
+    same = total = 0
+    for name, tensor in cpu.items():
+        if any(linear in name for linear in LINEARS):
+            same += int(((tensor == 0) == (gpu[name] == 0)).sum())
+            total += tensor.numel()
+    assert same / total >= 0.999
