@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, StreamPruneError
+from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, StreamPruneError
 
 app = typer.Typer(
     add_completion=False,
@@ -103,6 +105,18 @@ def run(
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted; {out} is incomplete. Run the same command with --force to start over.", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except torch.OutOfMemoryError:
+        typer.echo(
+            f"error: out of GPU memory. Lower --batch-size (now {batch_size}) or --seqlen, or use --device cpu.",
+            err=True,
+        )
+        raise typer.Exit(EXIT_RESOURCES) from None
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        typer.echo(f"error: the disk is full ({err.filename or out}); {out} is incomplete. Free space, then run "
+                   "the same command with --force.", err=True)
+        raise typer.Exit(EXIT_RESOURCES) from None
     typer.echo(summary(record))
 
 

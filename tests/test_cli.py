@@ -208,7 +208,36 @@ def test_hub_id_offline_fails_fast_and_suggests_a_local_path(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_calib_c4_offline_fails_fast_and_suggests_local_text(tiny_llama, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    command = [sys.executable, "-m", "streamprune", "run", str(tiny_llama), "--out", str(tmp_path / "o"), "--quiet"]
+    result = subprocess.run([*command, "--calib", "c4"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 4, result.stderr
+    assert "allenai/c4" in result.stderr and "--calib PATH" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_help_explains_pattern():
     result = CliRunner().invoke(app, ["run", "--help"], terminal_width=200)
     text = " ".join(result.output.replace("│", " ").split())  # undo rich's wrapping and box
     assert result.exit_code == 0 and "keep N of every M consecutive input weights" in text
+
+
+def test_full_disk_is_reported_and_leaves_no_partial_shard(model, tmp_path, monkeypatch):
+    import errno
+
+    from streamprune.writer import CheckpointWriter
+
+    real_write, calls = CheckpointWriter.write, []
+
+    def write_until_full(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self._temp_path))
+        real_write(self, name, tensor)
+
+    monkeypatch.setattr(CheckpointWriter, "write", write_until_full)
+    result = invoke(model, "--out", tmp_path / "out", *FAST)
+    expect_refusal(result, 4, "disk is full", "--force")
+    assert not list((tmp_path / "out").glob(".*.partial"))
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
