@@ -278,18 +278,22 @@ def load_calibration(config: PruneConfig, source_dir: Path, seqlen: int) -> dict
 def embed(checkpoint: Checkpoint, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The calibration tokens' embeddings, [nsamples, seqlen, hidden] on the CPU.
 
-    The embedding matrix (2 GB for Llama-3-70B) is read in slices of rows and each slice fills the
-    tokens that fall in it, so at most one slice is ever in memory.
+    The embedding matrix (2 GB for Llama-3-70B) is read in slices of rows, and each slice fills
+    the tokens that fall in it, a bounded run of tokens at a time: neither the whole matrix nor a
+    second buffer-sized temporary is ever in memory.
     """
     info = checkpoint.tensors[EMBEDDING]
     vocab, width = info.shape
     hidden = torch.empty(*input_ids.shape, width, dtype=dtype)
+    flat_ids, flat_hidden = input_ids.reshape(-1), hidden.view(-1, width)  # [tokens], [tokens, width]
     rows_per_slice = max(1, _EMBEDDING_SLICE_BYTES // max(1, info.nbytes // vocab))
+    tokens_per_copy = max(1, _EMBEDDING_SLICE_BYTES // (width * hidden.element_size()))
     for first in range(0, vocab, rows_per_slice):
-        inside = (input_ids >= first) & (input_ids < first + rows_per_slice)  # [nsamples, seqlen]
-        if inside.any():
+        positions = ((flat_ids >= first) & (flat_ids < first + rows_per_slice)).nonzero().squeeze(1)
+        if positions.numel():
             table = checkpoint.read(EMBEDDING, rows=slice(first, first + rows_per_slice)).to(dtype)
-            hidden[inside] = table[input_ids[inside] - first]
+            for run in positions.split(tokens_per_copy):
+                flat_hidden[run] = table[flat_ids[run] - first]
     return hidden
 
 

@@ -12,15 +12,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+# the names streamprune prunes; the reference itself prunes every nn.Linear of a layer (find_layers),
+# and test_linears_are_all_the_linears checks that the two are the same set
+from streamprune.families import PRUNABLE_LINEARS as LINEARS  # noqa: F401
 
 
 def load_full_model(model_dir, dtype=torch.float32):
@@ -59,7 +53,7 @@ def wanda_reference(model, input_ids: torch.Tensor, sparsity: float = 0.5, prune
     inps, kwargs = capture_layer0_inputs(model, input_ids)
     outs = torch.zeros_like(inps)
     for layer in model.model.layers:
-        subset = {name: layer.get_submodule(name) for name in LINEARS}
+        subset = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         scaler = {name: torch.zeros(m.in_features) for name, m in subset.items()}
         seen = {name: 0 for name in subset}
 

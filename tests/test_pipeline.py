@@ -166,3 +166,10 @@ def test_wanda_4_8_and_unstructured_ratio(tiny_llama, tmp_path):
     for name, tensor in load_state(out2).items():
         if any(linear in name for linear in LINEARS):
             assert ((tensor == 0).sum(1) == math.floor(tensor.shape[1] * 0.7)).all()
+
+
+def test_linears_are_all_the_linears(tiny_models):
+    """streamprune's list of prunable Linears is every nn.Linear of a block, in every family."""
+    for source in tiny_models.values():
+        layer = load_full_model(source).model.layers[0]
+        assert sorted(n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)) == sorted(LINEARS)
