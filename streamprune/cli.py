@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -67,7 +69,21 @@ def run(
         "batches round differently, which can flip near-tied weights.",
     ),
     max_shard_size: str = typer.Option("5GB", help="Largest output shard file, e.g. 5GB, 500MB, 2GiB."),
-    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out, replacing the checkpoint there."),
+    checkpoint_every: int = typer.Option(
+        1,
+        help="Save a resume point every K layers: the pruned shards so far, the activations entering the next "
+        "layer (nsamples x seqlen x hidden, e.g. 4 GiB for a 70B model; only the latest is kept) and the run "
+        "state. A killed run redoes at most K layers. Larger K writes less.",
+    ),
+    checkpoint_minutes: Optional[float] = typer.Option(
+        None, help="Also save a resume point whenever this many minutes have passed since the last one."
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Write into a non-empty --out, replacing the checkpoint there, or discard an unfinished run "
+        "there and start over.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Prune MODEL with Wanda (or magnitude) and write a checkpoint that transformers loads as is.
@@ -75,6 +91,9 @@ def run(
     Layers are read one at a time from the safetensors shards, pruned and written straight to
     --out; the source is only ever read. Beside the checkpoint: streamprune.json (the run record)
     and streamprune_calibration.json (the exact calibration token ids).
+
+    A run that is killed, interrupted (Ctrl-C) or stopped by a full disk resumes where it stopped
+    when the same command is run again; its state lives in --out/.streamprune until it completes.
     """
     from .config import PruneConfig
     from .pipeline import prune
@@ -95,15 +114,21 @@ def run(
             dtype=dtype,
             batch_size=batch_size,
             max_shard_size=max_shard_size,
+            checkpoint_every=checkpoint_every,
+            checkpoint_minutes=checkpoint_minutes,
             force=force,
             quiet=quiet,
         )
         record = prune(config)
     except StreamPruneError as err:
         typer.echo(f"error: {err}", err=True)
+        if err.exit_code == EXIT_INTERRUPTED:
+            typer.echo(f"to resume: {resume_command()}", err=True)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted; {out} is incomplete. Run the same command with --force to start over.", err=True)
+        typer.echo(
+            f"\ninterrupted; the work since the last saved layer is lost. To resume: {resume_command()}", err=True
+        )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except torch.OutOfMemoryError:
         typer.echo(
@@ -114,10 +139,17 @@ def run(
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
-        typer.echo(f"error: the disk is full ({err.filename or out}); {out} is incomplete. Free space, then run "
-                   "the same command with --force.", err=True)
+        typer.echo(
+            f"error: the disk is full ({err.filename or out}). The work up to the last saved layer is kept; "
+            f"free some space, then resume with: {resume_command()}",
+            err=True,
+        )
         raise typer.Exit(EXIT_RESOURCES) from None
     typer.echo(summary(record))
+
+
+def resume_command() -> str:
+    return shlex.join(["streamprune", *sys.argv[1:]])
 
 
 def summary(record: dict) -> str:
@@ -128,6 +160,11 @@ def summary(record: dict) -> str:
         f"achieved {record['mean_layer_sparsity']:.3f}) in {record['total_seconds']:.1f} s on {record['device']}",
         f"peak RSS {record['peak_rss_bytes'] / gib:.2f} GiB"
         + (f", peak VRAM {record['peak_vram_bytes'] / gib:.2f} GiB" if record["peak_vram_bytes"] else ""),
+        *(
+            [f"resumed {len(record['sessions']) - 1} time(s), last from layer {record['sessions'][-1]['from_layer']}"]
+            if len(record["sessions"]) > 1
+            else []
+        ),
         f"wrote {record['arguments']['out']} ({len(record['output_files'])} shards); run record: streamprune.json",
     ]
     return "\n".join(lines)

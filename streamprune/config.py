@@ -32,6 +32,8 @@ class PruneConfig:
     dtype: str = "auto"  # compute dtype; auto: the checkpoint's
     batch_size: int = 1  # calibration samples per micro-batch; 1 is what the reference does
     max_shard_size: str = "5GB"
+    checkpoint_every: int = 1  # save a resume point (activations + state) every this many layers
+    checkpoint_minutes: float | None = None  # ... and also when this many minutes have passed
     force: bool = False
     quiet: bool = False
 
@@ -53,7 +55,9 @@ class PruneConfig:
                     f"--sparsity {self.sparsity} is outside (0, 1): it is the fraction of weights zeroed in "
                     "each Linear, e.g. --sparsity 0.5"
                 )
-        for name in ("nsamples", "seqlen", "batch_size"):
+        if self.checkpoint_minutes is not None and self.checkpoint_minutes <= 0:
+            raise UsageError(f"--checkpoint-minutes must be positive, got {self.checkpoint_minutes}")
+        for name in ("nsamples", "seqlen", "batch_size", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -34,3 +34,9 @@ class BadInputError(StreamPruneError):
 
 class ResourceError(StreamPruneError):
     exit_code = EXIT_RESOURCES
+
+
+class Interrupted(StreamPruneError):
+    """Stopped by Ctrl-C at a resume point; the message says how to resume."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import platform
 import resource
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,8 +24,9 @@ from . import __version__
 from .calibration import fetch_c4, file_sha256, read_documents, sample_windows
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from .config import DTYPES, PruneConfig
-from .errors import BadInputError, UsageError
+from .errors import BadInputError, Interrupted, UsageError
 from .families import EMBEDDING, LAYER_PREFIX, PRUNABLE_LINEARS, LayerStack, family_of
+from .runstate import STATE_DIR, RunState, check_free_space, source_fingerprint
 from .source import resolve_model
 from .sparsity import apply_mask, prune_mask
 from .writer import CheckpointWriter, write_atomic
@@ -38,7 +42,8 @@ Observer = Callable[[int, torch.Tensor], None]
 
 
 def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
-    """Prune `config.model` into `config.out`; returns the run record (also written as streamprune.json)."""
+    """Prune `config.model` into `config.out`, resuming an interrupted run there; returns the run
+    record (also written as streamprune.json)."""
     started = time.perf_counter()
     device = config.torch_device
     if device.type == "cuda":
@@ -49,17 +54,31 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
     checkpoint = Checkpoint(source_dir)
     family = family_of(checkpoint.config)
     num_layers = checkpoint.config["num_hidden_layers"]
-    check_output_dir(config.out, source_dir, config.force)
+    check_not_source(config.out, source_dir)
     dtype = compute_dtype(config, checkpoint)
     stack = LayerStack(source_dir, family, device, dtype)
     layer_names = layout(checkpoint, stack, num_layers)
     check_pattern_fits(config, stack)
     seqlen = min(config.seqlen, getattr(stack.config, "max_position_embeddings", None) or config.seqlen)
 
-    # 2. calibration windows (Wanda only: magnitude looks at the weights alone)
+    # 2. a new run, or the resumption of the unfinished one in --out (same settings only)
+    calib_path = calibration_path(config) if config.method == "wanda" else None
+    structure = run_structure(config, checkpoint, dtype, seqlen, calib_path)
+    resuming = RunState.exists(config.out) and not config.force
+    if resuming:
+        state = RunState.load(config.out)
+        state.check_same_run(structure, config.out)
+    else:
+        check_output_dir(config.out, config.force)
+        state = RunState(config.out, structure)
+
+    # 3. calibration windows (Wanda only: magnitude looks at the weights alone)
     calibration = None
-    if config.method == "wanda":
-        calibration = load_calibration(config, source_dir, seqlen)
+    if calib_path is not None:
+        if resuming and (config.out / CALIBRATION_FILE).is_file():
+            calibration = load_saved_calibration(config.out, config.nsamples, seqlen)
+        else:
+            calibration = sample_calibration(config, calib_path, source_dir, seqlen)
         vocab = checkpoint.tensors[EMBEDDING].shape[0]
         if int(calibration["input_ids"].max()) >= vocab:
             raise BadInputError(
@@ -67,71 +86,131 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                 f"embedding has only {vocab} rows; the tokenizer does not belong to this model"
             )
 
-    # 3. the output directory and its planned shard layout
-    prepare_output_dir(config.out, config.force)
+    # 4. the planned shard layout, and room on the disk for it and the activation checkpoints
     all_names = layer_names[None] + [name for i in range(num_layers) for name in layer_names[i]]
     info = checkpoint.tensors
     writer = CheckpointWriter(
         config.out, [(n, info[n].dtype, info[n].shape) for n in all_names], config.max_shard_bytes
     )
-    layers_record = []
+    check_free_space(config.out, disk_needed(state, writer, calibration, stack, dtype, num_layers))
+
+    # 5. the output directory: new (its state first, so that a run killed at any later instant
+    # is resumable), or picked up where the interrupted run's state says
+    prepare_output_dir(config.out, config.force)
+    state.sessions.append({"from_layer": state.next_layer, "device": str(device)})
+    if resuming:
+        if state.writer is not None:
+            writer.resume(state.writer)
+        state.drop_stale()
+        if not config.quiet:
+            done = f"layers 0-{state.next_layer - 1} of {num_layers} are done, " if state.next_layer else ""
+            print(f"resuming the run in {config.out}: {done}continuing from layer {state.next_layer}", file=sys.stderr)
+    else:
+        state.save()
+    if calibration is not None and not (config.out / CALIBRATION_FILE).is_file():
+        write_atomic(config.out / CALIBRATION_FILE, calibration_json(calibration))
+    earlier_seconds = state.seconds
+
+    def save_checkpoint(next_layer: int, hidden: torch.Tensor | None) -> None:
+        # shard bytes, then activations, then the state naming both: every step durable before the next
+        state.writer = writer.position()
+        state.activations = None
+        if hidden is not None and next_layer < num_layers:
+            state.activations = state.save_activations(hidden, next_layer)
+        state.next_layer = next_layer
+        state.seconds = earlier_seconds + time.perf_counter() - started
+        state.save()
+        state.drop_stale()
+
     try:
-        # 4. tensors outside the decoder layers are copied unchanged
-        for name in layer_names[None]:
-            writer.write(name, checkpoint.read(name))
+        with StopOnInterrupt(quiet=config.quiet) as stop:
+            # 6. tensors outside the decoder layers are copied unchanged (first session only)
+            if state.writer is None:
+                for name in layer_names[None]:
+                    writer.write(name, checkpoint.read(name))
+                save_checkpoint(0, None)
 
-        # 5. embed the calibration tokens into the CPU activation buffer [nsamples, seqlen, hidden]
-        hidden = None
-        if calibration is not None:
-            hidden = embed(checkpoint, calibration["input_ids"], dtype)
+            # 7. the inputs of the first layer to do: embedded calibration tokens, or a checkpoint
+            hidden = None
+            if calibration is not None and state.next_layer < num_layers:
+                if state.activations is not None:
+                    hidden = state.load_activations()
+                else:
+                    hidden = embed(checkpoint, calibration["input_ids"], dtype)
 
-        # 6. one decoder layer at a time
-        progress = tqdm(range(num_layers), desc="pruning", unit="layer", disable=config.quiet, dynamic_ncols=True)
-        for index in progress:
-            layer_started = time.perf_counter()
-            names = layer_names[index]  # checkpoint name -> name inside the layer module
-            # 6a. read only this layer's tensors, in their stored dtype, and build the layer
-            stored = {local: checkpoint.read(name) for name, local in names.items()}
-            layer = stack.build(index, stored)
-            # 6b. Wanda: one forward of the dense layer collects ||X_j||^2 for every Linear
-            sq_norms = None
-            if hidden is not None:
-                sq_norms = forward_all(
-                    stack, layer, index, hidden, config.batch_size, collect=True, write_back=config.propagate == "dense"
+            # 8. one decoder layer at a time
+            last_saved, last_saved_at = state.next_layer, time.perf_counter()
+            progress = tqdm(
+                range(state.next_layer, num_layers),
+                desc="pruning",
+                unit="layer",
+                initial=state.next_layer,
+                total=num_layers,
+                disable=config.quiet,
+                dynamic_ncols=True,
+            )
+            for index in progress:
+                stop.check(state.next_layer, num_layers, config.out)
+                layer_started = time.perf_counter()
+                names = layer_names[index]  # checkpoint name -> name inside the layer module
+                # 8a. read only this layer's tensors, in their stored dtype, and build the layer
+                stored = {local: checkpoint.read(name) for name, local in names.items()}
+                layer = stack.build(index, stored)
+                # 8b. Wanda: one forward of the dense layer collects ||X_j||^2 for every Linear
+                sq_norms = None
+                if hidden is not None:
+                    sq_norms = forward_all(
+                        stack,
+                        layer,
+                        index,
+                        hidden,
+                        config.batch_size,
+                        collect=True,
+                        write_back=config.propagate == "dense",
+                    )
+                # 8c. all seven Linears pruned together, from the dense statistics
+                masks = {}
+                for local in PRUNABLE_LINEARS:
+                    module = layer.get_submodule(local)
+                    mask = prune_mask(
+                        module.weight,
+                        config.method,
+                        config.sparsity,
+                        config.keep_block(),
+                        None if sq_norms is None else sq_norms[local],
+                    )
+                    module.weight.data = apply_mask(module.weight.data, mask)
+                    masks[local + ".weight"] = mask.cpu()
+                # 8d. write the pruned layer in its original dtype, zeros as +0.0
+                zeros = total = 0
+                for name, local in names.items():
+                    tensor = stored[local]
+                    if local in masks:
+                        tensor = apply_mask(tensor, masks[local])
+                        zeros += int((tensor == 0).sum())
+                        total += tensor.numel()
+                    writer.write(name, tensor)
+                # 8e. the next layer's inputs: outputs of the pruned layer (the default)
+                if hidden is not None and config.propagate == "pruned":
+                    forward_all(stack, layer, index, hidden, config.batch_size, collect=False, write_back=True)
+                if observe is not None and hidden is not None:
+                    observe(index, hidden)
+                del layer, stored, masks
+                seconds = time.perf_counter() - layer_started
+                state.layers.append({"layer": index, "sparsity": zeros / total, "seconds": seconds})
+                # 8f. a resume point: every --checkpoint-every layers or --checkpoint-minutes, at the
+                # last layer, and when Ctrl-C asked to stop
+                due = index + 1 - last_saved >= config.checkpoint_every or (
+                    config.checkpoint_minutes is not None
+                    and time.perf_counter() - last_saved_at >= 60 * config.checkpoint_minutes
                 )
-            # 6c. all seven Linears pruned together, from the dense statistics
-            masks = {}
-            for local in PRUNABLE_LINEARS:
-                module = layer.get_submodule(local)
-                mask = prune_mask(
-                    module.weight,
-                    config.method,
-                    config.sparsity,
-                    config.keep_block(),
-                    None if sq_norms is None else sq_norms[local],
-                )
-                module.weight.data = apply_mask(module.weight.data, mask)
-                masks[local + ".weight"] = mask.cpu()
-            # 6d. write the pruned layer in its original dtype, zeros as +0.0
-            zeros = total = 0
-            for name, local in names.items():
-                tensor = stored[local]
-                if local in masks:
-                    tensor = apply_mask(tensor, masks[local])
-                    zeros += int((tensor == 0).sum())
-                    total += tensor.numel()
-                writer.write(name, tensor)
-            # 6e. the next layer's inputs: outputs of the pruned layer (the default)
-            if hidden is not None and config.propagate == "pruned":
-                forward_all(stack, layer, index, hidden, config.batch_size, collect=False, write_back=True)
-            if observe is not None and hidden is not None:
-                observe(index, hidden)
-            del layer, stored, masks
-            seconds = time.perf_counter() - layer_started
-            layers_record.append({"layer": index, "sparsity": zeros / total, "seconds": seconds})
-        progress.close()
+                if due or index + 1 == num_layers or stop.requested:
+                    save_checkpoint(index + 1, hidden)
+                    last_saved, last_saved_at = index + 1, time.perf_counter()
+            progress.close()
+            del hidden
 
-        # 7. finish: the index, then config and tokenizer, then the calibration ids and the record
+        # 9. finish: the index, then config and tokenizer, then the record; then the state goes
         writer.finish()
     except BaseException:
         writer.abort()
@@ -145,20 +224,51 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
         dtype,
         seqlen,
         calibration,
-        layers_record,
+        state,
         writer.files,
-        started,
+        earlier_seconds + time.perf_counter() - started,
     )
-    if calibration is not None:
-        ids = {key: value for key, value in calibration.items() if key != "input_ids"}
-        ids["input_ids"] = calibration["input_ids"].tolist()
-        write_atomic(config.out / CALIBRATION_FILE, json.dumps(ids).encode())
     write_atomic(config.out / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    state.remove()
     return record
 
 
-def check_output_dir(out: Path, source_dir: Path, force: bool) -> None:
-    """Refuse an --out that is, or is inside, the source, and a non-empty one without --force."""
+class StopOnInterrupt:
+    """Ctrl-C asks the layer loop to stop at its next resume point rather than at once; a second
+    Ctrl-C stops at once (the work since the last resume point is then redone on resume)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nCtrl-C: stopping once the current layer is saved (press Ctrl-C again to stop at once)", file=sys.stderr
+        )
+
+    def check(self, next_layer: int, num_layers: int, out: Path) -> None:
+        if self.requested:
+            done = f"layers 0-{next_layer - 1} of {num_layers} are saved" if next_layer else "no layer is done yet"
+            raise Interrupted(
+                f"interrupted: {done} in {out}. Run the same command again to resume from layer {next_layer}."
+            )
+
+
+def check_not_source(out: Path, source_dir: Path) -> None:
+    """Refuse an --out that is, or is inside, the source: the source is only ever read."""
     out_resolved, source_resolved = out.resolve(), source_dir.resolve()
     if out_resolved == source_resolved or source_resolved in out_resolved.parents:
         where = "the source directory" if out_resolved == source_resolved else "inside the source directory"
@@ -166,8 +276,17 @@ def check_output_dir(out: Path, source_dir: Path, force: bool) -> None:
             f"--out {out} is {where} {source_dir}; streamprune never writes into the source. "
             f"Choose another --out, e.g. --out {source_dir.name}-pruned"
         )
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """For a new run: refuse a file, and a non-empty directory without --force."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is a file; choose a directory")
+    if (out / RECORD_FILE).is_file() and not force:
+        raise UsageError(
+            f"--out {out} already holds a completed run (see {out / RECORD_FILE}); choose another --out, or "
+            "add --force to redo it"
+        )
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UsageError(
             f"--out {out} is not empty; choose an empty or new directory, or add --force to replace the "
@@ -176,14 +295,55 @@ def check_output_dir(out: Path, source_dir: Path, force: bool) -> None:
 
 
 def prepare_output_dir(out: Path, force: bool) -> None:
-    """Create --out; with --force, remove the weights of an earlier checkpoint there, which would
-    otherwise be loaded instead of (or mixed with) the new one. Nothing else is touched."""
+    """Create --out; with --force, remove the weights, record and run state of an earlier run
+    there, which would otherwise be loaded instead of (or mixed with) the new ones. Nothing else
+    is touched."""
     out.mkdir(parents=True, exist_ok=True)
     if force:
-        stale = [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors"), *out.glob(".*.partial")]
+        stale = [out / SINGLE_FILE, out / INDEX_FILE, out / RECORD_FILE, out / CALIBRATION_FILE]
+        stale += [*out.glob("model-*-of-*.safetensors"), *out.glob(".*.partial")]
         for path in stale:
             if path.is_file():
                 path.unlink()
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+
+
+def run_structure(
+    config: PruneConfig, checkpoint: Checkpoint, dtype: torch.dtype, seqlen: int, calib_path: Path | None
+) -> dict:
+    """Every setting that shapes the output bytes: a run may only be resumed with the same ones."""
+    wanda = calib_path is not None
+    return {
+        "source": source_fingerprint(checkpoint),
+        "method": config.method,
+        "sparsity": config.sparsity,
+        "pattern": config.pattern,
+        "propagate": config.propagate if wanda else None,
+        "calibration": {"file": calib_path.name, "sha256": file_sha256(calib_path)} if wanda else None,
+        "nsamples": config.nsamples if wanda else None,
+        "seqlen": seqlen if wanda else None,
+        "seed": config.seed if wanda else None,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": config.batch_size if wanda else None,
+        "max_shard_bytes": config.max_shard_bytes,
+    }
+
+
+def disk_needed(
+    state: RunState, writer: CheckpointWriter, calibration: dict | None, stack: LayerStack, dtype, num_layers: int
+) -> dict[str, int]:
+    """Bytes still to be written: the rest of the checkpoint, and room for two activation
+    checkpoints (the next one is complete before the previous one is deleted)."""
+    written = 0
+    if state.writer is not None:
+        written = sum(seal["bytes"] for seal in state.writer["sealed"].values())
+        written += (state.writer["partial"] or {}).get("bytes", 0)
+    needed = {"output checkpoint": writer.total_bytes - written, "activation checkpoints": 0}
+    if calibration is not None and state.next_layer < num_layers - 1:
+        ids = calibration["input_ids"]
+        buffer_bytes = ids.numel() * stack.config.hidden_size * dtype.itemsize
+        needed["activation checkpoints"] = 2 * buffer_bytes - (buffer_bytes if state.activations else 0)
+    return needed
 
 
 def compute_dtype(config: PruneConfig, checkpoint: Checkpoint) -> torch.dtype:
@@ -251,12 +411,16 @@ def check_pattern_fits(config: PruneConfig, stack: LayerStack) -> None:
             )
 
 
-def load_calibration(config: PruneConfig, source_dir: Path, seqlen: int) -> dict:
-    from transformers import AutoTokenizer
-
+def calibration_path(config: PruneConfig) -> Path:
     path = fetch_c4() if config.calib == "c4" else Path(config.calib).expanduser()
     if not path.is_file():
         raise BadInputError(f"--calib {config.calib}: no such file; pass a .txt, .jsonl or .jsonl.gz file, or c4")
+    return path
+
+
+def sample_calibration(config: PruneConfig, path: Path, source_dir: Path, seqlen: int) -> dict:
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(source_dir)
     except Exception as err:
@@ -273,6 +437,27 @@ def load_calibration(config: PruneConfig, source_dir: Path, seqlen: int) -> dict
         "seed": config.seed,
         "input_ids": input_ids,
     }
+
+
+def calibration_json(calibration: dict) -> bytes:
+    ids = {key: value for key, value in calibration.items() if key != "input_ids"}
+    ids["input_ids"] = calibration["input_ids"].tolist()
+    return json.dumps(ids).encode()
+
+
+def load_saved_calibration(out: Path, nsamples: int, seqlen: int) -> dict:
+    """The calibration ids an interrupted run saved: resuming must not depend on resampling."""
+    path = out / CALIBRATION_FILE
+    try:
+        calibration = json.loads(path.read_text())
+        calibration["input_ids"] = torch.tensor(calibration["input_ids"], dtype=torch.int64)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BadInputError(
+            f"cannot read {path}, the calibration ids of the interrupted run ({err}); start over with --force"
+        ) from err
+    if tuple(calibration["input_ids"].shape) != (nsamples, seqlen):
+        raise BadInputError(f"{path} does not hold {nsamples} x {seqlen} token ids; start over with --force")
+    return calibration
 
 
 def embed(checkpoint: Checkpoint, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -358,13 +543,11 @@ def copy_support_files(source_dir: Path, out: Path) -> None:
         write_atomic(out / path.name, path.read_bytes())
 
 
-def run_record(
-    config, source_dir, architecture, num_layers, dtype, seqlen, calibration, layers, files, started
-) -> dict:
+def run_record(config, source_dir, architecture, num_layers, dtype, seqlen, calibration, state, files, seconds) -> dict:
     import transformers
 
     device = config.torch_device
-    total_zeros = sum(layer["sparsity"] for layer in layers) / max(1, len(layers))
+    layers = state.layers
     record = {
         "streamprune": __version__,
         "command": sys.argv,
@@ -383,11 +566,12 @@ def run_record(
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "compute_dtype": str(dtype).removeprefix("torch."),
         "target_sparsity": config.target_sparsity,
-        "mean_layer_sparsity": total_zeros,
+        "mean_layer_sparsity": sum(layer["sparsity"] for layer in layers) / max(1, len(layers)),
         "calibration": None,
         "layers": layers,
         "output_files": files,
-        "total_seconds": time.perf_counter() - started,
+        "sessions": state.sessions,  # more than one: the run was resumed
+        "total_seconds": seconds,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_vram_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }

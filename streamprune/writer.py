@@ -8,6 +8,7 @@ temporary name and renamed only when complete and fsynced; the index is written 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,8 +19,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import DTYPE_NAMES, INDEX_FILE, SAFETENSORS_DTYPES
-from .errors import UsageError
+from .errors import BadInputError, UsageError
 
+_HASH_CHUNK_BYTES = 64 * 1024 * 1024
 _SIZE_UNITS = {
     "B": 1,
     "KB": 10**3,
@@ -43,6 +45,15 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise UsageError(f"size {text!r} must be positive")
     return size
+
+
+def format_size(n: int) -> str:
+    """2_500_000_000 -> '2.33 GiB': binary units, for messages."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
 
 
 @dataclass
@@ -93,7 +104,10 @@ def plan_shards(tensors: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes
 class CheckpointWriter:
     """Streams tensors into planned shards in `out_dir`; call `write` in plan order, then `finish`.
 
-    Files appear under their final names only when complete. `abort()` removes the partial shard.
+    Files appear under their final names only when complete. `position()` is a resume point: the
+    bytes of the shard in progress are fsynced and its length and sha256 so far recorded;
+    `resume(position)` truncates the partial shard back to it and goes on from there, so a writer
+    resumed after a crash produces the same bytes as one that never stopped.
     """
 
     def __init__(self, out_dir: Path, tensors: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int):
@@ -103,10 +117,17 @@ class CheckpointWriter:
         self._next = 0
         self._file = None  # open temp file of the shard being written
         self._temp_path: Path | None = None
+        self._hash = None  # sha256 of the bytes written to the open shard so far
+        self.sealed: dict[str, dict] = {}  # file -> {"bytes", "sha256"} of every complete shard
 
     @property
     def files(self) -> list[str]:
         return [shard.file for shard in self.shards]
+
+    @property
+    def total_bytes(self) -> int:
+        """Size on disk of the whole planned checkpoint (headers included)."""
+        return sum(8 + len(shard.header()) + shard.data_bytes for shard in self.shards)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, expected = self._order[self._next]
@@ -116,16 +137,69 @@ class CheckpointWriter:
         if DTYPE_NAMES.get(tensor.dtype) != entry["dtype"] or list(tensor.shape) != entry["shape"]:
             raise RuntimeError(f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {entry}")
         if self._file is None:
-            self._temp_path = self.out_dir / f".{shard.file}.partial"
+            self._temp_path = self._temp(shard)
             self._file = open(self._temp_path, "wb")
+            self._hash = hashlib.sha256()
             header = shard.header()
-            self._file.write(len(header).to_bytes(8, "little"))
-            self._file.write(header)
+            self._write_bytes(len(header).to_bytes(8, "little"))
+            self._write_bytes(header)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
+        self._write_bytes(memoryview(data.numpy()))
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] is not shard:
             self._seal(shard)
+
+    def position(self) -> dict:
+        """Make everything written so far durable and say where the writer stands (JSON-able)."""
+        partial = None
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            partial = {"bytes": self._file.tell(), "sha256": self._hash.hexdigest()}
+        return {"next_tensor": self._next, "partial": partial, "sealed": dict(self.sealed)}
+
+    def resume(self, position: dict) -> None:
+        """Continue from `position()` of an earlier writer with the same plan."""
+        self._next = position["next_tensor"]
+        self.sealed = dict(position["sealed"])
+        for file, seal in self.sealed.items():
+            path = self.out_dir / file
+            if not path.is_file() or path.stat().st_size != seal["bytes"]:
+                raise BadInputError(
+                    f"{path} is missing or has changed since the interrupted run wrote it; the run cannot be "
+                    "resumed. Start over with --force."
+                )
+        partial = position["partial"]
+        if partial is None:
+            return
+        shard = self._order[self._next][0]
+        self._temp_path = self._temp(shard)
+        if not self._temp_path.exists() and (self.out_dir / shard.file).exists():
+            # sealed after the resume point was taken: take it back and rewrite its tail
+            os.replace(self.out_dir / shard.file, self._temp_path)
+        try:
+            self._file = open(self._temp_path, "r+b")
+        except FileNotFoundError:
+            raise BadInputError(
+                f"{self._temp_path} (the shard the interrupted run was writing) is missing; the run cannot "
+                "be resumed. Start over with --force."
+            ) from None
+        self._hash = hashlib.sha256()
+        remaining = partial["bytes"]
+        while remaining:
+            chunk = self._file.read(min(remaining, _HASH_CHUNK_BYTES))
+            if not chunk:
+                break
+            self._hash.update(chunk)
+            remaining -= len(chunk)
+        if remaining or self._hash.hexdigest() != partial["sha256"]:
+            self.abort()
+            raise BadInputError(
+                f"{self._temp_path} does not hold the bytes the interrupted run recorded; the run cannot be "
+                "resumed. Start over with --force."
+            )
+        self._file.truncate(partial["bytes"])
+        self._file.seek(partial["bytes"])
 
     def finish(self) -> None:
         """Write the index (last, atomically) once every planned tensor has been written."""
@@ -139,14 +213,23 @@ class CheckpointWriter:
         write_atomic(self.out_dir / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
 
     def abort(self) -> None:
+        """Close the shard in progress. Its partial file stays: a resumed run truncates it to the
+        last resume point and goes on; `--force` removes it."""
         if self._file is not None:
             self._file.close()
             self._file = None
-            self._temp_path.unlink(missing_ok=True)
+
+    def _temp(self, shard: _Shard) -> Path:
+        return self.out_dir / f".{shard.file}.partial"
+
+    def _write_bytes(self, data) -> None:
+        self._file.write(data)
+        self._hash.update(data)
 
     def _seal(self, shard: _Shard) -> None:
         self._file.flush()
         os.fsync(self._file.fileno())
+        self.sealed[shard.file] = {"bytes": self._file.tell(), "sha256": self._hash.hexdigest()}
         self._file.close()
         self._file = None
         os.replace(self._temp_path, self.out_dir / shard.file)

@@ -223,7 +223,8 @@ def test_help_explains_pattern():
     assert result.exit_code == 0 and "keep N of every M consecutive input weights" in text
 
 
-def test_full_disk_is_reported_and_leaves_no_partial_shard(model, tmp_path, monkeypatch):
+def test_full_disk_is_reported_with_the_command_that_resumes(model, tmp_path, monkeypatch):
+    """(tests/test_resume.py resumes such a run and checks the bytes.)"""
     import errno
 
     from streamprune.writer import CheckpointWriter
@@ -238,6 +239,5 @@ def test_full_disk_is_reported_and_leaves_no_partial_shard(model, tmp_path, monk
 
     monkeypatch.setattr(CheckpointWriter, "write", write_until_full)
     result = invoke(model, "--out", tmp_path / "out", *FAST)
-    expect_refusal(result, 4, "disk is full", "--force")
-    assert not list((tmp_path / "out").glob(".*.partial"))
+    expect_refusal(result, 4, "the disk is full", "up to the last saved layer is kept", "resume with: streamprune")
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from streamprune.checkpoint import Checkpoint, read_safetensors_header
+from streamprune.checkpoint import DTYPE_NAMES, Checkpoint, read_safetensors_header
 from streamprune.errors import BadInputError, UsageError
 from streamprune.writer import CheckpointWriter, parse_size, plan_shards
 
@@ -52,14 +52,61 @@ def test_writer_output_reads_back_with_safetensors(tmp_path):
         assert torch.equal(loaded[name], tensor)
 
 
-def test_writer_refuses_out_of_order_and_abort_leaves_no_partial(tmp_path):
+def test_writer_refuses_out_of_order_and_names_nothing_final_until_complete(tmp_path):
     writer = CheckpointWriter(tmp_path, [("a", "F32", (3, 5)), ("b", "F32", (2,))], max_shard_bytes=10**6)
     with pytest.raises(RuntimeError):
         writer.write("b", torch.zeros(2))
     writer.write("a", TENSORS["a"])
     assert list(tmp_path.iterdir()) == [tmp_path / ".model-00001-of-00001.safetensors.partial"]
+    writer.abort()  # the partial stays, for a resumed run to continue
+    assert list(tmp_path.iterdir()) == [tmp_path / ".model-00001-of-00001.safetensors.partial"]
+
+
+@pytest.mark.parametrize("lost", ["d", "de"])  # lost after the resume point: part of a shard, or its seal
+def test_resumed_writer_writes_the_same_bytes(tmp_path, lost):
+    plan = [(name, DTYPE_NAMES[t.dtype], tuple(t.shape)) for name, t in TENSORS.items()]  # shards: ab, cde
+
+    def write(writer, selected):
+        for name in selected:
+            writer.write(name, TENSORS[name])
+
+    (tmp_path / "whole").mkdir()
+    whole = CheckpointWriter(tmp_path / "whole", plan, max_shard_bytes=400)
+    write(whole, "abcde")
+    whole.finish()
+
+    (tmp_path / "resumed").mkdir()
+    first = CheckpointWriter(tmp_path / "resumed", plan, max_shard_bytes=400)
+    write(first, "abc")
+    position = json.loads(json.dumps(first.position()))  # it goes through the JSON state file
+    assert position["partial"] is not None and list(position["sealed"]) == ["model-00001-of-00002.safetensors"]
+    write(first, lost)  # written after the resume point, then lost
+    if first._file is not None:
+        first._file.write(b"half of a tensor")
+    first.abort()
+    second = CheckpointWriter(tmp_path / "resumed", plan, max_shard_bytes=400)
+    second.resume(position)
+    write(second, "de")
+    second.finish()
+    files = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "resumed").iterdir())
+    for name in files:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    assert second.sealed == whole.sealed
+
+
+def test_resume_refuses_a_partial_shard_that_changed(tmp_path):
+    plan = [(name, DTYPE_NAMES[t.dtype], tuple(t.shape)) for name, t in TENSORS.items()]
+    writer = CheckpointWriter(tmp_path, plan, max_shard_bytes=10**6)
+    writer.write("a", TENSORS["a"])
+    position = writer.position()
     writer.abort()
-    assert list(tmp_path.iterdir()) == []
+    partial = tmp_path / ".model-00001-of-00001.safetensors.partial"
+    data = bytearray(partial.read_bytes())
+    data[-1] ^= 1
+    partial.write_bytes(bytes(data))
+    with pytest.raises(BadInputError, match="does not hold the bytes"):
+        CheckpointWriter(tmp_path, plan, max_shard_bytes=10**6).resume(position)
 
 
 def test_plan_shards_fills_in_order():

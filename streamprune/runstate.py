@@ -1,0 +1,211 @@
+"""The run state that makes a pruning run resumable: `OUT/.streamprune/`.
+
+`state.json` says what the run is (the settings that shape its result and a fingerprint of the
+source), how far it got (the first layer not yet done, the writer's resume point, the per-layer
+records) and which activation checkpoint holds the inputs of that layer. It is replaced atomically
+only after everything it names is durable on disk, so whatever instant a run dies at, the state on
+disk describes a consistent point to go on from. The directory is removed when the run completes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DTYPE_NAMES, SAFETENSORS_DTYPES, Checkpoint
+from .errors import BadInputError, ResourceError, UsageError
+from .writer import format_size, write_atomic
+
+STATE_DIR = ".streamprune"
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+_SAMPLE_BYTES = 1024 * 1024
+
+# structure key -> how the user spells it, for messages about a mismatched resume
+FLAGS = {
+    "source": "MODEL",
+    "method": "--method",
+    "sparsity": "--sparsity",
+    "pattern": "--pattern",
+    "propagate": "--propagate",
+    "calibration": "--calib",
+    "nsamples": "--nsamples",
+    "seqlen": "--seqlen",
+    "seed": "--seed",
+    "dtype": "--dtype",
+    "batch_size": "--batch-size",
+    "max_shard_bytes": "--max-shard-size",
+}
+
+
+def source_fingerprint(checkpoint: Checkpoint) -> dict:
+    """Identify the source cheaply: config and index bytes, and per weight file its size and a
+    sha256 of its header and of its first and last MiB of tensor data (hashing a 140 GB model
+    whole would take longer than some runs)."""
+    directory = checkpoint.directory
+    fingerprint = {"config.json": _sha256_file(directory / "config.json")}
+    for path in checkpoint.weight_files:
+        size = path.stat().st_size
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            header_bytes = 8 + int.from_bytes(f.read(8), "little")
+            f.seek(0)
+            digest.update(f.read(min(size, header_bytes + _SAMPLE_BYTES)))
+            f.seek(max(header_bytes, size - _SAMPLE_BYTES))
+            digest.update(f.read())
+        fingerprint[path.name] = f"{size} bytes, sampled sha256 {digest.hexdigest()}"
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        fingerprint[index.name] = _sha256_file(index)
+    return fingerprint
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class RunState:
+    """The state directory of one run. `save()` after each checkpoint; `remove()` when complete."""
+
+    def __init__(self, out: Path, structure: dict):
+        self.dir = Path(out) / STATE_DIR
+        self.structure = structure  # everything that shapes the result; fixed for the run's life
+        self.next_layer = 0  # layers [0, next_layer) are written (up to the writer's position)
+        self.writer = None  # CheckpointWriter.position() at next_layer, None before the first save
+        self.activations = None  # {"file", "layer", "dtype", "shape"}: inputs of next_layer
+        self.layers: list[dict] = []  # per-layer records of the finished layers
+        self.seconds = 0.0  # time spent by earlier sessions of this run
+        self.sessions: list[dict] = []  # one entry per start or resume
+
+    @staticmethod
+    def exists(out: Path) -> bool:
+        return (Path(out) / STATE_DIR / STATE_FILE).is_file()
+
+    @classmethod
+    def load(cls, out: Path) -> RunState:
+        path = Path(out) / STATE_DIR / STATE_FILE
+        try:
+            data = json.loads(path.read_text())
+            if data["version"] != STATE_VERSION:
+                raise ValueError(f"state version {data['version']}, this streamprune writes {STATE_VERSION}")
+            state = cls(out, data["structure"])
+            for key in ("next_layer", "writer", "activations", "layers", "seconds", "sessions"):
+                setattr(state, key, data[key])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise BadInputError(
+                f"{path} (the state of an interrupted run) cannot be read ({err}); start over with --force"
+            ) from err
+        return state
+
+    def check_same_run(self, structure: dict, out: Path) -> None:
+        """Refuse to resume with settings that would change the result."""
+        changed = [
+            key for key in sorted(set(self.structure) | set(structure)) if self.structure.get(key) != structure.get(key)
+        ]
+        if not changed:
+            return
+        lines = []
+        for key in changed:
+            old, new = self.structure.get(key), structure.get(key)
+            if isinstance(old, dict) and isinstance(new, dict):  # show only the entries that differ
+                differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+                old, new = {k: old.get(k) for k in differ}, {k: new.get(k) for k in differ}
+            lines.append(
+                f"  {FLAGS.get(key, key)}: the run in {out} used {_show(old)}, this command asks for {_show(new)}"
+            )
+        raise UsageError(
+            f"{out} holds an unfinished run with different settings, so it cannot be resumed:\n"
+            + "\n".join(lines)
+            + "\nRun the original command to resume it, choose a new --out, or add --force to discard it and "
+            "start over."
+        )
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data = {
+            "version": STATE_VERSION,
+            "structure": self.structure,
+            "next_layer": self.next_layer,
+            "writer": self.writer,
+            "activations": self.activations,
+            "layers": self.layers,
+            "seconds": self.seconds,
+            "sessions": self.sessions,
+        }
+        write_atomic(self.dir / STATE_FILE, (json.dumps(data, indent=1) + "\n").encode())
+
+    def save_activations(self, hidden: torch.Tensor, layer: int) -> dict:
+        """Write `hidden` (the inputs of `layer`) to a new file, durable before it gets its name;
+        returns the description to put in the state. The older file stays until `drop_stale`."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"activations-layer{layer:05d}.bin"
+        temp = self.dir / f".{name}.partial"
+        with open(temp, "wb") as f:
+            f.write(memoryview(hidden.contiguous().view(-1).view(torch.uint8).numpy()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, self.dir / name)
+        return {"file": name, "layer": layer, "dtype": DTYPE_NAMES[hidden.dtype], "shape": list(hidden.shape)}
+
+    def load_activations(self) -> torch.Tensor:
+        info = self.activations
+        path = self.dir / info["file"]
+        hidden = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        view = memoryview(hidden.view(-1).view(torch.uint8).numpy())
+        try:
+            with open(path, "rb") as f:
+                got = f.readinto(view)
+                extra = f.read(1)
+        except OSError as err:
+            raise BadInputError(
+                f"cannot read the activation checkpoint {path}: {err}; start over with --force"
+            ) from err
+        if got != len(view) or extra:
+            raise BadInputError(f"the activation checkpoint {path} has the wrong size; start over with --force")
+        return hidden
+
+    def drop_stale(self) -> None:
+        """Delete activation files and temporaries the state does not name (older checkpoints,
+        or a newer one whose state update never happened)."""
+        if not self.dir.is_dir():
+            return
+        keep = self.activations["file"] if self.activations else None
+        for path in self.dir.iterdir():
+            if path.name not in (STATE_FILE, keep):
+                path.unlink()
+
+    def remove(self) -> None:
+        """Called once the run is complete; state.json goes last, so that a run killed halfway
+        through still finds it, resumes with nothing left to do, and finishes again."""
+        for path in self.dir.iterdir():
+            if path.name != STATE_FILE:
+                path.unlink()
+        shutil.rmtree(self.dir)
+
+
+def check_free_space(out: Path, needed: dict[str, int]) -> None:
+    """Refuse early, with the numbers, when the disk holding `out` cannot take `needed` more bytes."""
+    where = Path(out).resolve()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    total = sum(needed.values())
+    if total > free:
+        parts = ", ".join(f"{what} {format_size(n)}" for what, n in needed.items() if n)
+        raise ResourceError(
+            f"not enough disk space: this run needs {format_size(total)} more in {where} ({parts}), "
+            f"but only {format_size(free)} is free there. Free some space or choose an --out on a larger disk."
+        )
+
+
+def _show(value) -> str:
+    return "nothing" if value is None else json.dumps(value)
