@@ -249,6 +249,14 @@ def test_resume_with_checkpoints_every_two_layers(model, crasher, reference, tmp
     assert digest(out) == digest(ref_out)
 
 
+def test_checkpoint_minutes_saves_by_time(model, crasher, tmp_path):
+    out = tmp_path / "out"
+    extra = ("--checkpoint-every", "100", "--checkpoint-minutes", "0.000001")  # every layer is due by time
+    ended, log, _ = crasher.run(model, out, *extra, event="forward", n=26, action="kill")  # inside layer 3
+    assert ended == {"signal": signal.SIGKILL}, log
+    assert json.loads((out / STATE_DIR / "state.json").read_text())["next_layer"] == 3
+
+
 @pytest.fixture
 def interrupted(model, crasher, tmp_path) -> Path:
     """--out holding a run stopped by Ctrl-C after layer 1."""
