@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -78,6 +79,10 @@ def run(
     checkpoint_minutes: Optional[float] = typer.Option(
         None, help="Also save a resume point whenever this many minutes have passed since the last one."
     ),
+    eval_ppl: Optional[Path] = typer.Option(
+        None, help="After pruning, measure the pruned model's perplexity on this text file (streamed, see eval)."
+    ),
+    eval_seqlen: int = typer.Option(2048, help="Window length for --eval-ppl (capped at max_position_embeddings)."),
     force: bool = typer.Option(
         False,
         "--force",
@@ -120,6 +125,16 @@ def run(
             quiet=quiet,
         )
         record = prune(config)
+        if eval_ppl is not None:
+            from .evaluate import EvalConfig, evaluate
+            from .pipeline import RECORD_FILE
+            from .writer import write_atomic
+
+            results = evaluate(
+                EvalConfig(model=str(out), ppl=str(eval_ppl), seqlen=eval_seqlen, device=device, quiet=quiet)
+            )
+            record["evaluation"] = results
+            write_atomic(out / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode())
     except StreamPruneError as err:
         typer.echo(f"error: {err}", err=True)
         if err.exit_code == EXIT_INTERRUPTED:
@@ -146,6 +161,65 @@ def run(
         )
         raise typer.Exit(EXIT_RESOURCES) from None
     typer.echo(summary(record))
+    if "evaluation" in record:
+        from .evaluate import results_table
+
+        typer.echo(results_table(record["evaluation"]))
+
+
+@app.command(name="eval")
+def eval_command(
+    model: str = typer.Argument(..., help="A checkpoint directory, hub id or alias, as for run."),
+    ppl: Optional[Path] = typer.Option(
+        None,
+        help="Text file (e.g. WikiText-2's wiki.test.raw) for perplexity: tokenized whole, cut into "
+        "non-overlapping windows of --seqlen tokens.",
+    ),
+    tasks: Optional[str] = typer.Option(
+        None,
+        help="Comma-separated zero-shot tasks: arc_easy, arc_challenge, piqa, boolq, winogrande, hellaswag, "
+        "openbookqa (lm-evaluation-harness prompts; acc and acc_norm).",
+    ),
+    data_dir: Optional[Path] = typer.Option(None, help="Directory of the task files (zeroshot layout)."),
+    seqlen: int = typer.Option(2048, help="Perplexity window and longest zero-shot sequence (capped at the model's)."),
+    limit: Optional[int] = typer.Option(None, help="At most N examples per task and N perplexity windows."),
+    device: str = typer.Option("auto", help="Compute device: auto (cuda if available), cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16."),
+    batch_tokens: int = typer.Option(8192, help="Tokens per micro-batch on the device (padding included)."),
+    offload_dir: Optional[Path] = typer.Option(
+        None, help="Keep the activation buffer (tokens x hidden) in a temporary file here instead of RAM."
+    ),
+    output: Optional[Path] = typer.Option(None, help="Write the results (with per-example predictions) as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Measure perplexity and zero-shot accuracy without loading the model: every evaluation token
+    goes through layer 0, then all through layer 1, and so on; each layer is read once."""
+    from .evaluate import EvalConfig, evaluate, results_table, write_results
+
+    try:
+        config = EvalConfig(
+            model=model,
+            ppl=None if ppl is None else str(ppl),
+            tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else [],
+            data_dir=None if data_dir is None else str(data_dir),
+            seqlen=seqlen,
+            limit=limit,
+            device=device,
+            dtype=dtype,
+            batch_tokens=batch_tokens,
+            offload_dir=None if offload_dir is None else str(offload_dir),
+            quiet=quiet,
+        )
+        results = evaluate(config)
+        if output is not None:
+            write_results(results, str(output))
+    except StreamPruneError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    typer.echo(results_table(results))
 
 
 def resume_command() -> str:

@@ -460,8 +460,10 @@ def load_saved_calibration(out: Path, nsamples: int, seqlen: int) -> dict:
     return calibration
 
 
-def embed(checkpoint: Checkpoint, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The calibration tokens' embeddings, [nsamples, seqlen, hidden] on the CPU.
+def embed(
+    checkpoint: Checkpoint, input_ids: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The calibration tokens' embeddings, [nsamples, seqlen, hidden] on the CPU (into `out` if given).
 
     The embedding matrix (2 GB for Llama-3-70B) is read in slices of rows, and each slice fills
     the tokens that fall in it, a bounded run of tokens at a time: neither the whole matrix nor a
@@ -469,7 +471,7 @@ def embed(checkpoint: Checkpoint, input_ids: torch.Tensor, dtype: torch.dtype) -
     """
     info = checkpoint.tensors[EMBEDDING]
     vocab, width = info.shape
-    hidden = torch.empty(*input_ids.shape, width, dtype=dtype)
+    hidden = torch.empty(*input_ids.shape, width, dtype=dtype) if out is None else out
     flat_ids, flat_hidden = input_ids.reshape(-1), hidden.view(-1, width)  # [tokens], [tokens, width]
     rows_per_slice = max(1, _EMBEDDING_SLICE_BYTES // max(1, info.nbytes // vocab))
     tokens_per_copy = max(1, _EMBEDDING_SLICE_BYTES // (width * hidden.element_size()))
