@@ -6,7 +6,8 @@ Every figure is the peak resident set size of a separate process, read from /usr
             fixed cost of the runtime, paid by any model of any size
   SmolLM2   SmolLM2-135M (float32, 538 MB of safetensors), Wanda 50%, 128 x 512 C4 tokens
   synthetic random Llama models of equal width (hidden 1024, intermediate 2816, 16 heads, 4 KV
-            heads, float32) and 8 or 32 layers, Wanda 50%, 16 x 256 C4 tokens
+            heads, float32) and 8 or 32 layers, Wanda 50%, 16 x 256 C4 tokens; and `streamprune
+            eval` of 16 x 256 WikiText-2 tokens on each
 
     python benchmarks/memory.py            # about 6 minutes on 2 cores
 
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import C4, conditions, dir_bytes, max_rss_bytes, write_section  # noqa: E402
+from common import C4, DATA, conditions, dir_bytes, max_rss_bytes, write_section  # noqa: E402
 from smollm2 import DEFAULT_CACHE, build  # noqa: E402
 
 MIB = 2**20
@@ -73,6 +74,16 @@ def run_rss(model: Path, nsamples: int, seqlen: int) -> int:
         shutil.rmtree(out.parent)
 
 
+def eval_rss(model: Path) -> int:
+    """`streamprune eval` of 16 WikiText-2 windows of 256 tokens."""
+    return max_rss_bytes(
+        [
+            sys.executable, "-m", "streamprune", "eval", str(model), "--ppl", str(DATA / "wikitext2" / "wiki.test.raw"),
+            "--seqlen", "256", "--limit", "16", "--quiet",
+        ]
+    )  # fmt: skip
+
+
 def main() -> None:
     smol = build()
     baseline = max_rss_bytes(
@@ -117,6 +128,14 @@ def main() -> None:
         "",
         f"Depth: 32 layers vs 8 layers of equal width: peak RSS ratio **{deep / shallow:.3f}** "
         f"({(deep - shallow) / MIB:+.0f} MiB) while the checkpoint grows {rows[2][1] / rows[1][1]:.1f}x.",
+    ]
+    print("measuring eval on the synthetic models ...", flush=True)
+    eval_shallow, eval_deep = eval_rss(synthetic_model(8, smol)), eval_rss(synthetic_model(32, smol))
+    lines += [
+        "",
+        "`streamprune eval --ppl wiki.test.raw --seqlen 256 --limit 16` (16 x 256 tokens) on the same synthetic "
+        f"models: peak RSS **{eval_shallow / MIB:.0f} MiB** (8 layers) and **{eval_deep / MIB:.0f} MiB** (32 layers), "
+        f"ratio **{eval_deep / eval_shallow:.3f}**.",
     ]
     body = "\n".join(lines)
     print(body)
