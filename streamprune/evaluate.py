@@ -226,11 +226,15 @@ def stream_logprobs(checkpoint, stack, layer_names, sequences, config, dtype, em
     embed(checkpoint, flat_ids.unsqueeze(0), dtype, out=hidden.unsqueeze(0))
 
     # micro-batches of similar lengths, right-padded: under a causal mask a padded position is
-    # never attended to by the real ones before it, so their outputs are those of the unpadded sequence
+    # never attended to by the real ones before it, so their outputs are those of the unpadded sequence.
+    # Sorted by length, a batch's last sequence is its longest; a new batch starts when padding to it
+    # would exceed batch_tokens or waste more than a fifth of the batch.
     order = sorted(range(len(sequences)), key=lambda i: lengths[i])
     batches, current = [], []
     for i in order:
-        if current and (len(current) + 1) * lengths[i] > config.batch_tokens:
+        padded = (len(current) + 1) * lengths[i]
+        real = sum(lengths[j] for j in current) + lengths[i]
+        if current and (padded > config.batch_tokens or padded - real > max(64, padded // 5)):
             batches.append(current)
             current = []
         current.append(i)

@@ -215,7 +215,7 @@ def test_run_with_eval_ppl_evaluates_the_pruned_model(tiny_llama, tmp_path):
 def test_smollm2_streamed_equals_whole_model(smollm2):
     from transformers import AutoTokenizer
 
-    limit = 12
+    limit = 8
     config = EvalConfig(
         model=str(smollm2),
         ppl=str(WIKITEXT),
