@@ -81,8 +81,11 @@ def main() -> None:
         "## Quality of pruned SmolLM2-135M (streamed evaluation)",
         "",
         "Command: `python benchmarks/quality.py"
-        + (f" --limit {args.limit} --ppl-windows {args.ppl_windows}`." if args.limit != 100 or args.ppl_windows != 40
-           else "`.")  # fmt: skip
+        + (
+            f" --limit {args.limit} --ppl-windows {args.ppl_windows}`."
+            if args.limit != 100 or args.ppl_windows != 40
+            else "`."
+        )  # fmt: skip
         + " Pruning: calibration 128 x 512 tokens of `c4/c4_validation_2k.jsonl.gz`, seed 0, CPU, float32, "
         "micro-batch 1; pruning time is the run record's total_seconds. Perplexity: WikiText-2 test (`wiki.test.raw`), non-overlapping 512-token windows, the "
         f"first {args.ppl_windows}. Zero-shot: `acc` of lm-evaluation-harness's prompts, the first {args.limit} "

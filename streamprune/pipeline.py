@@ -123,7 +123,7 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
         state.drop_stale()
 
     try:
-        with StopOnInterrupt(quiet=config.quiet) as stop:
+        with StopOnInterrupt() as stop:
             # 6. tensors outside the decoder layers are copied unchanged (first session only)
             if state.writer is None:
                 for name in layer_names[None]:
@@ -237,8 +237,7 @@ class StopOnInterrupt:
     """Ctrl-C asks the layer loop to stop at its next resume point rather than at once; a second
     Ctrl-C stops at once (the work since the last resume point is then redone on resume)."""
 
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
+    def __init__(self):
         self.requested = False
         self._previous = None
 

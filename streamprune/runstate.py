@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .calibration import file_sha256
 from .checkpoint import DTYPE_NAMES, SAFETENSORS_DTYPES, Checkpoint
 from .errors import BadInputError, ResourceError, UsageError
 from .writer import format_size, write_atomic
@@ -48,7 +49,7 @@ def source_fingerprint(checkpoint: Checkpoint) -> dict:
     sha256 of its header and of its first and last MiB of tensor data (hashing a 140 GB model
     whole would take longer than some runs)."""
     directory = checkpoint.directory
-    fingerprint = {"config.json": _sha256_file(directory / "config.json")}
+    fingerprint = {"config.json": file_sha256(directory / "config.json")}
     for path in checkpoint.weight_files:
         size = path.stat().st_size
         digest = hashlib.sha256()
@@ -61,16 +62,8 @@ def source_fingerprint(checkpoint: Checkpoint) -> dict:
         fingerprint[path.name] = f"{size} bytes, sampled sha256 {digest.hexdigest()}"
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        fingerprint[index.name] = _sha256_file(index)
+        fingerprint[index.name] = file_sha256(index)
     return fingerprint
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class RunState:
