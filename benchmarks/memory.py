@@ -9,7 +9,7 @@ Every figure is the peak resident set size of a separate process, read from /usr
             heads, float32) and 8 or 32 layers, Wanda 50%, 16 x 256 C4 tokens; and `streamprune
             eval` of 16 x 256 WikiText-2 tokens on each
 
-    python benchmarks/memory.py            # about 6 minutes on 2 cores
+    python benchmarks/memory.py [--part run|eval|all]      # about 8 minutes on 2 cores
 
 Writes its table to benchmarks/RESULTS.md.
 """
@@ -84,8 +84,47 @@ def eval_rss(model: Path) -> int:
     )  # fmt: skip
 
 
+def measure_eval(smol: Path, repeats: int = 3) -> None:
+    """Peak RSS of `streamprune eval` on 8 and 32 layers; repeated, because one process's peak
+    varies by ~100 MiB from run to run (tokenizing the whole WikiText-2 text dominates it)."""
+    peaks = {}
+    for layers in (8, 32):
+        print(f"measuring eval, synthetic {layers} layers x{repeats} ...", flush=True)
+        peaks[layers] = sorted(eval_rss(synthetic_model(layers, smol)) for _ in range(repeats))
+    median = {layers: values[len(values) // 2] for layers, values in peaks.items()}
+    lines = [
+        "## Peak memory of `streamprune eval` (CPU, float32)",
+        "",
+        "Command: `python benchmarks/memory.py --part eval`. `streamprune eval --ppl wiki.test.raw --seqlen 256 "
+        f"--limit 16` (16 x 256 tokens) on the synthetic models above, {repeats} runs each, peak RSS from "
+        "`/usr/bin/time -v`.",
+        "",
+        conditions(),
+        "",
+        "| model | runs (MiB) | median |",
+        "|---|---|---:|",
+    ]
+    for layers, values in peaks.items():
+        lines.append(
+            f"| synthetic, {layers} layers | {', '.join(f'{v / MIB:.0f}' for v in values)} | {median[layers] / MIB:.0f} MiB |"
+        )
+    lines += ["", f"Depth: 32 vs 8 layers, ratio of medians **{median[32] / median[8]:.3f}**."]
+    body = "\n".join(lines)
+    print(body)
+    write_section("memory-eval", body)
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--part", choices=["run", "eval", "all"], default="all")
+    part = parser.parse_args().part
     smol = build()
+    if part in ("eval", "all"):
+        measure_eval(smol)
+    if part == "eval":
+        return
     baseline = max_rss_bytes(
         [
             sys.executable,
@@ -128,14 +167,6 @@ def main() -> None:
         "",
         f"Depth: 32 layers vs 8 layers of equal width: peak RSS ratio **{deep / shallow:.3f}** "
         f"({(deep - shallow) / MIB:+.0f} MiB) while the checkpoint grows {rows[2][1] / rows[1][1]:.1f}x.",
-    ]
-    print("measuring eval on the synthetic models ...", flush=True)
-    eval_shallow, eval_deep = eval_rss(synthetic_model(8, smol)), eval_rss(synthetic_model(32, smol))
-    lines += [
-        "",
-        "`streamprune eval --ppl wiki.test.raw --seqlen 256 --limit 16` (16 x 256 tokens) on the same synthetic "
-        f"models: peak RSS **{eval_shallow / MIB:.0f} MiB** (8 layers) and **{eval_deep / MIB:.0f} MiB** (32 layers), "
-        f"ratio **{eval_deep / eval_shallow:.3f}**.",
     ]
     body = "\n".join(lines)
     print(body)

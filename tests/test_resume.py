@@ -127,7 +127,7 @@ CRASHES = [
     ("forward", 1, "kill"),  # inside layer 0's dense forward (forwards 8i+1..8i+4 of layer i are dense)
     ("forward", 14, "kill"),  # inside layer 1's pruned forward (8i+5..8i+8)
     ("forward", 32, "kill"),  # inside the last layer's last forward
-    ("write", 3, "half-kill"),  # half of the embedding's bytes in the first shard
+    ("write", 3, "half-kill"),  # half of the first tensor (lm_head; writes 1-2 are the shard header)
     ("write", "middle", "half-kill"),  # in the middle of a layer's tensors
     ("write", "last", "half-kill"),  # the last tensor of the last shard
     ("replace", 1, "kill-after"),  # right after the first state file
