@@ -21,10 +21,11 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint
 from .config import DTYPES
-from .errors import BadInputError, UsageError
+from .errors import BadInputError, ResourceError, UsageError
 from .families import EMBEDDING, LayerStack, family_of
 from .source import resolve_model
 from .tasks import TASKS, load_task
+from .writer import format_size
 
 _HEAD_CHUNK_BYTES = 256 * 1024 * 1024  # logits of one chunk of tokens, float32
 
@@ -198,9 +199,27 @@ def score_task(examples, logprobs) -> dict:
     }
 
 
+def available_ram_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def activation_buffer(tokens: int, width: int, dtype: torch.dtype, offload_dir: str | None) -> torch.Tensor:
     """[tokens, width] in RAM, or memory-mapped from a temporary file in `offload_dir`."""
     if offload_dir is None:
+        needed, available = tokens * width * dtype.itemsize, available_ram_bytes()
+        if available is not None and needed > 0.8 * available:
+            raise ResourceError(
+                f"the evaluation activations ({tokens:,} tokens x {width} x {dtype.itemsize} bytes = "
+                f"{format_size(needed)}) do not fit in the {format_size(available)} of RAM available; add "
+                "--offload-dir DIR to keep them in a file on a disk with that much free space, or lower --limit"
+            )
         return torch.empty(tokens, width, dtype=dtype)
     directory = Path(offload_dir).expanduser()
     directory.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,17 @@ def test_offloaded_buffer_gives_the_same_results(tiny_llama, tmp_path):
     assert list((tmp_path / "offload").iterdir()) == []  # the buffer file is gone afterwards
 
 
+def test_activations_that_do_not_fit_in_ram_are_refused_with_the_way_out(tiny_llama, monkeypatch):
+    import streamprune.evaluate
+
+    monkeypatch.setattr(streamprune.evaluate, "available_ram_bytes", lambda: 10_000)
+    result = invoke("eval", tiny_llama, "--ppl", WIKITEXT, "--seqlen", "32", "--limit", "4", "--quiet")
+    assert result.exit_code == 4, result.output
+    text = " ".join(result.output.split())
+    assert "(124 tokens x 64 x 4 bytes = 31.00 KiB) do not fit in the 9.77 KiB of RAM available" in text, text
+    assert "--offload-dir DIR" in text
+
+
 def test_every_task_loads_with_the_harness_prompts():
     sizes = {
         "arc_easy": 2376,
