@@ -33,8 +33,8 @@ def conditions() -> str:
     return "\n".join(
         [
             f"- CPU: {cpu}, {os.cpu_count()} cores; RAM {ram_gib:.0f} GiB; GPU: {gpu}",
-            f"- Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"torch threads {torch.get_num_threads()}",
+            f"- Python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()}",
         ]
     )
 

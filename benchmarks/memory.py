@@ -106,7 +106,8 @@ def measure_eval(smol: Path, repeats: int = 3) -> None:
     ]
     for layers, values in peaks.items():
         lines.append(
-            f"| synthetic, {layers} layers | {', '.join(f'{v / MIB:.0f}' for v in values)} | {median[layers] / MIB:.0f} MiB |"
+            f"| synthetic, {layers} layers | {', '.join(f'{v / MIB:.0f}' for v in values)} | "
+            f"{median[layers] / MIB:.0f} MiB |"
         )
     lines += ["", f"Depth: 32 vs 8 layers, ratio of medians **{median[32] / median[8]:.3f}**."]
     body = "\n".join(lines)

@@ -87,10 +87,12 @@ def main() -> None:
             else "`."
         )  # fmt: skip
         + " Pruning: calibration 128 x 512 tokens of `c4/c4_validation_2k.jsonl.gz`, seed 0, CPU, float32, "
-        "micro-batch 1; pruning time is the run record's total_seconds. Perplexity: WikiText-2 test (`wiki.test.raw`), non-overlapping 512-token windows, the "
+        "micro-batch 1; pruning time is the run record's total_seconds. Perplexity: WikiText-2 test "
+        "(`wiki.test.raw`), non-overlapping 512-token windows, the "
         f"first {args.ppl_windows}. Zero-shot: `acc` of lm-evaluation-harness's prompts, the first {args.limit} "
-        "examples of each task (a sample: at n=100 one standard error is about 5 points). Average: mean `acc` of the "
-        "seven tasks.",
+        f"examples of each task (a sample: one standard error is up to {50 / args.limit**0.5:.0f} points at "
+        f"n={args.limit}). "
+        "Average: mean `acc` of the seven tasks.",
         "",
         conditions(),
         "",
