@@ -62,7 +62,10 @@ class EvalConfig:
         if self.device == "auto":
             self.torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
-            self.torch_device = torch.device(self.device)
+            try:
+                self.torch_device = torch.device(self.device)
+            except RuntimeError as err:
+                raise UsageError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N") from err
             if self.torch_device.type == "cuda" and not torch.cuda.is_available():
                 raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
 

@@ -187,6 +187,7 @@ def test_cli_eval_prints_a_table_and_writes_json(tiny_llama, tmp_path):
         (["--ppl", "/nonexistent.txt"], "cannot read it"),
         (["--tasks", "piqa", "--data-dir", "/nonexistent"], "not found; --data-dir must hold"),
         (["--ppl", str(WIKITEXT), "--limit", "0"], "--limit must be positive"),
+        (["--ppl", str(WIKITEXT), "--device", "gpu0"], "--device 'gpu0' is not a device"),
     ],
 )
 def test_cli_eval_bad_input(tiny_llama, args, phrase):
