@@ -13,7 +13,7 @@ import torch
 import typer
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, StreamPruneError
+from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, StreamPruneError, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -124,6 +124,8 @@ def run(
             force=force,
             quiet=quiet,
         )
+        if eval_ppl is not None and not eval_ppl.is_file():  # found out now, not after hours of pruning
+            raise UsageError(f"--eval-ppl {eval_ppl}: no such file; pass a text file such as wiki.test.raw")
         record = prune(config)
         if eval_ppl is not None:
             from .evaluate import EvalConfig, evaluate

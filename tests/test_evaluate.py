@@ -223,6 +223,13 @@ def test_run_with_eval_ppl_evaluates_the_pruned_model(tiny_llama, tmp_path):
     assert again["perplexity"]["ppl"] == pruned_ppl
 
 
+def test_run_with_a_missing_eval_ppl_file_is_refused_before_pruning(tiny_llama, tmp_path):
+    out = tmp_path / "pruned"
+    result = invoke("run", tiny_llama, "--out", out, "--calib", WIKITEXT, "--eval-ppl", tmp_path / "nope.txt")
+    assert result.exit_code == 2 and "--eval-ppl" in result.output and "no such file" in result.output
+    assert not out.exists()
+
+
 @pytest.mark.smollm2
 def test_smollm2_streamed_equals_whole_model(smollm2):
     from transformers import AutoTokenizer
