@@ -60,10 +60,9 @@ class PruneConfig:
         for name in ("nsamples", "seqlen", "batch_size", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise UsageError(f"--dtype {self.dtype!r} is not one of: auto, {', '.join(DTYPES)}")
+        check_dtype(self.dtype)
         self.max_shard_bytes = parse_size(self.max_shard_size)
-        self.torch_device = self._device()
+        self.torch_device = parse_device(self.device)
 
     def keep_block(self) -> tuple[int, int] | None:
         """(keep_n, block_m) of --pattern, or None for unstructured sparsity."""
@@ -85,20 +84,27 @@ class PruneConfig:
         block = self.keep_block()
         return (block[1] - block[0]) / block[1] if block else self.sparsity
 
-    def _device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as err:
-            raise UsageError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N") from err
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
-        if device.type not in ("cpu", "cuda"):
-            raise UsageError(f"--device {self.device!r}: only cpu and cuda are supported")
-        return device
-
     def as_record(self) -> dict:
         record = asdict(self)
         record["out"] = str(self.out)
         return record
+
+
+def parse_device(text: str) -> torch.device:
+    """--device: auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise UsageError(f"--device {text!r} is not a device; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {text!r}: only cpu and cuda are supported")
+    return device
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not one of: auto, {', '.join(DTYPES)}")

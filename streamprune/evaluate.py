@@ -20,9 +20,10 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
-from .config import DTYPES
+from .config import check_dtype, parse_device
 from .errors import BadInputError, ResourceError, UsageError
 from .families import EMBEDDING, LayerStack, family_of
+from .pipeline import compute_dtype, embed, layout
 from .source import resolve_model
 from .tasks import TASKS, load_task
 from .writer import format_size
@@ -57,17 +58,8 @@ class EvalConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.limit is not None and self.limit <= 0:
             raise UsageError(f"--limit must be positive, got {self.limit}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise UsageError(f"--dtype {self.dtype!r} is not one of: auto, {', '.join(DTYPES)}")
-        if self.device == "auto":
-            self.torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            try:
-                self.torch_device = torch.device(self.device)
-            except RuntimeError as err:
-                raise UsageError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N") from err
-            if self.torch_device.type == "cuda" and not torch.cuda.is_available():
-                raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+        check_dtype(self.dtype)
+        self.torch_device = parse_device(self.device)
 
 
 @dataclass
@@ -116,8 +108,6 @@ def evaluate(config: EvalConfig) -> dict:
     """Perplexity and/or zero-shot accuracy of `config.model`, streamed; returns the results."""
     from transformers import AutoTokenizer
 
-    from .pipeline import compute_dtype, embed, layout
-
     started = time.perf_counter()
     # 1. the model: checked as for pruning; nothing is loaded whole
     source_dir = resolve_model(config.model)
@@ -154,7 +144,7 @@ def evaluate(config: EvalConfig) -> dict:
         task_examples[task] = (examples, first)
 
     # 3. stream: all sequences through each layer in turn; then the head
-    logprobs = stream_logprobs(checkpoint, stack, layer_names, sequences, config, dtype, embed)
+    logprobs = stream_logprobs(checkpoint, stack, layer_names, sequences, config, dtype)
 
     # 4. metrics
     results: dict = {"model": config.model, "directory": str(source_dir), "seqlen": seqlen}
@@ -170,7 +160,7 @@ def evaluate(config: EvalConfig) -> dict:
         }
     results["tasks"] = {}
     for task, (examples, first) in task_examples.items():
-        results["tasks"][task] = score_task(examples, logprobs[first:])
+        results["tasks"][task] = score_task(examples, logprobs, first)
     if results["tasks"]:
         accs = [r["acc"] for r in results["tasks"].values()]
         results["average_acc"] = sum(accs) / len(accs)
@@ -178,11 +168,12 @@ def evaluate(config: EvalConfig) -> dict:
     return results
 
 
-def score_task(examples, logprobs) -> dict:
-    """acc: the choice with the highest log-likelihood; acc_norm: highest per byte of the choice."""
+def score_task(examples, logprobs, first: int) -> dict:
+    """acc: the choice with the highest log-likelihood; acc_norm: highest per byte of the choice.
+    The examples' choices are logprobs[first], logprobs[first + 1], ... in order."""
     correct = correct_norm = 0
     predictions = []
-    position = 0
+    position = first
     for example in examples:
         lls = [float(logprobs[position + i].double().sum()) for i in range(len(example.pairs))]
         position += len(example.pairs)
@@ -233,7 +224,7 @@ def activation_buffer(tokens: int, width: int, dtype: torch.dtype, offload_dir: 
 
 
 @torch.no_grad()
-def stream_logprobs(checkpoint, stack, layer_names, sequences, config, dtype, embed) -> list[torch.Tensor]:
+def stream_logprobs(checkpoint, stack, layer_names, sequences, config, dtype) -> list[torch.Tensor]:
     """Log-probabilities (float32, CPU) of each sequence's scored tokens."""
     device = stack.device
     lengths = [len(s.inputs) for s in sequences]
@@ -252,14 +243,15 @@ def stream_logprobs(checkpoint, stack, layer_names, sequences, config, dtype, em
     # Sorted by length, a batch's last sequence is its longest; a new batch starts when padding to it
     # would exceed batch_tokens or waste more than a fifth of the batch.
     order = sorted(range(len(sequences)), key=lambda i: lengths[i])
-    batches, current = [], []
+    batches, current, current_tokens = [], [], 0
     for i in order:
         padded = (len(current) + 1) * lengths[i]
-        real = sum(lengths[j] for j in current) + lengths[i]
+        real = current_tokens + lengths[i]
         if current and (padded > config.batch_tokens or padded - real > max(64, padded // 5)):
             batches.append(current)
-            current = []
+            current, current_tokens = [], 0
         current.append(i)
+        current_tokens += lengths[i]
     if current:
         batches.append(current)
 

@@ -78,7 +78,7 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
         if resuming and (config.out / CALIBRATION_FILE).is_file():
             calibration = load_saved_calibration(config.out, config.nsamples, seqlen)
         else:
-            calibration = sample_calibration(config, calib_path, source_dir, seqlen)
+            calibration = sample_calibration(config, calib_path, structure["calibration"]["sha256"], source_dir, seqlen)
         vocab = checkpoint.tensors[EMBEDDING].shape[0]
         if int(calibration["input_ids"].max()) >= vocab:
             raise BadInputError(
@@ -417,7 +417,7 @@ def calibration_path(config: PruneConfig) -> Path:
     return path
 
 
-def sample_calibration(config: PruneConfig, path: Path, source_dir: Path, seqlen: int) -> dict:
+def sample_calibration(config: PruneConfig, path: Path, sha256: str, source_dir: Path, seqlen: int) -> dict:
     from transformers import AutoTokenizer
 
     try:
@@ -429,7 +429,7 @@ def sample_calibration(config: PruneConfig, path: Path, source_dir: Path, seqlen
     return {
         "source": config.calib if config.calib == "c4" else str(path),
         "file": str(path),
-        "sha256": file_sha256(path),
+        "sha256": sha256,
         "documents": len(documents),
         "nsamples": config.nsamples,
         "seqlen": seqlen,
