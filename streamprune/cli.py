@@ -222,7 +222,9 @@ def eval_command(
         typer.echo("\ninterrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except torch.OutOfMemoryError:
-        typer.echo(f"error: out of GPU memory. Lower --batch-tokens (now {batch_tokens}) or use --device cpu.", err=True)
+        typer.echo(
+            f"error: out of GPU memory. Lower --batch-tokens (now {batch_tokens}) or use --device cpu.", err=True
+        )
         raise typer.Exit(EXIT_RESOURCES) from None
     typer.echo(results_table(results))
 
