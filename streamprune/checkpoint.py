@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +75,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raw = f.read(header_bytes)
     except OSError as err:
         raise BadInputError(f"cannot read {path}: {err.strerror or err}") from err
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInputError(f"{path}: safetensors header is not valid JSON ({err})") from err
-    if not isinstance(header, dict):
-        raise BadInputError(f"{path}: safetensors header is not a JSON object")
+    header = parse_json(raw, f"{path}: safetensors header")
 
     data_start = 8 + header_bytes
     data_bytes = file_bytes - data_start
@@ -100,11 +96,11 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_byt
     if not isinstance(entry, dict):
         raise BadInputError(f"{where}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise BadInputError(f"{where}: unsupported dtype {dtype!r}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
         raise BadInputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
         raise BadInputError(f"{where}: data_offsets {offsets!r} are not two non-negative integers")
     begin, end = offsets
     itemsize = SAFETENSORS_DTYPES[dtype].itemsize
@@ -118,6 +114,35 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_byt
     return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, end - begin)
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_json(raw: bytes | str, what: str) -> dict:
+    """A JSON object from an untrusted file. Refused, naming `what`: invalid UTF-8 or JSON, nesting
+    deep enough to exhaust the parser's recursion, a non-object, and a key given twice (parsers
+    disagree on which copy wins, so a duplicated tensor entry could mean different bytes to
+    different readers)."""
+
+    def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+        obj = {}
+        for key, value in pairs:
+            if key in obj:
+                raise BadInputError(f"{what} names {key!r} twice; the file is corrupt or crafted")
+            obj[key] = value
+        return obj
+
+    try:
+        parsed = json.loads(raw, object_pairs_hook=unique_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInputError(f"{what} is not valid JSON ({err})") from err
+    except RecursionError as err:
+        raise BadInputError(f"{what} is nested too deeply to be a real header") from err
+    if not isinstance(parsed, dict):
+        raise BadInputError(f"{what} is not a JSON object")
+    return parsed
+
+
 class Checkpoint:
     """A local checkpoint directory: `config.json` plus `model.safetensors` or an index and shards.
 
@@ -127,6 +152,7 @@ class Checkpoint:
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
+        self._check_links()
         self.config = self._read_config()
         self.weight_files, self.tensors = self._read_weights()
 
@@ -155,13 +181,7 @@ class Checkpoint:
                 f"{self.directory} has no config.json, so it is not a Hugging Face checkpoint. "
                 "Pass the directory that holds config.json and the *.safetensors files."
             )
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise BadInputError(f"cannot read {path}: {err}") from err
-        if not isinstance(config, dict):
-            raise BadInputError(f"{path} is not a JSON object")
-        return config
+        return parse_json(_read_bytes(path), str(path))
 
     def _read_weights(self) -> tuple[list[Path], dict[str, TensorInfo]]:
         index_path = self.directory / INDEX_FILE
@@ -170,6 +190,15 @@ class Checkpoint:
             weight_map = self._read_index(index_path)
             files = sorted(set(weight_map.values()))
             headers = {file: read_safetensors_header(self.directory / file) for file in files}
+            seen_in: dict[str, str] = {}
+            for file in files:
+                for name in headers[file]:
+                    if name in seen_in:
+                        raise BadInputError(
+                            f"tensor {name!r} is stored in both {seen_in[name]} and {file} in {self.directory}; "
+                            "which copy is meant is ambiguous, so the checkpoint is refused"
+                        )
+                    seen_in[name] = file
             tensors = {}
             for name, file in weight_map.items():
                 if name not in headers[file]:
@@ -196,16 +225,13 @@ class Checkpoint:
         )
 
     def _read_index(self, index_path: Path) -> dict[str, str]:
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise BadInputError(f"cannot read {index_path}: {err}") from err
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        index = parse_json(_read_bytes(index_path), str(index_path))
+        weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise BadInputError(f'{index_path} has no "weight_map" naming the tensors and their shards')
         root = self.directory.resolve()
         for name, file in weight_map.items():
-            if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+            if not isinstance(file, str) or "\0" in file or Path(file).name != file or file in ("", ".", ".."):
                 raise BadInputError(
                     f"{index_path}: tensor {name!r} points at {file!r}; shard names must be plain file "
                     "names inside the checkpoint directory"
@@ -216,9 +242,40 @@ class Checkpoint:
                     f"{index_path} names shard {file} (for tensor {name!r}), which is missing from "
                     f"{self.directory}; download the complete checkpoint"
                 )
-            if shard.resolve().parent != root and not _is_hub_blob(shard):
+            if not _inside(shard, root):
                 raise BadInputError(f"{index_path}: shard {file} resolves outside {self.directory}")
         return weight_map
+
+    def _check_links(self) -> None:
+        """Refuse a file in the checkpoint that is a symlink to somewhere outside it: config,
+        tokenizer and weights are read (and the small files copied into --out) through these names."""
+        if not self.directory.is_dir():
+            return
+        root = self.directory.resolve()
+        for path in sorted(self.directory.iterdir()):
+            if path.is_symlink() and not path.exists():
+                raise BadInputError(f"{path} is a symlink to {os.readlink(path)}, which loops or does not exist")
+            if path.is_symlink() and not _inside(path, root):
+                raise BadInputError(
+                    f"{path} is a symlink to {os.readlink(path)}, outside the checkpoint directory; streamprune "
+                    "only reads files that live in the checkpoint. Copy the file in if you trust it."
+                )
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise BadInputError(f"cannot read {path}: {err.strerror or err}") from err
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path`, symlinks followed, is in the directory `root` (already resolved), or is a
+    Hugging Face cache snapshot's link into its own repository's blobs/ folder."""
+    try:
+        return root in path.resolve().parents or _is_hub_blob(path)
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
 
 
 def _is_hub_blob(path: Path) -> bool:

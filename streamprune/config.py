@@ -61,7 +61,10 @@ class PruneConfig:
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         check_dtype(self.dtype)
-        self.max_shard_bytes = parse_size(self.max_shard_size)
+        try:
+            self.max_shard_bytes = parse_size(self.max_shard_size)
+        except UsageError as err:
+            raise UsageError(f"--max-shard-size: {err}") from None
         self.torch_device = parse_device(self.device)
 
     def keep_block(self) -> tuple[int, int] | None:

@@ -23,7 +23,7 @@ from .checkpoint import Checkpoint
 from .config import check_dtype, parse_device
 from .errors import BadInputError, ResourceError, UsageError
 from .families import EMBEDDING, LayerStack, family_of
-from .pipeline import compute_dtype, embed, layout
+from .pipeline import check_activations_finite, check_weights_finite, compute_dtype, embed, layout
 from .source import resolve_model
 from .tasks import TASKS, load_task
 from .writer import format_size
@@ -259,6 +259,8 @@ def stream_logprobs(checkpoint, stack, layer_names, sequences, config, dtype) ->
     progress = tqdm(range(num_layers), desc="evaluating", unit="layer", disable=config.quiet, dynamic_ncols=True)
     for index in progress:
         stored = {local: checkpoint.read(name) for name, local in layer_names[index].items()}
+        for name, local in layer_names[index].items():
+            check_weights_finite(stored[local], name)
         layer = stack.build(index, stored)
         del stored
         for batch in batches:
@@ -269,13 +271,16 @@ def stream_logprobs(checkpoint, stack, layer_names, sequences, config, dtype) ->
             y = stack.forward(layer, index, x)
             for row, i in enumerate(batch):
                 hidden[offsets[i] : offsets[i + 1]] = y[row, : lengths[i]].to("cpu")
+        check_activations_finite(hidden, index, "")
         del layer
     progress.close()
 
     # the head: final RMSNorm, then lm_head (the embedding when tied), a chunk of tokens at a time
-    norm_weight = checkpoint.read("model.norm.weight").to(device, dtype)
     head_name = "lm_head.weight" if "lm_head.weight" in checkpoint.tensors else EMBEDDING
-    head = checkpoint.read(head_name).to(device, dtype)  # [vocab, hidden]
+    norm_weight, head = checkpoint.read("model.norm.weight"), checkpoint.read(head_name)  # head [vocab, hidden]
+    check_weights_finite(norm_weight, "model.norm.weight")
+    check_weights_finite(head, head_name)
+    norm_weight, head = norm_weight.to(device, dtype), head.to(device, dtype)
     eps = getattr(stack.config, "rms_norm_eps", 1e-6)
     chunk = max(1, _HEAD_CHUNK_BYTES // (vocab * 4))
     results = []

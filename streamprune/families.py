@@ -67,12 +67,49 @@ def family_of(config: dict) -> Family:
             "this checkpoint asks for custom modeling code (auto_map in config.json); streamprune never runs "
             f"code from a checkpoint. Supported: {SUPPORTED}."
         )
-    num_layers = config.get("num_hidden_layers")
-    if not isinstance(num_layers, int) or num_layers <= 0:
-        raise BadInputError(
-            f"config.json has num_hidden_layers={num_layers!r}; a positive integer is needed to stream the layers"
-        )
+    check_config_limits(config)
     return family
+
+
+# Generous bounds on the config's sizes (Llama-3.1-405B: 126 layers, hidden 16,384, MLP 53,248,
+# vocab 128,256), checked before any of them sizes an allocation: a config from the internet is
+# untrusted input like the weights.
+CONFIG_LIMITS = {
+    "num_hidden_layers": 4096,
+    "hidden_size": 131_072,
+    "intermediate_size": 1_048_576,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "head_dim": 4096,
+    "vocab_size": 8_388_608,
+    "max_position_embeddings": 134_217_728,
+}
+OPTIONAL_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def check_config_limits(config: dict) -> None:
+    """Every size in config.json a positive integer within CONFIG_LIMITS, and the attention
+    geometry consistent; otherwise a BadInputError naming the field and the accepted range."""
+    for field, limit in CONFIG_LIMITS.items():
+        value = config.get(field)
+        if value is None and field in OPTIONAL_FIELDS:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise BadInputError(
+                f"config.json has {field}={value!r}; streamprune accepts an integer from 1 to {limit:,}. "
+                "The config is corrupt or not a real model's."
+            )
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if heads % kv_heads:
+        raise BadInputError(
+            f"config.json has num_attention_heads={heads} and num_key_value_heads={kv_heads}; the first must be "
+            "a multiple of the second"
+        )
+    if config.get("head_dim") is None and config["hidden_size"] % heads:
+        raise BadInputError(
+            f"config.json has hidden_size={config['hidden_size']}, not a multiple of num_attention_heads={heads}, "
+            "and no head_dim"
+        )
 
 
 class LayerStack:

@@ -127,7 +127,9 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
             # 6. tensors outside the decoder layers are copied unchanged (first session only)
             if state.writer is None:
                 for name in layer_names[None]:
-                    writer.write(name, checkpoint.read(name))
+                    tensor = checkpoint.read(name)
+                    check_weights_finite(tensor, name, resume_point(config.out, 0))
+                    writer.write(name, tensor)
                 save_checkpoint(0, None)
 
             # 7. the inputs of the first layer to do: embedded calibration tokens, or a checkpoint
@@ -155,6 +157,8 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                 names = layer_names[index]  # checkpoint name -> name inside the layer module
                 # 8a. read only this layer's tensors, in their stored dtype, and build the layer
                 stored = {local: checkpoint.read(name) for name, local in names.items()}
+                for name, local in names.items():
+                    check_weights_finite(stored[local], name, resume_point(config.out, state.next_layer))
                 layer = stack.build(index, stored)
                 # 8b. Wanda: one forward of the dense layer collects ||X_j||^2 for every Linear
                 sq_norms = None
@@ -193,6 +197,8 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                 # 8e. the next layer's inputs: outputs of the pruned layer (the default)
                 if hidden is not None and config.propagate == "pruned":
                     forward_all(stack, layer, index, hidden, config.batch_size, collect=False, write_back=True)
+                if hidden is not None:
+                    check_activations_finite(hidden, index, resume_point(config.out, state.next_layer))
                 if observe is not None and hidden is not None:
                     observe(index, hidden)
                 del layer, stored, masks
@@ -266,6 +272,46 @@ class StopOnInterrupt:
             )
 
 
+def check_weights_finite(tensor: torch.Tensor, name: str, saved: str = "") -> None:
+    """Refuse a source tensor holding NaN or Inf: everything computed from it would be broken.
+    `saved` says what the run has kept."""
+    nan, inf = nonfinite_counts(tensor)
+    if nan or inf:
+        raise BadInputError(
+            f"the source checkpoint is broken: tensor {name!r} holds {nan:,} NaN and {inf:,} Inf values, so "
+            f"anything computed from it would be broken too; stopped before using it. {saved}".strip()
+        )
+
+
+def check_activations_finite(hidden: torch.Tensor, index: int, saved: str) -> None:
+    """Refuse to go on when a layer's outputs overflowed: later layers, and their Wanda statistics,
+    would be computed from NaN."""
+    nan, inf = nonfinite_counts(hidden)
+    if nan or inf:
+        hint = (
+            "The weights are finite, so the layer overflowed: rerun with --dtype float32."
+            if hidden.dtype != torch.float32
+            else "The weights are finite but overflow even in float32: the checkpoint is broken."
+        )
+        raise BadInputError(
+            f"the outputs of layer {index} hold {nan:,} NaN and {inf:,} Inf values (in "
+            f"{str(hidden.dtype).removeprefix('torch.')}); stopped before pruning layer {index + 1}. {hint} {saved}"
+        )
+
+
+def nonfinite_counts(tensor: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, Inf count) of a floating-point tensor; (0, 0) for any other dtype."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return 0, 0
+    return int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+
+
+def resume_point(out: Path, next_layer: int) -> str:
+    if next_layer == 0:
+        return f"No layer was saved in {out}."
+    return f"Layers 0-{next_layer - 1} are saved in {out} with the run state (its last resume point)."
+
+
 def check_not_source(out: Path, source_dir: Path) -> None:
     """Refuse an --out that is, or is inside, the source: the source is only ever read."""
     out_resolved, source_resolved = out.resolve(), source_dir.resolve()
@@ -304,6 +350,8 @@ def prepare_output_dir(out: Path, force: bool) -> None:
         for path in stale:
             if path.is_file():
                 path.unlink()
+        if (out / STATE_DIR).is_symlink():  # remove the link, never what it points at
+            (out / STATE_DIR).unlink()
         shutil.rmtree(out / STATE_DIR, ignore_errors=True)
 
 
@@ -387,13 +435,29 @@ def layout(checkpoint: Checkpoint, stack: LayerStack, num_layers: int) -> dict:
             got = checkpoint.tensors[full].shape
             if got != shape:
                 raise BadInputError(f"tensor {full!r} has shape {list(got)}, but config.json implies {list(shape)}")
+            _check_float(checkpoint.tensors[full])
     required = [EMBEDDING, "model.norm.weight"]
     if not getattr(stack.config, "tie_word_embeddings", False):
         required.append("lm_head.weight")
     for name in required:
         if name not in checkpoint.tensors:
             raise BadInputError(f"the checkpoint has no tensor {name!r}; it is incomplete")
+        _check_float(checkpoint.tensors[name])
+    width = stack.config.hidden_size
+    embedding = checkpoint.tensors[EMBEDDING].shape
+    if len(embedding) != 2 or embedding[1] != width:
+        raise BadInputError(
+            f"tensor {EMBEDDING!r} has shape {list(embedding)}, but config.json implies [vocab, {width}]"
+        )
     return groups
+
+
+def _check_float(info) -> None:
+    if info.torch_dtype not in DTYPES.values():
+        raise BadInputError(
+            f"tensor {info.name!r} in {info.file.name} is stored as {info.dtype}; streamprune prunes float32, "
+            "bfloat16 and float16 checkpoints, not quantized or integer ones"
+        )
 
 
 def check_pattern_fits(config: PruneConfig, stack: LayerStack) -> None:
