@@ -155,6 +155,11 @@ class Checkpoint:
         self._check_links()
         self.config = self._read_config()
         self.weight_files, self.tensors = self._read_weights()
+        self.bytes_read = 0  # tensor bytes read so far, for reports of I/O
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """One tensor, or rows [start, stop) of its first dimension, freshly read into CPU memory
@@ -170,6 +175,7 @@ class Checkpoint:
         with open(info.file, "rb") as f:
             f.seek(start)
             got = f.readinto(memoryview(data.numpy()))
+        self.bytes_read += got
         if got != nbytes:
             raise BadInputError(f"{info.file}: tensor {name!r} is truncated ({got} of {nbytes} bytes)")
         return data.view(info.torch_dtype).reshape(shape)

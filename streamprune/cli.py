@@ -229,6 +229,85 @@ def eval_command(
     typer.echo(results_table(results))
 
 
+@app.command()
+def depth(
+    model: str = typer.Argument(..., help="A checkpoint directory, hub id or alias, as for run."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory: the shortened checkpoint and the scores."),
+    remove: Optional[int] = typer.Option(None, help="Number of decoder blocks to remove."),
+    ratio: Optional[float] = typer.Option(
+        None, help="Fraction of all blocks to remove (rounded), instead of --remove."
+    ),
+    criterion: str = typer.Option(
+        "ppl",
+        help="Block score: ppl (calibration perplexity with the block skipped), taylor (sum |W * dL/dW|), "
+        "magnitude (sum |W|, no data), bi (1 - cos(block input, output)). Lowest scores are removed.",
+    ),
+    scores_only: bool = typer.Option(False, "--scores-only", help="Score and report; write no checkpoint."),
+    keep_first: int = typer.Option(4, help="Never remove the first N blocks (the paper's default 4)."),
+    keep_last: int = typer.Option(2, help="Never remove the last N blocks (the paper's default 2)."),
+    iterative: bool = typer.Option(False, "--iterative", help="Remove one block at a time, rescoring each time."),
+    calib: str = typer.Option("c4", help="Calibration text, as for run (not used by magnitude)."),
+    nsamples: int = typer.Option(10, help="Calibration sequences (the paper: 10)."),
+    seqlen: int = typer.Option(128, help="Tokens per calibration sequence (the paper: 128)."),
+    seed: int = typer.Option(1234, help="Seed for picking calibration windows (the paper: 1234)."),
+    batch_size: int = typer.Option(1, help="Calibration sequences per micro-batch on the device."),
+    max_streams: Optional[int] = typer.Option(
+        None, help="ppl: skip streams per pass over the weights (default: as many as fit in half the free RAM)."
+    ),
+    device: str = typer.Option("auto", help="Compute device: auto (cuda if available), cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16."),
+    max_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
+    force: bool = typer.Option(False, "--force", help="Replace the checkpoint in a non-empty --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Depth pruning (Shortened LLaMA): score every decoder block, remove the lowest-scoring whole
+    blocks, and write a shorter checkpoint (blocks renumbered, config.json made consistent).
+
+    Beside it: depth_scores.json and .csv (a score per block) and depth_scores.png (a bar chart,
+    removed blocks marked). Unlike 50% sparsity, fewer blocks make batch-1 generation faster on every
+    runtime.
+    """
+    from .depth import DepthConfig, summary
+    from .depth import depth as run_depth
+
+    try:
+        config = DepthConfig(
+            model=model,
+            out=out,
+            criterion=criterion,
+            remove=remove,
+            ratio=ratio,
+            keep_first=keep_first,
+            keep_last=keep_last,
+            iterative=iterative,
+            scores_only=scores_only,
+            calib=calib,
+            nsamples=nsamples,
+            seqlen=seqlen,
+            seed=seed,
+            batch_size=batch_size,
+            max_streams=max_streams,
+            device=device,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            force=force,
+            quiet=quiet,
+        )
+        report = run_depth(config)
+    except StreamPruneError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo(
+            f"\ninterrupted; no loadable checkpoint was left in --out. Start again: {resume_command()}", err=True
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except torch.OutOfMemoryError:
+        typer.echo(f"error: out of GPU memory. Lower --batch-size (now {batch_size}) or use --device cpu.", err=True)
+        raise typer.Exit(EXIT_RESOURCES) from None
+    typer.echo(summary(report))
+
+
 def resume_command() -> str:
     return shlex.join(["streamprune", *sys.argv[1:]])
 

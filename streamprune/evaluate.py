@@ -275,26 +275,39 @@ def stream_logprobs(checkpoint, stack, layer_names, sequences, config, dtype) ->
         del layer
     progress.close()
 
-    # the head: final RMSNorm, then lm_head (the embedding when tied), a chunk of tokens at a time
-    head_name = "lm_head.weight" if "lm_head.weight" in checkpoint.tensors else EMBEDDING
-    norm_weight, head = checkpoint.read("model.norm.weight"), checkpoint.read(head_name)  # head [vocab, hidden]
-    check_weights_finite(norm_weight, "model.norm.weight")
-    check_weights_finite(head, head_name)
-    norm_weight, head = norm_weight.to(device, dtype), head.to(device, dtype)
+    norm_weight, head = load_head(checkpoint, device, dtype)
     eps = getattr(stack.config, "rms_norm_eps", 1e-6)
-    chunk = max(1, _HEAD_CHUNK_BYTES // (vocab * 4))
     results = []
     for i, sequence in enumerate(sequences):
         start = offsets[i] + sequence.target_start - 1  # the position that predicts the first target
         targets = torch.tensor(sequence.tokens[sequence.target_start :], dtype=torch.int64)
-        pieces = []
-        for first in range(0, len(targets), chunk):
-            h = hidden[start + first : start + min(len(targets), first + chunk)].to(device)
-            logits = torch.nn.functional.linear(rms_norm(h, norm_weight, eps), head).float()  # [chunk, vocab]
-            picked = targets[first : first + chunk].to(device)
-            pieces.append((logits.log_softmax(-1).gather(1, picked.unsqueeze(1)).squeeze(1)).cpu())
-        results.append(torch.cat(pieces))
+        results.append(token_logprobs(hidden[start : start + len(targets)], targets, norm_weight, head, eps))
     return results
+
+
+def load_head(checkpoint, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final RMSNorm weight [hidden] and lm_head [vocab, hidden] (the embedding when tied)."""
+    head_name = "lm_head.weight" if "lm_head.weight" in checkpoint.tensors else EMBEDDING
+    norm_weight, head = checkpoint.read("model.norm.weight"), checkpoint.read(head_name)
+    check_weights_finite(norm_weight, "model.norm.weight")
+    check_weights_finite(head, head_name)
+    return norm_weight.to(device, dtype), head.to(device, dtype)
+
+
+def token_logprobs(
+    hidden: torch.Tensor, targets: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """log p(targets[t] | hidden[t]) as float32 on the CPU, for the last layer's outputs hidden
+    [T, hidden_size] and targets [T]: final norm, then the head, a chunk of tokens at a time so
+    that the float32 logits [chunk, vocab] stay under _HEAD_CHUNK_BYTES."""
+    chunk = max(1, _HEAD_CHUNK_BYTES // (head.shape[0] * 4))
+    pieces = []
+    for first in range(0, len(targets), chunk):
+        h = hidden[first : first + chunk].to(head.device)
+        logits = torch.nn.functional.linear(rms_norm(h, norm_weight, eps), head).float()  # [chunk, vocab]
+        picked = targets[first : first + chunk].to(head.device)
+        pieces.append((logits.log_softmax(-1).gather(1, picked.unsqueeze(1)).squeeze(1)).cpu())
+    return torch.cat(pieces)
 
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

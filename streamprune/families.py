@@ -146,9 +146,10 @@ class LayerStack:
             return layer_types[index]
         return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
 
-    @torch.no_grad()
     def forward(self, layer: torch.nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [batch, seqlen, hidden_size] on the device -> the layer's output, same shape."""
+        """hidden [batch, seqlen, hidden_size] on the device -> the layer's output, same shape.
+        Autograd records it unless the caller is under torch.no_grad() (depth pruning's Taylor
+        score backpropagates through it)."""
         batch, seqlen, _ = hidden.shape
         kind = self.attention_kind(index)
         key = (batch, seqlen, kind)
@@ -162,6 +163,7 @@ class LayerStack:
                 past_key_values=None,
                 position_ids=position_ids,
             )
-            self._context[key] = (position_ids, mask, self.rotary(hidden, position_ids))
+            with torch.no_grad():
+                self._context[key] = (position_ids, mask, self.rotary(hidden, position_ids))
         position_ids, mask, position_embeddings = self._context[key]
         return layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)

@@ -1,0 +1,455 @@
+"""Depth pruning (Shortened LLaMA, Kim et al. 2024): score every decoder block, remove the weakest
+whole blocks, and write a shorter checkpoint.
+
+Every criterion is computed streamed, one block on the device at a time:
+- magnitude: sum of |W| over the block's seven Linear weights (no calibration data);
+- bi (block influence, ShortGPT): 1 - cos(block input, block output), averaged over tokens;
+- ppl: perplexity of the calibration data with that one block skipped. One pass over the weights
+  carries a "skip stream" per block (the hidden states of the model without it), so the weights are
+  read once, not once per block; when the streams do not fit in RAM, a few passes each carry some;
+- taylor: sum of |W * dL/dW| over the Linear weights, L the mean next-token loss. A forward pass
+  keeps every block's input; a reverse pass reloads the blocks last to first, carrying dL/dh back.
+Low scores mean unimportant blocks in all four; the lowest are removed, never the first
+`keep_first` nor the last `keep_last` (the paper's "+": removing block 0 or 1 destroys the model).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .calibration import file_sha256
+from .checkpoint import Checkpoint
+from .config import check_dtype, parse_device
+from .errors import BadInputError, UsageError
+from .evaluate import available_ram_bytes, load_head, rms_norm, token_logprobs
+from .families import LAYER_PREFIX, PRUNABLE_LINEARS, LayerStack, family_of
+from .pipeline import (
+    RECORD_FILE,
+    calibration_path,
+    check_activations_finite,
+    check_not_source,
+    check_output_dir,
+    check_weights_finite,
+    compute_dtype,
+    copy_support_files,
+    embed,
+    layout,
+    prepare_output_dir,
+    sample_calibration,
+)
+from .runstate import check_free_space
+from .source import resolve_model
+from .writer import CheckpointWriter, format_size, parse_size, write_atomic
+
+CRITERIA = ("ppl", "taylor", "magnitude", "bi")
+SCORES_JSON, SCORES_CSV, SCORES_PNG = "depth_scores.json", "depth_scores.csv", "depth_scores.png"
+
+
+@dataclass
+class DepthConfig:
+    model: str
+    out: Path
+    criterion: str = "ppl"
+    remove: int | None = None  # number of blocks to remove; or
+    ratio: float | None = None  # the fraction of all blocks to remove (rounded)
+    keep_first: int = 4
+    keep_last: int = 2
+    iterative: bool = False  # remove one block at a time and rescore the shorter model
+    scores_only: bool = False
+    calib: str = "c4"
+    nsamples: int = 10  # the paper's calibration: 10 x 128 tokens, seed 1234
+    seqlen: int = 128
+    seed: int = 1234
+    batch_size: int = 1
+    max_streams: int | None = None  # ppl: skip streams carried per pass; None: what fits in half the free RAM
+    device: str = "auto"
+    dtype: str = "auto"
+    max_shard_size: str = "5GB"
+    force: bool = False
+    quiet: bool = False
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        if self.criterion not in CRITERIA:
+            raise UsageError(f"--criterion {self.criterion!r} is not one of: {', '.join(CRITERIA)}")
+        if not self.scores_only and (self.remove is None) == (self.ratio is None):
+            raise UsageError("give --remove K (blocks) or --ratio R (fraction of blocks), or --scores-only")
+        if self.ratio is not None and not 0 < self.ratio < 1:
+            raise UsageError(f"--ratio {self.ratio} is outside (0, 1): it is the fraction of blocks removed, e.g. 0.2")
+        for name in ("remove", "nsamples", "seqlen", "batch_size", "max_streams"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        for name in ("keep_first", "keep_last"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        check_dtype(self.dtype)
+        try:
+            self.max_shard_bytes = parse_size(self.max_shard_size)
+        except UsageError as err:
+            raise UsageError(f"--max-shard-size: {err}") from None
+        self.torch_device = parse_device(self.device)
+
+
+# -- pure functions: numbers in, numbers out ---------------------------------------------------------
+
+
+def removal_count(num_layers: int, remove: int | None, ratio: float | None, keep_first: int, keep_last: int) -> int:
+    """How many blocks to remove, checked against the removable ones."""
+    removable = num_layers - keep_first - keep_last
+    if removable <= 0:
+        raise UsageError(
+            f"--keep-first {keep_first} and --keep-last {keep_last} protect all {num_layers} blocks, so none can be "
+            "removed; lower them (the paper's defaults are 4 and 2)"
+        )
+    count = remove if remove is not None else round(ratio * num_layers)
+    if count < 1:
+        raise UsageError(f"--ratio {ratio} of {num_layers} blocks rounds to 0 blocks; use a larger --ratio or --remove")
+    if count > removable:
+        raise UsageError(
+            f"cannot remove {count} of {num_layers} blocks: blocks 0-{keep_first - 1} and the last {keep_last} are "
+            f"protected, so only {removable} are removable. Use --remove {removable} or fewer, or lower "
+            "--keep-first/--keep-last"
+        )
+    return count
+
+
+def candidates(num_layers: int, keep_first: int, keep_last: int) -> list[int]:
+    return list(range(keep_first, num_layers - keep_last))
+
+
+def lowest(scores: dict[int, float], allowed: list[int], count: int) -> list[int]:
+    """The `count` allowed blocks with the lowest scores (ties: the lower index), ascending."""
+    return sorted(sorted(allowed, key=lambda i: (scores[i], i))[:count])
+
+
+def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[float, int]:
+    """(sum over tokens of 1 - cos(h_in, h_out), token count) for [..., hidden] tensors, in float32."""
+    cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+    return float((1 - cos).double().sum()), cos.numel()
+
+
+def shortened_config(config: dict, kept: list[int]) -> dict:
+    """config.json for the model made of blocks `kept` (old indices, ascending), changing only what
+    must change: num_hidden_layers, every per-layer list, and Qwen2's max_window_layers."""
+    num_layers = config["num_hidden_layers"]
+    new = dict(config)
+    new["num_hidden_layers"] = len(kept)
+    for key, value in config.items():
+        if isinstance(value, list) and len(value) == num_layers and key != "architectures":
+            new[key] = [value[i] for i in kept]
+    if isinstance(config.get("max_window_layers"), int):  # layers below it use full attention
+        new["max_window_layers"] = sum(1 for i in kept if i < config["max_window_layers"])
+    return new
+
+
+# -- streamed scoring ----------------------------------------------------------------------------------
+
+
+class Blocks:
+    """The source's decoder blocks, built one at a time on the device."""
+
+    def __init__(self, checkpoint: Checkpoint, stack: LayerStack, layer_names: dict, batch_size: int, quiet: bool):
+        self.checkpoint, self.stack, self.layer_names = checkpoint, stack, layer_names
+        self.batch_size, self.quiet = batch_size, quiet
+
+    def tensors(self, index: int) -> dict[str, torch.Tensor]:
+        stored = {}
+        for name, local in self.layer_names[index].items():
+            stored[local] = self.checkpoint.read(name)
+            check_weights_finite(stored[local], name)
+        return stored
+
+    def build(self, index: int) -> torch.nn.Module:
+        return self.stack.build(index, self.tensors(index))
+
+    @torch.no_grad()
+    def forward(self, layer: torch.nn.Module, index: int, hidden: torch.Tensor) -> None:
+        """hidden [n, seqlen, hidden] on the CPU, replaced in place by the layer's output."""
+        for start in range(0, hidden.shape[0], self.batch_size):
+            x = hidden[start : start + self.batch_size].to(self.stack.device)
+            hidden[start : start + self.batch_size] = self.stack.forward(layer, index, x).to("cpu")
+
+    def progress(self, iterable, desc: str):
+        return tqdm(iterable, desc=desc, unit="block", disable=self.quiet, dynamic_ncols=True)
+
+
+def magnitude_scores(blocks: Blocks, model: list[int]) -> dict[int, float]:
+    scores = {}
+    for index in blocks.progress(model, "magnitude"):
+        stored = blocks.tensors(index)
+        scores[index] = sum(float(stored[f"{local}.weight"].double().abs().sum()) for local in PRUNABLE_LINEARS)
+    return scores
+
+
+def bi_scores(blocks: Blocks, model: list[int], hidden: torch.Tensor) -> dict[int, float]:
+    """hidden: the embedded calibration tokens [n, seqlen, hidden]; consumed."""
+    scores = {}
+    for index in blocks.progress(model, "block influence"):
+        layer = blocks.build(index)
+        total = count = 0
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], blocks.batch_size):
+                x = hidden[start : start + blocks.batch_size].to(blocks.stack.device)
+                y = blocks.stack.forward(layer, index, x)
+                part, tokens = block_influence(x, y)
+                total, count = total + part, count + tokens
+                hidden[start : start + blocks.batch_size] = y.to("cpu")
+        check_activations_finite(hidden, index, "")
+        scores[index] = total / count
+    return scores
+
+
+def ppl_scores(
+    blocks: Blocks, model: list[int], embedded: torch.Tensor, input_ids: torch.Tensor, streams_per_pass: int
+) -> tuple[dict[int, float], int]:
+    """Perplexity with each block of `model` skipped; returns (scores, passes over the weights).
+
+    At block i the main stream (no block skipped) is copied into block i's skip stream, which then
+    skips block i; every skip stream started earlier goes through block i like the main one.
+    """
+    scores, passes = {}, 0
+    for first in range(0, len(model), streams_per_pass):
+        group = model[first : first + streams_per_pass]  # blocks whose skip streams this pass carries
+        passes += 1
+        main = embedded.clone()  # [n, seqlen, hidden]
+        streams: dict[int, torch.Tensor] = {}
+        for index in blocks.progress(model, f"ppl pass {passes}"):
+            if index in group:
+                streams[index] = main.clone()
+            layer = blocks.build(index)
+            for skipped, stream in streams.items():
+                if skipped != index:
+                    blocks.forward(layer, index, stream)
+                    check_activations_finite(stream, index, "")
+            if index < group[-1]:  # the main stream is only needed until the group's last block
+                blocks.forward(layer, index, main)
+        del main
+        norm_weight, head = load_head(blocks.checkpoint, blocks.stack.device, blocks.stack.dtype)
+        eps = getattr(blocks.stack.config, "rms_norm_eps", 1e-6)
+        for skipped, stream in streams.items():
+            scores[skipped] = math.exp(mean_nll(stream, input_ids, norm_weight, head, eps))
+        del streams
+    return scores, passes
+
+
+def mean_nll(hidden: torch.Tensor, input_ids: torch.Tensor, norm_weight, head, eps: float) -> float:
+    """Mean next-token loss over all samples: hidden [n, seqlen, h] predicts input_ids [n, seqlen]."""
+    total = 0.0
+    for sample, ids in zip(hidden, input_ids):
+        total -= float(token_logprobs(sample[:-1], ids[1:], norm_weight, head, eps).double().sum())
+    return total / (input_ids.shape[0] * (input_ids.shape[1] - 1))
+
+
+def taylor_scores(blocks: Blocks, model: list[int], hidden: torch.Tensor, input_ids: torch.Tensor) -> dict[int, float]:
+    """Sum over each block's Linear weights of |W * dL/dW|, L the mean next-token loss.
+
+    Forward: every block's input is kept (len(model) x n x seqlen x hidden on the CPU). Then the
+    head's gradient dL/dh, and blocks last to first: rebuild, forward the kept input with autograd,
+    backward the carried gradient; dL/dW accumulates over micro-batches; dL/dx is carried on.
+    """
+    stack, device = blocks.stack, blocks.stack.device
+    inputs = {}
+    for index in blocks.progress(model, "taylor forward"):
+        inputs[index] = hidden.clone()
+        blocks.forward(blocks.build(index), index, hidden)
+        check_activations_finite(hidden, index, "")
+
+    # dL/dh of the last block's output; L = sum of token losses / tokens, so chunks add up
+    norm_weight, head = load_head(blocks.checkpoint, device, stack.dtype)
+    eps = getattr(stack.config, "rms_norm_eps", 1e-6)
+    tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    grad = torch.zeros_like(hidden)
+    for k in range(hidden.shape[0]):
+        h = hidden[k, :-1].to(device).requires_grad_(True)
+        logprobs = torch.nn.functional.linear(rms_norm(h, norm_weight, eps), head).float().log_softmax(-1)
+        loss = -logprobs.gather(1, input_ids[k, 1:].to(device).unsqueeze(1)).sum() / tokens
+        loss.backward()
+        grad[k, :-1] = h.grad.to("cpu", grad.dtype)
+    del hidden, head
+
+    scores = {}
+    for index in blocks.progress(list(reversed(model)), "taylor backward"):
+        layer = blocks.build(index)
+        x_all = inputs.pop(index)
+        for start in range(0, x_all.shape[0], blocks.batch_size):
+            x = x_all[start : start + blocks.batch_size].to(device).requires_grad_(True)
+            y = stack.forward(layer, index, x)
+            y.backward(grad[start : start + blocks.batch_size].to(device))
+            grad[start : start + blocks.batch_size] = x.grad.to("cpu")
+        scores[index] = sum(
+            float(
+                (layer.get_submodule(local).weight.detach() * layer.get_submodule(local).weight.grad)
+                .double()
+                .abs()
+                .sum()
+            )
+            for local in PRUNABLE_LINEARS
+        )
+        del layer, x_all
+    return scores
+
+
+def score_blocks(config: DepthConfig, blocks: Blocks, model: list[int], input_ids, dtype) -> tuple[dict, int]:
+    """(score per block of `model`, passes over the weights) for config.criterion."""
+    if config.criterion == "magnitude":
+        return magnitude_scores(blocks, model), 1
+    hidden = embed(blocks.checkpoint, input_ids, dtype)  # [n, seqlen, hidden]
+    if config.criterion == "bi":
+        return bi_scores(blocks, model, hidden), 1
+    if config.criterion == "taylor":
+        return taylor_scores(blocks, model, hidden, input_ids), 2
+    return ppl_scores(blocks, model, hidden, input_ids, streams_per_pass(config, hidden, len(model)))
+
+
+def streams_per_pass(config: DepthConfig, hidden: torch.Tensor, blocks: int) -> int:
+    """Skip streams carried in one pass: --max-streams, else as many as half the free RAM holds
+    beside the embedded tokens and the main stream."""
+    if config.max_streams is not None:
+        return min(config.max_streams, blocks)
+    stream_bytes = hidden.numel() * hidden.element_size()
+    free = available_ram_bytes()
+    if free is None:
+        return blocks
+    return max(1, min(blocks, free // 2 // stream_bytes - 2))
+
+
+# -- the orchestrator ---------------------------------------------------------------------------------
+
+
+def depth(config: DepthConfig) -> dict:
+    """Score the blocks of `config.model`, and unless --scores-only write the shortened checkpoint
+    to `config.out`; returns the report (also written as depth_scores.json)."""
+    started = time.perf_counter()
+
+    # 1. the source and the settings, all checked before anything is written
+    source_dir = resolve_model(config.model)
+    checkpoint = Checkpoint(source_dir)
+    family = family_of(checkpoint.config)
+    num_layers = checkpoint.config["num_hidden_layers"]
+    check_not_source(config.out, source_dir)
+    count = None
+    if not config.scores_only:
+        count = removal_count(num_layers, config.remove, config.ratio, config.keep_first, config.keep_last)
+    dtype = compute_dtype(config, checkpoint)
+    stack = LayerStack(source_dir, family, config.torch_device, dtype)
+    layer_names = layout(checkpoint, stack, num_layers)
+    seqlen = min(config.seqlen, getattr(stack.config, "max_position_embeddings", None) or config.seqlen)
+    check_output_dir(config.out, config.force)
+
+    # 2. calibration token ids (every criterion but magnitude)
+    calibration = None
+    if config.criterion != "magnitude":
+        path = calibration_path(config)
+        calibration = sample_calibration(config, path, file_sha256(path), source_dir, seqlen)
+        vocab = checkpoint.tensors["model.embed_tokens.weight"].shape[0]
+        if int(calibration["input_ids"].max()) >= vocab:
+            raise BadInputError(f"the tokenizer in {source_dir} produced ids beyond the embedding's {vocab} rows")
+    input_ids = None if calibration is None else calibration["input_ids"]
+
+    # 3. score; --iterative removes one block per round and rescores the shorter model
+    blocks = Blocks(checkpoint, stack, layer_names, config.batch_size, config.quiet)
+    allowed = candidates(num_layers, config.keep_first, config.keep_last)
+    model, rounds = list(range(num_layers)), []
+    for _ in range(count if config.iterative and count else 1):
+        scores, passes = score_blocks(config, blocks, model, input_ids, dtype)
+        take = 0 if count is None else 1 if config.iterative else count
+        chosen = lowest(scores, [i for i in allowed if i in model], take)
+        rounds.append({"blocks": list(model), "scores": scores, "removed": chosen, "passes": passes})
+        model = [i for i in model if i not in chosen]
+    removed = sorted(set(range(num_layers)) - set(model))
+    scoring_seconds = time.perf_counter() - started
+
+    # 4. the report: scores per block (JSON, CSV) and the chart, written before the checkpoint
+    report = {
+        "streamprune": __version__,
+        "model": config.model,
+        "directory": str(source_dir),
+        "criterion": config.criterion,
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "num_hidden_layers": num_layers,
+        "protected": [i for i in range(num_layers) if i not in allowed],
+        "removed": removed,
+        "kept": model,
+        "blocks": [
+            {"block": i, "score": rounds[0]["scores"][i], "protected": i not in allowed, "removed": i in removed}
+            for i in range(num_layers)
+        ],
+        "rounds": rounds if config.iterative else None,
+        "calibration": None if calibration is None else {k: v for k, v in calibration.items() if k != "input_ids"},
+        "bytes_read": checkpoint.bytes_read,
+        "checkpoint_bytes": checkpoint.total_bytes,
+        "passes": sum(r["passes"] for r in rounds),
+        "scoring_seconds": scoring_seconds,
+        "device": str(stack.device),
+        "compute_dtype": str(dtype).removeprefix("torch."),
+    }
+    prepare_output_dir(config.out, config.force)
+    write_atomic(config.out / SCORES_JSON, (json.dumps(report, indent=2) + "\n").encode())
+    write_atomic(config.out / SCORES_CSV, scores_csv(report).encode())
+    from .chart import block_chart_png
+
+    write_atomic(config.out / SCORES_PNG, block_chart_png(report))
+    if config.scores_only:
+        return report
+
+    # 5. the shortened checkpoint: kept blocks renumbered 0..K-1, everything else as it was
+    info = checkpoint.tensors
+    renamed = [(name, name) for name in layer_names[None]]
+    for new, old in enumerate(model):
+        renamed += [(name, LAYER_PREFIX.format(index=new) + local) for name, local in layer_names[old].items()]
+    writer = CheckpointWriter(
+        config.out, [(to, info[src].dtype, info[src].shape) for src, to in renamed], config.max_shard_bytes
+    )
+    check_free_space(config.out, {"output checkpoint": writer.total_bytes})
+    try:
+        for source_name, out_name in tqdm(renamed, desc="writing", unit="tensor", disable=config.quiet):
+            tensor = checkpoint.read(source_name)
+            check_weights_finite(tensor, source_name)
+            writer.write(out_name, tensor)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    copy_support_files(source_dir, config.out)
+    shortened = shortened_config(checkpoint.config, model)
+    write_atomic(config.out / "config.json", (json.dumps(shortened, indent=2) + "\n").encode())
+    report["output_files"] = writer.files
+    report["output_bytes"] = writer.total_bytes
+    report["total_seconds"] = time.perf_counter() - started
+    write_atomic(config.out / RECORD_FILE, (json.dumps(report, indent=2) + "\n").encode())
+    return report
+
+
+def scores_csv(report: dict) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["block", f"{report['criterion']}_score", "protected", "removed"])
+    for row in report["blocks"]:
+        writer.writerow([row["block"], repr(row["score"]), int(row["protected"]), int(row["removed"])])
+    return buffer.getvalue()
+
+
+def summary(report: dict) -> str:
+    lines = [
+        f"scored {report['num_hidden_layers']} blocks of {report['model']} by {report['criterion']} in "
+        f"{report['scoring_seconds']:.1f} s on {report['device']}; read {format_size(report['bytes_read'])} "
+        f"({report['bytes_read'] / report['checkpoint_bytes']:.2f}x the checkpoint) in {report['passes']} pass(es)",
+    ]
+    if report["removed"]:
+        lines.append(
+            f"removed blocks {', '.join(map(str, report['removed']))}: {report['num_hidden_layers']} -> "
+            f"{len(report['kept'])} blocks; wrote {report['arguments']['out']}"
+        )
+    lines.append(f"scores: {SCORES_JSON}, {SCORES_CSV}, chart: {SCORES_PNG}")
+    return "\n".join(lines)

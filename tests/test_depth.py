@@ -1,0 +1,305 @@
+"""Depth pruning: every criterion's streamed scores equal a whole-model computation on the same
+calibration ids, the chosen blocks are the same, and the shortened checkpoint is the whole model
+with those blocks deleted."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import WIKITEXT, make_tiny_model, tree_digest
+from typer.testing import CliRunner
+
+from streamprune.checkpoint import Checkpoint
+from streamprune.cli import app
+from streamprune.depth import (
+    DepthConfig,
+    block_influence,
+    depth,
+    lowest,
+    removal_count,
+    shortened_config,
+)
+from streamprune.errors import UsageError
+from streamprune.families import PRUNABLE_LINEARS
+
+# -- pure functions ---------------------------------------------------------------------------------
+
+
+def test_removal_count_and_its_refusals():
+    assert removal_count(32, 6, None, 4, 2) == 6
+    assert removal_count(30, None, 0.2, 4, 2) == 6
+    assert removal_count(30, 24, None, 4, 2) == 24
+    with pytest.raises(UsageError, match="only 24 are removable. Use --remove 24 or fewer"):
+        removal_count(30, 25, None, 4, 2)
+    with pytest.raises(UsageError, match="protect all 6 blocks"):
+        removal_count(6, 1, None, 4, 2)
+    with pytest.raises(UsageError, match="rounds to 0 blocks"):
+        removal_count(8, None, 0.05, 1, 1)
+
+
+def test_lowest_scores_with_ties_go_to_the_lower_index():
+    scores = {0: 0.1, 1: 5.0, 2: 3.0, 3: 3.0, 4: 1.0, 5: 0.0}
+    assert lowest(scores, [1, 2, 3, 4], 2) == [2, 4]  # 4 (1.0), then 2 before 3 (tied at 3.0)
+    assert lowest(scores, [1, 2, 3, 4], 0) == []
+
+
+def test_block_influence_golden_numbers():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    same, orthogonal, opposite = x, torch.tensor([[0.0, 1.0], [5.0, 0.0], [3.0, 3.0]]), -x
+    assert block_influence(x, same) == pytest.approx((0.0, 3), abs=1e-6)
+    assert block_influence(x, orthogonal) == pytest.approx((2.0, 3), abs=1e-6)  # 1 + 1 + 0
+    assert block_influence(x, opposite) == pytest.approx((6.0, 3), abs=1e-6)
+
+
+def test_shortened_config_changes_only_what_must_change():
+    config = {
+        "num_hidden_layers": 6,
+        "hidden_size": 64,
+        "architectures": ["Qwen2ForCausalLM"],
+        "layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 4,
+        "max_window_layers": 2,
+        "bos_token_id": 1,
+    }
+    new = shortened_config(config, [0, 2, 3, 5])
+    assert new["num_hidden_layers"] == 4
+    assert new["layer_types"] == ["full_attention"] + ["sliding_attention"] * 3
+    assert new["max_window_layers"] == 1
+    assert {k: v for k, v in new.items() if k not in ("num_hidden_layers", "layer_types", "max_window_layers")} == {
+        k: v for k, v in config.items() if k not in ("num_hidden_layers", "layer_types", "max_window_layers")
+    }
+
+
+# -- whole-model references ------------------------------------------------------------------------
+
+
+def whole_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+def without_blocks(model, removed: list[int]):
+    """The same model object with decoder blocks `removed` skipped (restored by the caller)."""
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i not in removed])
+    model.config.num_hidden_layers = len(model.model.layers)
+    return layers
+
+
+def reference_scores(path: Path, criterion: str, input_ids: torch.Tensor) -> dict[int, float]:
+    model = whole_model(path)
+    blocks = list(model.model.layers)
+    linears = [[b.get_submodule(name) for name in PRUNABLE_LINEARS] for b in blocks]
+    if criterion == "magnitude":
+        return {i: sum(float(lin.weight.double().abs().sum()) for lin in block) for i, block in enumerate(linears)}
+    if criterion == "ppl":
+        scores = {}
+        for i in range(len(blocks)):
+            full = without_blocks(model, [i])
+            with torch.no_grad():
+                scores[i] = math.exp(float(model(input_ids, labels=input_ids, use_cache=False).loss))
+            model.model.layers, model.config.num_hidden_layers = full, len(full)
+        return scores
+    if criterion == "bi":
+        seen = {}
+
+        def hook(index):
+            def capture(module, args, kwargs, output):
+                h_in = args[0] if args else kwargs["hidden_states"]
+                h_out = output[0] if isinstance(output, tuple) else output
+                cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+                seen[index] = float((1 - cos).double().mean())
+
+            return capture
+
+        handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        with torch.no_grad():
+            model(input_ids, use_cache=False)
+        for h in handles:
+            h.remove()
+        return seen
+    if criterion == "taylor":
+        model(input_ids, labels=input_ids, use_cache=False).loss.backward()
+        return {
+            i: sum(float((lin.weight.detach() * lin.weight.grad).double().abs().sum()) for lin in block)
+            for i, block in enumerate(linears)
+        }
+    raise ValueError(criterion)
+
+
+def run_depth(model: Path, out: Path, **kwargs) -> dict:
+    settings = dict(calib=str(WIKITEXT), nsamples=4, seqlen=32, quiet=True, remove=2, keep_first=1, keep_last=1)
+    settings.update(kwargs)
+    return depth(DepthConfig(model=str(model), out=out, **settings))
+
+
+@pytest.fixture(scope="module")
+def tiny6(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("depth")
+    return {family: make_tiny_model(root / family, family, layers=6) for family in ("llama", "qwen2")}
+
+
+def calibration_ids(model: Path, nsamples: int, seqlen: int, seed: int = 1234) -> torch.Tensor:
+    """The ids depth() samples: same function, same arguments."""
+    from transformers import AutoTokenizer
+
+    from streamprune.calibration import read_documents, sample_windows
+
+    return sample_windows(read_documents(WIKITEXT), AutoTokenizer.from_pretrained(model), nsamples, seqlen, seed)
+
+
+def assert_scores_match(report: dict, reference: dict[int, float], criterion: str, rel: float):
+    got = {row["block"]: row["score"] for row in report["blocks"]}
+    assert got.keys() == reference.keys()
+    for block, value in reference.items():
+        if criterion == "magnitude":
+            assert got[block] == value, block  # exact: same float64 sums of the same weights
+        else:
+            assert got[block] == pytest.approx(value, rel=rel), (block, got[block], value)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("criterion", ["magnitude", "bi", "ppl", "taylor"])
+def test_streamed_scores_equal_the_whole_model(tiny6, tmp_path, family, criterion):
+    model = tiny6[family]
+    report = run_depth(model, tmp_path / "out", criterion=criterion)
+    ids = calibration_ids(model, 4, 32)
+    reference = reference_scores(model, criterion, ids)
+    assert_scores_match(report, reference, criterion, rel=1e-4)
+    assert report["removed"] == lowest(reference, list(range(1, 5)), 2)
+
+
+def test_shortened_checkpoint_is_the_whole_model_without_those_blocks(tiny6, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source = tiny6["qwen2"]  # sliding layers: layer_types and max_window_layers must follow the blocks
+    before = tree_digest(source)
+    report = run_depth(source, tmp_path / "out", criterion="bi", remove=2)
+    removed = report["removed"]
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and len(config["layer_types"]) == 4
+    shortened = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa").eval()
+    reference = whole_model(source)
+    without_blocks(reference, removed)
+    ids = calibration_ids(source, 2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(shortened(ids, use_cache=False).logits, reference(ids, use_cache=False).logits, rtol=0, atol=0)
+    generated = shortened.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 12)
+    assert tree_digest(source) == before
+    for name in ("depth_scores.json", "depth_scores.csv", "streamprune.json"):
+        assert (out / name).is_file()
+    assert (out / "depth_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv_rows = (out / "depth_scores.csv").read_text().splitlines()
+    assert csv_rows[0] == "block,bi_score,protected,removed" and len(csv_rows) == 7
+    assert [int(r.split(",")[0]) for r in csv_rows[1:] if r.endswith(",1")] == removed
+
+
+def test_ppl_reads_the_weights_once_and_fewer_streams_mean_more_passes(tiny6, tmp_path):
+    model = tiny6["llama"]
+    one = run_depth(model, tmp_path / "one", criterion="ppl")
+    three = run_depth(model, tmp_path / "three", criterion="ppl", max_streams=2)
+    assert one["passes"] == 1 and three["passes"] == 3
+    tensors = Checkpoint(model).tensors
+    layer_bytes = sum(info.nbytes for name, info in tensors.items() if name.startswith("model.layers."))
+    # one pass: every block once (+ the embedding rows and the head); not blocks x depth
+    assert one["bytes_read"] < 1.3 * one["checkpoint_bytes"]
+    assert three["bytes_read"] >= 3 * layer_bytes
+    assert [r["score"] for r in one["blocks"]] == [r["score"] for r in three["blocks"]]
+
+
+def test_iterative_removes_one_block_per_round(tiny6, tmp_path):
+    report = run_depth(tiny6["llama"], tmp_path / "it", criterion="ppl", iterative=True, remove=2)
+    rounds = report["rounds"]
+    assert len(rounds) == 2 and len(rounds[0]["removed"]) == 1 and len(rounds[1]["removed"]) == 1
+    first = rounds[0]["removed"][0]
+    assert first not in rounds[1]["blocks"] and first not in rounds[1]["scores"]
+    assert report["removed"] == sorted(rounds[0]["removed"] + rounds[1]["removed"])
+    magnitude = run_depth(tiny6["llama"], tmp_path / "mi", criterion="magnitude", iterative=True, remove=2)
+    one_shot = run_depth(tiny6["llama"], tmp_path / "mo", criterion="magnitude", remove=2)
+    assert magnitude["removed"] == one_shot["removed"]  # weights alone: rescoring changes nothing
+
+
+def test_scores_only_writes_the_scores_and_nothing_else(tiny6, tmp_path):
+    report = run_depth(tiny6["llama"], tmp_path / "s", criterion="magnitude", scores_only=True, remove=None)
+    assert report["removed"] == []
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "depth_scores.csv",
+        "depth_scores.json",
+        "depth_scores.png",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args,phrase",
+    [
+        (["--remove", "3"], "only 2 are removable. Use --remove 2 or fewer"),
+        (["--remove", "1", "--keep-first", "4", "--keep-last", "2"], "protect all 6 blocks"),
+        ([], "give --remove K"),
+        (["--remove", "1", "--ratio", "0.2"], "give --remove K"),
+        (["--ratio", "1.5"], "outside (0, 1)"),
+        (["--remove", "1", "--criterion", "random"], "--criterion 'random' is not one of"),
+        (["--remove", "0"], "--remove must be positive"),
+    ],
+)
+def test_depth_refusals(tiny6, tmp_path, args, phrase):
+    result = CliRunner().invoke(
+        app,
+        ["depth", str(tiny6["llama"]), "--out", str(tmp_path / "o"), "--keep-first", "2", "--keep-last", "2", *args],
+    )
+    assert result.exit_code == 2, result.output
+    assert phrase in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_depth_cli_prints_what_it_removed(tiny6, tmp_path):
+    result = CliRunner().invoke(
+        app,
+        [
+            "depth",
+            str(tiny6["llama"]),
+            "--out",
+            str(tmp_path / "o"),
+            "--criterion",
+            "magnitude",
+            "--remove",
+            "1",
+            "--keep-first",
+            "1",
+            "--keep-last",
+            "1",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "removed blocks" in result.output and "6 -> 5 blocks" in result.output
+
+
+# -- the real model -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "bi", "ppl", "taylor"])
+def test_smollm2_scores_equal_the_whole_model(smollm2, tmp_path, criterion):
+    """SmolLM2-135M, 30 blocks, 4 x 64 calibration tokens (the paper's 10 x 128 in the benchmark)."""
+    report = run_depth(
+        smollm2,
+        tmp_path / "out",
+        criterion=criterion,
+        nsamples=4,
+        seqlen=64,
+        remove=6,
+        keep_first=4,
+        keep_last=2,
+        scores_only=True,
+    )
+    ids = calibration_ids(smollm2, 4, 64)
+    reference = reference_scores(smollm2, criterion, ids)
+    tolerance = {"ppl": 1e-3, "bi": 1e-3, "taylor": 1e-3, "magnitude": 0}[criterion]
+    assert_scores_match(report, reference, criterion, rel=tolerance)
+    chosen = lowest({row["block"]: row["score"] for row in report["blocks"]}, list(range(4, 28)), 6)
+    assert chosen == lowest(reference, list(range(4, 28)), 6)
