@@ -83,11 +83,20 @@ def whole_model(path: Path):
 
 
 def without_blocks(model, removed: list[int]):
-    """The same model object with decoder blocks `removed` skipped (restored by the caller)."""
-    layers = model.model.layers
+    """The same model object with decoder blocks `removed` skipped (restore_blocks undoes it)."""
+    layers, layer_types = model.model.layers, getattr(model.config, "layer_types", None)
     model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i not in removed])
     model.config.num_hidden_layers = len(model.model.layers)
-    return layers
+    if layer_types:  # Qwen2 picks each layer's mask by its position in this list
+        model.config.layer_types = [t for i, t in enumerate(layer_types) if i not in removed]
+    return layers, layer_types
+
+
+def restore_blocks(model, saved) -> None:
+    model.model.layers, layer_types = saved
+    model.config.num_hidden_layers = len(model.model.layers)
+    if layer_types:
+        model.config.layer_types = layer_types
 
 
 def reference_scores(path: Path, criterion: str, input_ids: torch.Tensor) -> dict[int, float]:
@@ -95,14 +104,16 @@ def reference_scores(path: Path, criterion: str, input_ids: torch.Tensor) -> dic
     blocks = list(model.model.layers)
     linears = [[b.get_submodule(name) for name in PRUNABLE_LINEARS] for b in blocks]
     if criterion == "magnitude":
-        return {i: sum(float(lin.weight.double().abs().sum()) for lin in block) for i, block in enumerate(linears)}
+        return {
+            i: sum(float(lin.weight.detach().double().abs().sum()) for lin in block) for i, block in enumerate(linears)
+        }
     if criterion == "ppl":
         scores = {}
         for i in range(len(blocks)):
             full = without_blocks(model, [i])
             with torch.no_grad():
                 scores[i] = math.exp(float(model(input_ids, labels=input_ids, use_cache=False).loss))
-            model.model.layers, model.config.num_hidden_layers = full, len(full)
+            restore_blocks(model, full)
         return scores
     if criterion == "bi":
         seen = {}
@@ -188,7 +199,9 @@ def test_shortened_checkpoint_is_the_whole_model_without_those_blocks(tiny6, tmp
     without_blocks(reference, removed)
     ids = calibration_ids(source, 2, 32)
     with torch.no_grad():
-        torch.testing.assert_close(shortened(ids, use_cache=False).logits, reference(ids, use_cache=False).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            shortened(ids, use_cache=False).logits, reference(ids, use_cache=False).logits, rtol=0, atol=0
+        )
     generated = shortened.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 12)
     assert tree_digest(source) == before
