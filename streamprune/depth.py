@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ from .pipeline import (
     prepare_output_dir,
     sample_calibration,
 )
-from .runstate import check_free_space
+from .runstate import check_free_space, source_fingerprint
 from .source import resolve_model
 from .writer import CheckpointWriter, format_size, parse_size, write_atomic
 
@@ -345,30 +346,54 @@ def depth(config: DepthConfig) -> dict:
     stack = LayerStack(source_dir, family, config.torch_device, dtype)
     layer_names = layout(checkpoint, stack, num_layers)
     seqlen = min(config.seqlen, getattr(stack.config, "max_position_embeddings", None) or config.seqlen)
-    check_output_dir(config.out, config.force)
-
-    # 2. calibration token ids (every criterion but magnitude)
-    calibration = None
-    if config.criterion != "magnitude":
-        path = calibration_path(config)
-        calibration = sample_calibration(config, path, file_sha256(path), source_dir, seqlen)
-        vocab = checkpoint.tensors["model.embed_tokens.weight"].shape[0]
-        if int(calibration["input_ids"].max()) >= vocab:
-            raise BadInputError(f"the tokenizer in {source_dir} produced ids beyond the embedding's {vocab} rows")
-    input_ids = None if calibration is None else calibration["input_ids"]
-
-    # 3. score; --iterative removes one block per round and rescores the shorter model
-    blocks = Blocks(checkpoint, stack, layer_names, config.batch_size, config.quiet)
+    calib_path = None if config.criterion == "magnitude" else calibration_path(config)
+    structure = {  # everything the scores depend on: the same scores may be reused only when these match
+        "source": source_fingerprint(checkpoint),
+        "criterion": config.criterion,
+        "remove": count if config.iterative else None,  # one-shot scores do not depend on how many go
+        "keep_first": config.keep_first,
+        "keep_last": config.keep_last,
+        "iterative": config.iterative,
+        "calibration": None if calib_path is None else {"sha256": file_sha256(calib_path), "nsamples": config.nsamples,
+                                                        "seqlen": seqlen, "seed": config.seed},
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": config.batch_size,
+    }  # fmt: skip
     allowed = candidates(num_layers, config.keep_first, config.keep_last)
-    model, rounds = list(range(num_layers)), []
-    for _ in range(count if config.iterative and count else 1):
-        scores, passes = score_blocks(config, blocks, model, input_ids, dtype)
-        take = 0 if count is None else 1 if config.iterative else count
-        chosen = lowest(scores, [i for i in allowed if i in model], take)
-        rounds.append({"blocks": list(model), "scores": scores, "removed": chosen, "passes": passes})
-        model = [i for i in model if i not in chosen]
-    removed = sorted(set(range(num_layers)) - set(model))
-    scoring_seconds = time.perf_counter() - started
+    earlier = None if config.force else earlier_scores(config.out, structure)
+
+    if earlier is not None:
+        # 2-3. an earlier run into --out (stopped while writing, or --scores-only) scored with these
+        # exact settings: its scores are reused, the expensive part is not redone
+        rounds, calibration, scoring_seconds = earlier["rounds"], earlier["calibration"], earlier["scoring_seconds"]
+        if not config.iterative:
+            rounds[0]["removed"] = lowest(rounds[0]["scores"], allowed, count or 0)
+        if not config.quiet:
+            print(f"reusing the block scores in {config.out / SCORES_JSON} (same model and settings)", file=sys.stderr)
+    else:
+        check_output_dir(config.out, config.force)
+        # 2. calibration token ids (every criterion but magnitude)
+        calibration = None
+        if calib_path is not None:
+            calibration = sample_calibration(config, calib_path, structure["calibration"]["sha256"], source_dir, seqlen)
+            vocab = checkpoint.tensors["model.embed_tokens.weight"].shape[0]
+            if int(calibration["input_ids"].max()) >= vocab:
+                raise BadInputError(f"the tokenizer in {source_dir} produced ids beyond the embedding's {vocab} rows")
+        input_ids = None if calibration is None else calibration.pop("input_ids")
+
+        # 3. score; --iterative removes one block per round and rescores the shorter model
+        blocks = Blocks(checkpoint, stack, layer_names, config.batch_size, config.quiet)
+        model, rounds = list(range(num_layers)), []
+        for _ in range(count if config.iterative and count else 1):
+            scores, passes = score_blocks(config, blocks, model, input_ids, dtype)
+            take = 0 if count is None else 1 if config.iterative else count
+            chosen = lowest(scores, [i for i in allowed if i in model], take)
+            rounds.append({"blocks": list(model), "scores": scores, "removed": chosen, "passes": passes,
+                           "bytes_read": checkpoint.bytes_read})  # fmt: skip
+            model = [i for i in model if i not in chosen]
+        scoring_seconds = time.perf_counter() - started
+    removed = sorted(i for r in rounds for i in r["removed"])
+    model = [i for i in range(num_layers) if i not in removed]
 
     # 4. the report: scores per block (JSON, CSV) and the chart, written before the checkpoint
     report = {
@@ -385,16 +410,17 @@ def depth(config: DepthConfig) -> dict:
             {"block": i, "score": rounds[0]["scores"][i], "protected": i not in allowed, "removed": i in removed}
             for i in range(num_layers)
         ],
-        "rounds": rounds if config.iterative else None,
-        "calibration": None if calibration is None else {k: v for k, v in calibration.items() if k != "input_ids"},
-        "bytes_read": checkpoint.bytes_read,
+        "rounds": rounds,
+        "calibration": calibration,
+        "structure": structure,
+        "bytes_read": rounds[-1]["bytes_read"],
         "checkpoint_bytes": checkpoint.total_bytes,
         "passes": sum(r["passes"] for r in rounds),
         "scoring_seconds": scoring_seconds,
         "device": str(stack.device),
         "compute_dtype": str(dtype).removeprefix("torch."),
     }
-    prepare_output_dir(config.out, config.force)
+    prepare_output_dir(config.out, config.force or earlier is not None)  # no weights of an earlier try stay
     write_atomic(config.out / SCORES_JSON, (json.dumps(report, indent=2) + "\n").encode())
     write_atomic(config.out / SCORES_CSV, scores_csv(report).encode())
     from .chart import block_chart_png
@@ -428,6 +454,28 @@ def depth(config: DepthConfig) -> dict:
     report["output_bytes"] = writer.total_bytes
     report["total_seconds"] = time.perf_counter() - started
     write_atomic(config.out / RECORD_FILE, (json.dumps(report, indent=2) + "\n").encode())
+    return report
+
+
+def earlier_scores(out: Path, structure: dict) -> dict | None:
+    """The report of an unfinished or scores-only run in `out` with the same `structure`, its score
+    keys made integers again; None when there is none. Other settings are refused, as for run."""
+    path = out / SCORES_JSON
+    if not path.is_file() or (out / RECORD_FILE).is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+        earlier = report["structure"]
+        for r in report["rounds"]:
+            r["scores"] = {int(block): score for block, score in r["scores"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # not ours, or unreadable: check_output_dir decides what to do with --out
+    if earlier != structure:
+        changed = [k for k in structure if earlier.get(k) != structure[k]]
+        raise UsageError(
+            f"--out {out} holds block scores from a run with other settings ({', '.join(changed)} differ). "
+            "Choose another --out, or add --force to discard them and score again."
+        )
     return report
 
 

@@ -316,3 +316,57 @@ def test_smollm2_scores_equal_the_whole_model(smollm2, tmp_path, criterion):
     assert_scores_match(report, reference, criterion, rel=tolerance)
     chosen = lowest({row["block"]: row["score"] for row in report["blocks"]}, list(range(4, 28)), 6)
     assert chosen == lowest(reference, list(range(4, 28)), 6)
+
+
+# -- stopping and starting again -------------------------------------------------------------------
+
+
+def weights_digest(out: Path) -> dict[str, str]:
+    return {k: v for k, v in tree_digest(out).items() if k.endswith((".safetensors", ".index.json", "config.json"))}
+
+
+def test_a_run_stopped_while_writing_reuses_its_scores_and_ends_identical(tiny6, tmp_path, monkeypatch):
+    import streamprune.depth as depth_module
+    from streamprune.writer import CheckpointWriter
+
+    reference = run_depth(tiny6["llama"], tmp_path / "reference", criterion="ppl")
+    real_write, calls = CheckpointWriter.write, []
+
+    def write_then_stop(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 12:
+            raise KeyboardInterrupt
+        real_write(self, name, tensor)
+
+    monkeypatch.setattr(CheckpointWriter, "write", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_depth(tiny6["llama"], tmp_path / "out", criterion="ppl")
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()  # nothing loads as a model
+    monkeypatch.setattr(CheckpointWriter, "write", real_write)
+
+    def no_scoring(*args):
+        raise AssertionError("the scores should have been reused")
+
+    monkeypatch.setattr(depth_module, "score_blocks", no_scoring)
+    resumed = run_depth(tiny6["llama"], tmp_path / "out", criterion="ppl")
+    assert resumed["removed"] == reference["removed"]
+    assert weights_digest(tmp_path / "out") == weights_digest(tmp_path / "reference")
+
+
+def test_scores_only_then_remove_reuses_the_scores(tiny6, tmp_path, monkeypatch):
+    import streamprune.depth as depth_module
+
+    scored = run_depth(tiny6["llama"], tmp_path / "out", criterion="bi", scores_only=True, remove=None)
+    monkeypatch.setattr(depth_module, "score_blocks", lambda *a: pytest.fail("the scores should have been reused"))
+    report = run_depth(tiny6["llama"], tmp_path / "out", criterion="bi", remove=2)
+    expected = lowest({r["block"]: r["score"] for r in scored["blocks"]}, [1, 2, 3, 4], 2)
+    assert report["removed"] == expected
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_scores_from_other_settings_are_refused(tiny6, tmp_path):
+    run_depth(tiny6["llama"], tmp_path / "out", criterion="magnitude", scores_only=True, remove=None)
+    with pytest.raises(UsageError, match=r"other settings \(criterion, calibration differ\).*--force"):
+        run_depth(tiny6["llama"], tmp_path / "out", criterion="bi")
+    report = run_depth(tiny6["llama"], tmp_path / "out", criterion="bi", force=True)
+    assert report["criterion"] == "bi"

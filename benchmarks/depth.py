@@ -1,0 +1,146 @@
+"""Depth pruning SmolLM2-135M: 6 of its 30 blocks removed by each criterion, against the dense model.
+
+    python benchmarks/depth.py [--limit 50] [--ppl-windows 40]     # about 40 minutes on 2 CPU cores
+
+Scoring: `streamprune depth --remove 6` with the paper's defaults (10 x 128 calibration tokens, seed
+1234, blocks 0-3 and the last two protected), calibration text: the C4 documents in ../shared/data
+(the paper used BookCorpus, which is not available here). Perplexity: WikiText-2 test, 512-token
+windows, the first --ppl-windows. Zero-shot: the seven tasks, the first --limit examples each.
+Generation: transformers' greedy generate, batch 1, a 16-token prompt, exactly 128 new tokens, CPU;
+the median of 3 timed runs after a warm-up, as tokens/s and as a ratio to the dense model measured in
+this same run. Every number is measured here; the table goes to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import C4, DATA, conditions, write_section
+from smollm2 import build
+
+TASKS = ["arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "hellaswag", "openbookqa"]
+CRITERIA = ["magnitude", "bi", "ppl", "taylor"]
+NEW_TOKENS = 128
+
+
+def streamprune(*args: str) -> None:
+    command = [sys.executable, "-m", "streamprune", *args]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
+
+
+def parameters(model: Path) -> int:
+    from streamprune.checkpoint import Checkpoint
+
+    total = 0
+    for info in Checkpoint(model).tensors.values():
+        count = 1
+        for d in info.shape:
+            count *= d
+        total += count
+    return total
+
+
+def generation_seconds(model: Path, repeats: int = 3) -> float:
+    """Median wall time of greedy generation of exactly NEW_TOKENS tokens at batch 1."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    ids = tokenizer("The history of the city begins in the year", return_tensors="pt").input_ids[:, :16]
+    settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    with torch.no_grad():
+        net.generate(ids, **settings)  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            out = net.generate(ids, **settings)
+            times.append(time.perf_counter() - started)
+            assert out.shape[1] - ids.shape[1] == NEW_TOKENS
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--limit", type=int, default=50, help="examples per zero-shot task")
+    parser.add_argument("--ppl-windows", type=int, default=40, help="WikiText-2 windows of 512 tokens")
+    args = parser.parse_args()
+    model = build()
+    work = Path(tempfile.mkdtemp())
+    rows = []
+    try:
+        for criterion in [None, *CRITERIA]:
+            label = "dense (30 blocks)" if criterion is None else f"{criterion}, 6 removed"
+            print(f"{label} ...", flush=True)
+            target, report = model, None
+            if criterion is not None:
+                target = work / criterion
+                streamprune(
+                    "depth", str(model), "--out", str(target), "--criterion", criterion, "--remove", "6",
+                    "--calib", str(C4), "--quiet",
+                )  # fmt: skip
+                report = json.loads((target / "depth_scores.json").read_text())
+            ppl_json, tasks_json = work / "ppl.json", work / "tasks.json"
+            streamprune(
+                "eval", str(target), "--ppl", str(DATA / "wikitext2" / "wiki.test.raw"), "--seqlen", "512",
+                "--limit", str(args.ppl_windows), "--output", str(ppl_json), "--quiet",
+            )  # fmt: skip
+            streamprune(
+                "eval", str(target), "--tasks", ",".join(TASKS), "--data-dir", str(DATA / "zeroshot"),
+                "--seqlen", "512", "--limit", str(args.limit), "--output", str(tasks_json), "--quiet",
+            )  # fmt: skip
+            ppl = json.loads(ppl_json.read_text())["perplexity"]["ppl"]
+            acc = json.loads(tasks_json.read_text())["average_acc"]
+            seconds = generation_seconds(target)
+            rows.append((label, report, ppl, acc, parameters(target), seconds))
+            print(f"  ppl {ppl:.2f}, average acc {acc:.4f}, {NEW_TOKENS / seconds:.1f} tokens/s", flush=True)
+    finally:
+        shutil.rmtree(work)
+
+    dense_seconds, dense_params = rows[0][5], rows[0][4]
+    lines = [
+        "## Depth pruning SmolLM2-135M: 6 of 30 blocks removed",
+        "",
+        "Command: `python benchmarks/depth.py"
+        + (f" --limit {args.limit} --ppl-windows {args.ppl_windows}`." if (args.limit, args.ppl_windows) != (50, 40)
+           else "`.")  # fmt: skip
+        + " Scoring: `streamprune depth --remove 6` (10 x 128 calibration tokens of "
+        "`c4/c4_validation_2k.jsonl.gz`, seed 1234, blocks 0-3 and 28-29 protected, CPU, float32). "
+        f"Perplexity: WikiText-2 test, the first {args.ppl_windows} windows of 512 tokens. Zero-shot: mean `acc` "
+        f"of the seven tasks, the first {args.limit} examples each (one standard error is up to "
+        f"{50 / args.limit**0.5:.0f} points per task). Generation: greedy, batch 1, 16-token prompt, exactly "
+        f"{NEW_TOKENS} new tokens, median of 3 runs, transformers on the CPU; speed-up = dense time / pruned time, "
+        "measured in this run. Reads: bytes of the checkpoint read while scoring, as a multiple of its size.",
+        "",
+        conditions(),
+        "",
+        "| model | removed blocks | WikiText-2 ppl | zero-shot avg | parameters | tokens/s | speed-up | "
+        "scoring time | reads |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, report, ppl, acc, params, seconds in rows:
+        removed = "-" if report is None else ", ".join(map(str, report["removed"]))
+        scoring = "-" if report is None else f"{report['scoring_seconds']:.0f} s"
+        reads = "-" if report is None else f"{report['bytes_read'] / report['checkpoint_bytes']:.2f}x"
+        lines.append(
+            f"| {label} | {removed} | {ppl:.2f} | {100 * acc:.1f} | {params / 1e6:.1f} M ({params / dense_params:.0%}) "
+            f"| {NEW_TOKENS / seconds:.1f} | {dense_seconds / seconds:.2f}x | {scoring} | {reads} |"
+        )
+    body = "\n".join(lines)
+    print(body)
+    write_section("depth", body)
+
+
+if __name__ == "__main__":
+    main()
