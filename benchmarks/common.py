@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -66,3 +67,30 @@ def write_section(name: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
+
+
+TASKS = ["arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "hellaswag", "openbookqa"]
+
+
+def streamprune(*args: str) -> None:
+    """Run the real CLI; a failure ends the benchmark with its stderr."""
+    command = [sys.executable, "-m", "streamprune", *args]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
+
+
+def evaluate(model: Path, work: Path, ppl_windows: int, limit: int) -> tuple[float, dict]:
+    """(WikiText-2 perplexity over the first `ppl_windows` 512-token windows, the zero-shot results
+    over the first `limit` examples of each task), from `streamprune eval`. Two evaluations:
+    --limit means different things to perplexity and to the tasks."""
+    ppl_json, tasks_json = work / "ppl.json", work / "tasks.json"
+    streamprune(
+        "eval", str(model), "--ppl", str(DATA / "wikitext2" / "wiki.test.raw"), "--seqlen", "512",
+        "--limit", str(ppl_windows), "--output", str(ppl_json), "--quiet",
+    )  # fmt: skip
+    streamprune(
+        "eval", str(model), "--tasks", ",".join(TASKS), "--data-dir", str(DATA / "zeroshot"),
+        "--seqlen", "512", "--limit", str(limit), "--output", str(tasks_json), "--quiet",
+    )  # fmt: skip
+    return json.loads(ppl_json.read_text())["perplexity"]["ppl"], json.loads(tasks_json.read_text())

@@ -15,40 +15,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import C4, DATA, conditions, write_section
+from common import C4, conditions, evaluate, streamprune, write_section
 from smollm2 import build
 
-TASKS = ["arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "hellaswag", "openbookqa"]
 CRITERIA = ["magnitude", "bi", "ppl", "taylor"]
 NEW_TOKENS = 128
-
-
-def streamprune(*args: str) -> None:
-    command = [sys.executable, "-m", "streamprune", *args]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
 
 
 def parameters(model: Path) -> int:
     from streamprune.checkpoint import Checkpoint
 
-    total = 0
-    for info in Checkpoint(model).tensors.values():
-        count = 1
-        for d in info.shape:
-            count *= d
-        total += count
-    return total
+    return sum(math.prod(info.shape) for info in Checkpoint(model).tensors.values())
 
 
 def generation_seconds(model: Path, repeats: int = 3) -> float:
@@ -91,17 +77,8 @@ def main() -> None:
                     "--calib", str(C4), "--quiet",
                 )  # fmt: skip
                 report = json.loads((target / "depth_scores.json").read_text())
-            ppl_json, tasks_json = work / "ppl.json", work / "tasks.json"
-            streamprune(
-                "eval", str(target), "--ppl", str(DATA / "wikitext2" / "wiki.test.raw"), "--seqlen", "512",
-                "--limit", str(args.ppl_windows), "--output", str(ppl_json), "--quiet",
-            )  # fmt: skip
-            streamprune(
-                "eval", str(target), "--tasks", ",".join(TASKS), "--data-dir", str(DATA / "zeroshot"),
-                "--seqlen", "512", "--limit", str(args.limit), "--output", str(tasks_json), "--quiet",
-            )  # fmt: skip
-            ppl = json.loads(ppl_json.read_text())["perplexity"]["ppl"]
-            acc = json.loads(tasks_json.read_text())["average_acc"]
+            ppl, tasks = evaluate(target, work, args.ppl_windows, args.limit)
+            acc = tasks["average_acc"]
             seconds = generation_seconds(target)
             rows.append((label, report, ppl, acc, parameters(target), seconds))
             print(f"  ppl {ppl:.2f}, average acc {acc:.4f}, {NEW_TOKENS / seconds:.1f} tokens/s", flush=True)
@@ -113,8 +90,11 @@ def main() -> None:
         "## Depth pruning SmolLM2-135M: 6 of 30 blocks removed",
         "",
         "Command: `python benchmarks/depth.py"
-        + (f" --limit {args.limit} --ppl-windows {args.ppl_windows}`." if (args.limit, args.ppl_windows) != (50, 40)
-           else "`.")  # fmt: skip
+        + (
+            f" --limit {args.limit} --ppl-windows {args.ppl_windows}`."
+            if (args.limit, args.ppl_windows) != (50, 40)
+            else "`."
+        )  # fmt: skip
         + " Scoring: `streamprune depth --remove 6` (10 x 128 calibration tokens of "
         "`c4/c4_validation_2k.jsonl.gz`, seed 1234, blocks 0-3 and 28-29 protected, CPU, float32). "
         f"Perplexity: WikiText-2 test, the first {args.ppl_windows} windows of 512 tokens. Zero-shot: mean `acc` "

@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import C4, DATA, conditions, write_section
+from common import C4, TASKS, conditions, evaluate, streamprune, write_section
 from smollm2 import build
 
-TASKS = ["arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "hellaswag", "openbookqa"]
 VARIANTS = [
     ("dense", None),
     ("magnitude 50%", ["--method", "magnitude", "--sparsity", "0.5"]),
@@ -32,13 +30,6 @@ VARIANTS = [
     ("Wanda 4:8", ["--method", "wanda", "--pattern", "4:8"]),
     ("magnitude 2:4", ["--method", "magnitude", "--pattern", "2:4"]),
 ]
-
-
-def streamprune(*args: str) -> None:
-    command = [sys.executable, "-m", "streamprune", *args]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
 
 
 def main() -> None:
@@ -60,18 +51,7 @@ def main() -> None:
                     "--nsamples", "128", "--seqlen", "512", "--seed", "0", "--quiet",
                 )  # fmt: skip
                 seconds = json.loads((target / "streamprune.json").read_text())["total_seconds"]
-            # perplexity and the tasks in separate evaluations: --limit means different things to them
-            ppl_json, tasks_json = work / "ppl.json", work / "tasks.json"
-            streamprune(
-                "eval", str(target), "--ppl", str(DATA / "wikitext2" / "wiki.test.raw"), "--seqlen", "512",
-                "--limit", str(args.ppl_windows), "--output", str(ppl_json), "--quiet",
-            )  # fmt: skip
-            streamprune(
-                "eval", str(target), "--tasks", ",".join(TASKS), "--data-dir", str(DATA / "zeroshot"),
-                "--seqlen", "512", "--limit", str(args.limit), "--output", str(tasks_json), "--quiet",
-            )  # fmt: skip
-            ppl = json.loads(ppl_json.read_text())["perplexity"]["ppl"]
-            tasks = json.loads(tasks_json.read_text())
+            ppl, tasks = evaluate(target, work, args.ppl_windows, args.limit)
             rows.append((label, ppl, tasks, seconds))
             print(f"  ppl {ppl:.2f}, average acc {tasks['average_acc']:.4f}", flush=True)
     finally:

@@ -235,7 +235,7 @@ class Checkpoint:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise BadInputError(f'{index_path} has no "weight_map" naming the tensors and their shards')
-        root = self.directory.resolve()
+        # plain names only, so every shard is a top-level entry that _check_links has vetted
         for name, file in weight_map.items():
             if not isinstance(file, str) or "\0" in file or Path(file).name != file or file in ("", ".", ".."):
                 raise BadInputError(
@@ -248,8 +248,6 @@ class Checkpoint:
                     f"{index_path} names shard {file} (for tensor {name!r}), which is missing from "
                     f"{self.directory}; download the complete checkpoint"
                 )
-            if not _inside(shard, root):
-                raise BadInputError(f"{index_path}: shard {file} resolves outside {self.directory}")
         return weight_map
 
     def _check_links(self) -> None:

@@ -6,6 +6,7 @@ import errno
 import json
 import shlex
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -103,7 +104,12 @@ def run(
     from .config import PruneConfig
     from .pipeline import prune
 
-    try:
+    with user_errors(
+        on_interrupt=f"interrupted; the work since the last saved layer is lost. To resume: {resume_command()}",
+        on_gpu_oom=f"Lower --batch-size (now {batch_size}) or --seqlen, or use --device cpu.",
+        on_disk_full="The work up to the last saved layer is kept; free some space, then resume with: "
+        + resume_command(),
+    ):
         config = PruneConfig(
             model=model,
             out=out,
@@ -137,31 +143,6 @@ def run(
             )
             record["evaluation"] = results
             write_atomic(out / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode())
-    except StreamPruneError as err:
-        typer.echo(f"error: {err}", err=True)
-        if err.exit_code == EXIT_INTERRUPTED:
-            typer.echo(f"to resume: {resume_command()}", err=True)
-        raise typer.Exit(err.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo(
-            f"\ninterrupted; the work since the last saved layer is lost. To resume: {resume_command()}", err=True
-        )
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except torch.OutOfMemoryError:
-        typer.echo(
-            f"error: out of GPU memory. Lower --batch-size (now {batch_size}) or --seqlen, or use --device cpu.",
-            err=True,
-        )
-        raise typer.Exit(EXIT_RESOURCES) from None
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
-            raise
-        typer.echo(
-            f"error: the disk is full ({err.filename or out}). The work up to the last saved layer is kept; "
-            f"free some space, then resume with: {resume_command()}",
-            err=True,
-        )
-        raise typer.Exit(EXIT_RESOURCES) from None
     typer.echo(summary(record))
     if "evaluation" in record:
         from .evaluate import results_table
@@ -198,7 +179,10 @@ def eval_command(
     goes through layer 0, then all through layer 1, and so on; each layer is read once."""
     from .evaluate import EvalConfig, evaluate, results_table, write_results
 
-    try:
+    with user_errors(
+        on_interrupt="interrupted",
+        on_gpu_oom=f"Lower --batch-tokens (now {batch_tokens}) or use --device cpu.",
+    ):
         config = EvalConfig(
             model=model,
             ppl=None if ppl is None else str(ppl),
@@ -215,17 +199,6 @@ def eval_command(
         results = evaluate(config)
         if output is not None:
             write_results(results, str(output))
-    except StreamPruneError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(err.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("\ninterrupted", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except torch.OutOfMemoryError:
-        typer.echo(
-            f"error: out of GPU memory. Lower --batch-tokens (now {batch_tokens}) or use --device cpu.", err=True
-        )
-        raise typer.Exit(EXIT_RESOURCES) from None
     typer.echo(results_table(results))
 
 
@@ -270,7 +243,11 @@ def depth(
     from .depth import DepthConfig, summary
     from .depth import depth as run_depth
 
-    try:
+    with user_errors(
+        on_interrupt="interrupted; no loadable checkpoint was left in --out (block scores, once written, are "
+        f"reused). Run again: {resume_command()}",
+        on_gpu_oom=f"Lower --batch-size (now {batch_size}) or use --device cpu.",
+    ):
         config = DepthConfig(
             model=model,
             out=out,
@@ -294,18 +271,31 @@ def depth(
             quiet=quiet,
         )
         report = run_depth(config)
+    typer.echo(summary(report))
+
+
+@contextmanager
+def user_errors(on_interrupt: str, on_gpu_oom: str, on_disk_full: str | None = None):
+    """What the user can act on becomes a message and its exit code (README); anything else is a
+    bug and keeps its traceback. A full disk is handled only where the command says what is kept."""
+    try:
+        yield
     except StreamPruneError as err:
         typer.echo(f"error: {err}", err=True)
+        if err.exit_code == EXIT_INTERRUPTED:
+            typer.echo(f"to resume: {resume_command()}", err=True)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo(
-            f"\ninterrupted; no loadable checkpoint was left in --out. Start again: {resume_command()}", err=True
-        )
+        typer.echo(f"\n{on_interrupt}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except torch.OutOfMemoryError:
-        typer.echo(f"error: out of GPU memory. Lower --batch-size (now {batch_size}) or use --device cpu.", err=True)
+        typer.echo(f"error: out of GPU memory. {on_gpu_oom}", err=True)
         raise typer.Exit(EXIT_RESOURCES) from None
-    typer.echo(summary(report))
+    except OSError as err:
+        if err.errno != errno.ENOSPC or on_disk_full is None:
+            raise
+        typer.echo(f"error: the disk is full ({err.filename or 'the output directory'}). {on_disk_full}", err=True)
+        raise typer.Exit(EXIT_RESOURCES) from None
 
 
 def resume_command() -> str:

@@ -61,10 +61,7 @@ class PruneConfig:
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         check_dtype(self.dtype)
-        try:
-            self.max_shard_bytes = parse_size(self.max_shard_size)
-        except UsageError as err:
-            raise UsageError(f"--max-shard-size: {err}") from None
+        self.max_shard_bytes = parse_shard_size(self.max_shard_size)
         self.torch_device = parse_device(self.device)
 
     def keep_block(self) -> tuple[int, int] | None:
@@ -106,6 +103,14 @@ def parse_device(text: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {text!r}: only cpu and cuda are supported")
     return device
+
+
+def parse_shard_size(text: str) -> int:
+    """--max-shard-size in bytes, e.g. 5GB; the error names the flag."""
+    try:
+        return parse_size(text)
+    except UsageError as err:
+        raise UsageError(f"--max-shard-size: {err}") from None
 
 
 def check_dtype(dtype: str) -> None:

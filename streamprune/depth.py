@@ -30,9 +30,9 @@ from tqdm import tqdm
 from . import __version__
 from .calibration import file_sha256
 from .checkpoint import Checkpoint
-from .config import check_dtype, parse_device
+from .config import check_dtype, parse_device, parse_shard_size
 from .errors import BadInputError, UsageError
-from .evaluate import available_ram_bytes, load_head, rms_norm, token_logprobs
+from .evaluate import available_ram_bytes, load_head, token_logprobs
 from .families import LAYER_PREFIX, PRUNABLE_LINEARS, LayerStack, family_of
 from .pipeline import (
     RECORD_FILE,
@@ -50,7 +50,7 @@ from .pipeline import (
 )
 from .runstate import check_free_space, source_fingerprint
 from .source import resolve_model
-from .writer import CheckpointWriter, format_size, parse_size, write_atomic
+from .writer import CheckpointWriter, format_size, write_atomic
 
 CRITERIA = ("ppl", "taylor", "magnitude", "bi")
 SCORES_JSON, SCORES_CSV, SCORES_PNG = "depth_scores.json", "depth_scores.csv", "depth_scores.png"
@@ -95,10 +95,7 @@ class DepthConfig:
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         check_dtype(self.dtype)
-        try:
-            self.max_shard_bytes = parse_size(self.max_shard_size)
-        except UsageError as err:
-            raise UsageError(f"--max-shard-size: {err}") from None
+        self.max_shard_bytes = parse_shard_size(self.max_shard_size)
         self.torch_device = parse_device(self.device)
 
 
@@ -220,6 +217,8 @@ def ppl_scores(
     skips block i; every skip stream started earlier goes through block i like the main one.
     """
     scores, passes = {}, 0
+    norm_weight, head = load_head(blocks.checkpoint, blocks.stack.device, blocks.stack.dtype)
+    eps = getattr(blocks.stack.config, "rms_norm_eps", 1e-6)
     for first in range(0, len(model), streams_per_pass):
         group = model[first : first + streams_per_pass]  # blocks whose skip streams this pass carries
         passes += 1
@@ -236,8 +235,6 @@ def ppl_scores(
             if index < group[-1]:  # the main stream is only needed until the group's last block
                 blocks.forward(layer, index, main)
         del main
-        norm_weight, head = load_head(blocks.checkpoint, blocks.stack.device, blocks.stack.dtype)
-        eps = getattr(blocks.stack.config, "rms_norm_eps", 1e-6)
         for skipped, stream in streams.items():
             scores[skipped] = math.exp(mean_nll(stream, input_ids, norm_weight, head, eps))
         del streams
@@ -273,8 +270,7 @@ def taylor_scores(blocks: Blocks, model: list[int], hidden: torch.Tensor, input_
     grad = torch.zeros_like(hidden)
     for k in range(hidden.shape[0]):
         h = hidden[k, :-1].to(device).requires_grad_(True)
-        logprobs = torch.nn.functional.linear(rms_norm(h, norm_weight, eps), head).float().log_softmax(-1)
-        loss = -logprobs.gather(1, input_ids[k, 1:].to(device).unsqueeze(1)).sum() / tokens
+        loss = -token_logprobs(h, input_ids[k, 1:], norm_weight, head, eps).sum() / tokens
         loss.backward()
         grad[k, :-1] = h.grad.to("cpu", grad.dtype)
     del hidden, head
