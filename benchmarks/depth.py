@@ -101,7 +101,9 @@ def main() -> None:
         f"of the seven tasks, the first {args.limit} examples each (one standard error is up to "
         f"{50 / args.limit**0.5:.0f} points per task). Generation: greedy, batch 1, 16-token prompt, exactly "
         f"{NEW_TOKENS} new tokens, median of 3 runs, transformers on the CPU; speed-up = dense time / pruned time, "
-        "measured in this run. Reads: bytes of the checkpoint read while scoring, as a multiple of its size.",
+        "measured in this run; all four pruned models have the same 24 blocks, so their spread in tokens/s "
+        "is the timing noise of this machine, not a property of the criterion. "
+        "Reads: bytes of the checkpoint read while scoring, as a multiple of its size.",
         "",
         conditions(),
         "",
