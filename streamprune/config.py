@@ -13,6 +13,7 @@ from .writer import parse_size
 
 METHODS = ("wanda", "magnitude")
 PROPAGATE = ("pruned", "dense")
+OFFLOAD = ("auto", "cpu", "disk")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -30,10 +31,15 @@ class PruneConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # compute dtype; auto: the checkpoint's
-    batch_size: int = 1  # calibration samples per micro-batch; 1 is what the reference does
+    batch_size: int | None = 1  # calibration samples per micro-batch; 1 is what the reference does; None: auto
     max_shard_size: str = "5GB"
     checkpoint_every: int = 1  # save a resume point (activations + state) every this many layers
     checkpoint_minutes: float | None = None  # ... and also when this many minutes have passed
+    offload: str = "auto"  # the activation buffer in RAM (cpu), in a file (disk), or cpu when it fits (auto)
+    offload_dir: str | None = None  # where --offload disk puts it; default OUT/.streamprune/offload
+    max_ram: str | None = None  # RAM the run may use; default what is available now
+    max_gpu_memory: str | None = None  # GPU memory the run may use; default what is free on the device
+    overlap: bool = True  # read, compute and write on separate threads
     force: bool = False
     quiet: bool = False
 
@@ -58,10 +64,16 @@ class PruneConfig:
         if self.checkpoint_minutes is not None and self.checkpoint_minutes <= 0:
             raise UsageError(f"--checkpoint-minutes must be positive, got {self.checkpoint_minutes}")
         for name in ("nsamples", "seqlen", "batch_size", "checkpoint_every"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         check_dtype(self.dtype)
+        if self.offload not in OFFLOAD:
+            raise UsageError(f"--offload {self.offload!r} is not one of: {', '.join(OFFLOAD)}")
+        if self.offload_dir is not None and self.offload == "cpu":
+            raise UsageError("--offload-dir is where --offload disk keeps the buffer; drop it, or use --offload disk")
         self.max_shard_bytes = parse_shard_size(self.max_shard_size)
+        self.max_ram_bytes = parse_limit("--max-ram", self.max_ram)
+        self.max_gpu_bytes = parse_limit("--max-gpu-memory", self.max_gpu_memory)
         self.torch_device = parse_device(self.device)
 
     def keep_block(self) -> tuple[int, int] | None:
@@ -107,10 +119,17 @@ def parse_device(text: str) -> torch.device:
 
 def parse_shard_size(text: str) -> int:
     """--max-shard-size in bytes, e.g. 5GB; the error names the flag."""
+    return parse_limit("--max-shard-size", text)
+
+
+def parse_limit(flag: str, text: str | None) -> int | None:
+    """A memory limit such as 24GB in bytes (None stays None); the error names the flag."""
+    if text is None:
+        return None
     try:
         return parse_size(text)
     except UsageError as err:
-        raise UsageError(f"--max-shard-size: {err}") from None
+        raise UsageError(f"{flag}: {err}") from None
 
 
 def check_dtype(dtype: str) -> None:

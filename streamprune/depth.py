@@ -28,11 +28,12 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .buffers import available_ram_bytes
 from .calibration import file_sha256
 from .checkpoint import Checkpoint
 from .config import check_dtype, parse_device, parse_shard_size
 from .errors import BadInputError, UsageError
-from .evaluate import available_ram_bytes, load_head, token_logprobs
+from .evaluate import load_head, token_logprobs
 from .families import LAYER_PREFIX, PRUNABLE_LINEARS, LayerStack, family_of
 from .pipeline import (
     RECORD_FILE,

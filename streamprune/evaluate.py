@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import buffers
+from .buffers import available_ram_bytes
 from .checkpoint import Checkpoint
 from .config import check_dtype, parse_device
 from .errors import BadInputError, ResourceError, UsageError
@@ -193,19 +194,8 @@ def score_task(examples, logprobs, first: int) -> dict:
     }
 
 
-def available_ram_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def activation_buffer(tokens: int, width: int, dtype: torch.dtype, offload_dir: str | None) -> torch.Tensor:
-    """[tokens, width] in RAM, or memory-mapped from a temporary file in `offload_dir`."""
+    """[tokens, width] in RAM (refused when it would not fit), or memory-mapped in `offload_dir`."""
     if offload_dir is None:
         needed, available = tokens * width * dtype.itemsize, available_ram_bytes()
         if available is not None and needed > 0.8 * available:
@@ -214,13 +204,7 @@ def activation_buffer(tokens: int, width: int, dtype: torch.dtype, offload_dir: 
                 f"{format_size(needed)}) do not fit in the {format_size(available)} of RAM available; add "
                 "--offload-dir DIR to keep them in a file on a disk with that much free space, or lower --limit"
             )
-        return torch.empty(tokens, width, dtype=dtype)
-    directory = Path(offload_dir).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=directory, prefix="streamprune-activations-", suffix=".bin")
-    buffer = torch.from_file(handle.name, shared=True, size=tokens * width, dtype=dtype).view(tokens, width)
-    buffer._streamprune_file = handle  # the file lives (and is deleted) with the buffer
-    return buffer
+    return buffers.activation_buffer((tokens, width), dtype, None if offload_dir is None else Path(offload_dir))
 
 
 @torch.no_grad()
@@ -271,6 +255,7 @@ def stream_logprobs(checkpoint, stack, layer_names, sequences, config, dtype) ->
             y = stack.forward(layer, index, x)
             for row, i in enumerate(batch):
                 hidden[offsets[i] : offsets[i + 1]] = y[row, : lengths[i]].to("cpu")
+                buffers.release(hidden, slice(offsets[i], offsets[i + 1]))
         check_activations_finite(hidden, index, "")
         del layer
     progress.close()

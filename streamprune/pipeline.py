@@ -20,13 +20,14 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, buffers, plan
+from .background import Worker
 from .calibration import fetch_c4, file_sha256, read_documents, sample_windows
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from .config import DTYPES, PruneConfig
-from .errors import BadInputError, Interrupted, UsageError
+from .errors import BadInputError, Interrupted, ResourceError, UsageError
 from .families import EMBEDDING, LAYER_PREFIX, PRUNABLE_LINEARS, LayerStack, family_of
-from .runstate import STATE_DIR, RunState, check_free_space, source_fingerprint
+from .runstate import OFFLOAD_DIR, STATE_DIR, RunState, check_free_space, source_fingerprint
 from .source import resolve_model
 from .sparsity import apply_mask, prune_mask
 from .writer import CheckpointWriter, write_atomic
@@ -34,6 +35,7 @@ from .writer import CheckpointWriter, write_atomic
 RECORD_FILE = "streamprune.json"
 CALIBRATION_FILE = "streamprune_calibration.json"
 _EMBEDDING_SLICE_BYTES = 64 * 1024 * 1024
+_FINITE_CHECK_ELEMENTS = 1 << 24
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
 
 # observe(layer_index, hidden) sees the CPU buffer [nsamples, seqlen, hidden] after each layer:
@@ -60,6 +62,10 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
     layer_names = layout(checkpoint, stack, num_layers)
     check_pattern_fits(config, stack)
     seqlen = min(config.seqlen, getattr(stack.config, "max_position_embeddings", None) or config.seqlen)
+
+    # 1b. the plan: what the run will hold at its peaks, against the RAM and GPU memory it may use;
+    # --offload auto and --batch-size auto are decided here, and a run that cannot fit stops now
+    run_plan, offload_dir = plan_run(config, checkpoint, dtype, seqlen)
 
     # 2. a new run, or the resumption of the unfinished one in --out (same settings only)
     calib_path = calibration_path(config) if config.method == "wanda" else None
@@ -93,6 +99,8 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
         config.out, [(n, info[n].dtype, info[n].shape) for n in all_names], config.max_shard_bytes
     )
     check_free_space(config.out, disk_needed(state, writer, calibration, stack, dtype, num_layers))
+    if offload_dir is not None and calibration is not None:
+        check_free_space(offload_dir, {"offloaded activation buffer": run_plan["buffer_bytes"]})
 
     # 5. the output directory: new (its state first, so that a run killed at any later instant
     # is resumable), or picked up where the interrupted run's state says
@@ -110,17 +118,37 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
     if calibration is not None and not (config.out / CALIBRATION_FILE).is_file():
         write_atomic(config.out / CALIBRATION_FILE, calibration_json(calibration))
     earlier_seconds = state.seconds
+    layer_log = list(state.layers)  # per-layer sparsity and seconds; the state gets copies
+    # the activation buffer [nsamples, seqlen, hidden]: in RAM, or in a file with --offload disk
+    hidden = None
+    if calibration is not None and state.next_layer < num_layers:
+        if offload_dir == config.out / STATE_DIR / OFFLOAD_DIR and not (config.out / STATE_DIR).is_symlink():
+            for stale in offload_dir.glob("streamprune-activations-*.bin"):  # a killed run's buffer
+                stale.unlink()
+        hidden = buffers.activation_buffer((config.nsamples, seqlen, stack.config.hidden_size), dtype, offload_dir)
 
-    def save_checkpoint(next_layer: int, hidden: torch.Tensor | None) -> None:
-        # shard bytes, then activations, then the state naming both: every step durable before the next
-        state.writer = writer.position()
-        state.activations = None
-        if hidden is not None and next_layer < num_layers:
-            state.activations = state.save_activations(hidden, next_layer)
-        state.next_layer = next_layer
+    def save_checkpoint(next_layer: int, layers_done: list, with_activations: bool = True) -> None:
+        # shard bytes, then activations, then the state naming both: every step durable before the
+        # next. Runs on the `saves` thread, in order after the writes it covers.
+        position = writer.position()
+        activations = None
+        if with_activations and hidden is not None and next_layer < num_layers:
+            activations = state.save_activations(hidden, next_layer)
+            buffers.release(hidden)
+        state.writer, state.activations, state.next_layer = position, activations, next_layer
+        state.layers = layers_done
         state.seconds = earlier_seconds + time.perf_counter() - started
         state.save()
         state.drop_stale()
+
+    # Background threads: `reads` fetches layer i+1's tensors while layer i computes; `saves`
+    # writes layer i's pruned tensors and its resume point while layer i+1 reads and computes its
+    # statistics (which only read the buffer). The buffer is next written in 8e, after `saves` is waited on.
+    reads, saves = Worker("streamprune-read", config.overlap), Worker("streamprune-save", config.overlap)
+    pin = device.type == "cuda"
+
+    def read_layer(index: int) -> dict[str, torch.Tensor]:
+        return {local: checkpoint.read(name, pin=pin) for name, local in layer_names[index].items()}
 
     try:
         with StopOnInterrupt() as stop:
@@ -130,15 +158,16 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                     tensor = checkpoint.read(name)
                     check_weights_finite(tensor, name, resume_point(config.out, 0))
                     writer.write(name, tensor)
-                save_checkpoint(0, None)
+                    del tensor
+                save_checkpoint(0, [], with_activations=False)  # the buffer is not filled yet
 
             # 7. the inputs of the first layer to do: embedded calibration tokens, or a checkpoint
-            hidden = None
-            if calibration is not None and state.next_layer < num_layers:
+            if hidden is not None:
                 if state.activations is not None:
-                    hidden = state.load_activations()
+                    state.load_activations(out=hidden)
                 else:
-                    hidden = embed(checkpoint, calibration["input_ids"], dtype)
+                    embed(checkpoint, calibration["input_ids"], dtype, out=hidden)
+                buffers.release(hidden)
 
             # 8. one decoder layer at a time
             last_saved, last_saved_at = state.next_layer, time.perf_counter()
@@ -151,18 +180,25 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                 disable=config.quiet,
                 dynamic_ncols=True,
             )
+            next_read = reads.submit(read_layer, state.next_layer) if state.next_layer < num_layers else None
             for index in progress:
-                stop.check(state.next_layer, num_layers, config.out)
+                if stop.requested:
+                    saves.wait()
+                    stop.check(state.next_layer, num_layers, config.out)
                 layer_started = time.perf_counter()
                 names = layer_names[index]  # checkpoint name -> name inside the layer module
-                # 8a. read only this layer's tensors, in their stored dtype, and build the layer
-                stored = {local: checkpoint.read(name) for name, local in names.items()}
+                # 8a. this layer's tensors (read in the background), in their stored dtype; start
+                # reading the next layer's
+                stored = next_read.result()
+                next_read = reads.submit(read_layer, index + 1) if index + 1 < num_layers else None
                 for name, local in names.items():
-                    check_weights_finite(stored[local], name, resume_point(config.out, state.next_layer))
+                    check_weights_finite(stored[local], name, resume_point(config.out, last_saved))
                 layer = stack.build(index, stored)
                 # 8b. Wanda: one forward of the dense layer collects ||X_j||^2 for every Linear
                 sq_norms = None
                 if hidden is not None:
+                    if config.propagate == "dense":
+                        saves.wait()  # this forward writes the buffer the last resume point is saving
                     sq_norms = forward_all(
                         stack,
                         layer,
@@ -185,7 +221,9 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                     )
                     module.weight.data = apply_mask(module.weight.data, mask)
                     masks[local + ".weight"] = mask.cpu()
-                # 8d. write the pruned layer in its original dtype, zeros as +0.0
+                # 8d. the pruned layer in its original dtype, zeros as +0.0, to the `saves` thread;
+                # waiting first bounds what is in flight there to one layer
+                saves.wait()
                 zeros = total = 0
                 for name, local in names.items():
                     tensor = stored[local]
@@ -193,17 +231,18 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                         tensor = apply_mask(tensor, masks[local])
                         zeros += int((tensor == 0).sum())
                         total += tensor.numel()
-                    writer.write(name, tensor)
+                    saves.submit(writer.write, name, tensor)
                 # 8e. the next layer's inputs: outputs of the pruned layer (the default)
                 if hidden is not None and config.propagate == "pruned":
                     forward_all(stack, layer, index, hidden, config.batch_size, collect=False, write_back=True)
+                del layer, stored, masks, tensor
                 if hidden is not None:
-                    check_activations_finite(hidden, index, resume_point(config.out, state.next_layer))
+                    check_activations_finite(hidden, index, resume_point(config.out, last_saved))
+                    buffers.release(hidden)
                 if observe is not None and hidden is not None:
                     observe(index, hidden)
-                del layer, stored, masks
                 seconds = time.perf_counter() - layer_started
-                state.layers.append({"layer": index, "sparsity": zeros / total, "seconds": seconds})
+                layer_log.append({"layer": index, "sparsity": zeros / total, "seconds": seconds})
                 # 8f. a resume point: every --checkpoint-every layers or --checkpoint-minutes, at the
                 # last layer, and when Ctrl-C asked to stop
                 due = index + 1 - last_saved >= config.checkpoint_every or (
@@ -211,16 +250,20 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                     and time.perf_counter() - last_saved_at >= 60 * config.checkpoint_minutes
                 )
                 if due or index + 1 == num_layers or stop.requested:
-                    save_checkpoint(index + 1, hidden)
+                    saves.submit(save_checkpoint, index + 1, list(layer_log))
                     last_saved, last_saved_at = index + 1, time.perf_counter()
             progress.close()
-            del hidden
+            saves.wait()
 
         # 9. finish: the index, then config and tokenizer, then the record; then the state goes
         writer.finish()
     except BaseException:
+        saves.close()
         writer.abort()
         raise
+    finally:
+        reads.close()
+        saves.close()
     copy_support_files(source_dir, config.out)
     record = run_record(
         config,
@@ -234,6 +277,8 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
         writer.files,
         earlier_seconds + time.perf_counter() - started,
     )
+    record["plan"] = {key: value for key, value in run_plan.items() if key != "peak_ram_parts"}
+    record["offload"] = config.offload
     write_atomic(config.out / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode())
     state.remove()
     return record
@@ -272,6 +317,51 @@ class StopOnInterrupt:
             )
 
 
+def plan_run(config: PruneConfig, checkpoint: Checkpoint, dtype: torch.dtype, seqlen: int) -> tuple[dict, Path | None]:
+    """Log the plan; refuse (ResourceError) a run that would not fit. Settles config.offload and
+    config.batch_size; returns the plan and the directory for the offloaded buffer (or None)."""
+    device = config.torch_device
+    geometry = plan.Geometry.from_config(checkpoint.config)
+    layer_dtype = checkpoint.tensors[f"{LAYER_PREFIX.format(index=0)}{PRUNABLE_LINEARS[0]}.weight"].torch_dtype
+    settings = plan.Settings(
+        method=config.method,
+        nsamples=config.nsamples,
+        seqlen=seqlen,
+        batch_size=config.batch_size or 1,
+        stored_bytes=layer_dtype.itemsize,
+        compute_bytes=dtype.itemsize,
+        device=device.type,
+        offload=config.offload,
+        overlap=config.overlap,
+        checkpoint_every=config.checkpoint_every,
+        runtime_bytes=plan.current_rss_bytes(),
+    )
+    max_ram = config.max_ram_bytes
+    if max_ram is None and buffers.available_ram_bytes() is not None:
+        max_ram = settings.runtime_bytes + buffers.available_ram_bytes()
+    max_vram = config.max_gpu_bytes
+    if max_vram is None and device.type == "cuda":
+        max_vram = torch.cuda.mem_get_info(device)[0]
+    if config.batch_size is None:
+        config.batch_size = settings.batch_size = plan.largest_batch(geometry, settings, max_vram)
+    estimate, problems = plan.fit(geometry, settings, max_ram, max_vram)
+    config.offload = settings.offload
+    if not config.quiet or problems:
+        print(plan.report(estimate, settings, None, str(device), problems), file=sys.stderr)
+    if problems:
+        raise ResourceError(
+            "this run would not fit: " + "; ".join(problems) + ". Nothing was written. "
+            f"See the whole plan with: streamprune plan {config.model} --nsamples {config.nsamples} "
+            f"--seqlen {config.seqlen}"
+        )
+    offload_dir = None
+    if config.offload == "disk":
+        offload_dir = (
+            Path(config.offload_dir).expanduser() if config.offload_dir else config.out / STATE_DIR / OFFLOAD_DIR
+        )
+    return estimate, offload_dir
+
+
 def check_weights_finite(tensor: torch.Tensor, name: str, saved: str = "") -> None:
     """Refuse a source tensor holding NaN or Inf: everything computed from it would be broken.
     `saved` says what the run has kept."""
@@ -300,10 +390,15 @@ def check_activations_finite(hidden: torch.Tensor, index: int, saved: str) -> No
 
 
 def nonfinite_counts(tensor: torch.Tensor) -> tuple[int, int]:
-    """(NaN count, Inf count) of a floating-point tensor; (0, 0) for any other dtype."""
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+    """(NaN count, Inf count) of a floating-point tensor; (0, 0) for any other dtype. Looked at in
+    slices, so that the boolean temporaries stay small for a buffer of many GB."""
+    if not tensor.is_floating_point():
         return 0, 0
-    return int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    nan = inf = 0
+    for part in tensor.reshape(-1).split(_FINITE_CHECK_ELEMENTS):
+        if not bool(torch.isfinite(part).all()):
+            nan, inf = nan + int(torch.isnan(part).sum()), inf + int(torch.isinf(part).sum())
+    return nan, inf
 
 
 def resume_point(out: Path, next_layer: int) -> str:
@@ -588,6 +683,7 @@ def forward_all(
             y = stack.forward(layer, index, x)
             if write_back:
                 hidden[start : start + batch_size] = y.to("cpu")
+            buffers.release(hidden, slice(start, start + batch_size))
     finally:
         for handle in handles:
             handle.remove()

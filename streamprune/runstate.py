@@ -24,6 +24,7 @@ from .writer import format_size, write_atomic
 
 STATE_DIR = ".streamprune"
 STATE_FILE = "state.json"
+OFFLOAD_DIR = "offload"  # --offload disk's buffer file, by default (kept apart from the checkpoints)
 STATE_VERSION = 1
 _SAMPLE_BYTES = 1024 * 1024
 
@@ -149,10 +150,13 @@ class RunState:
         os.replace(temp, self.dir / name)
         return {"file": name, "layer": layer, "dtype": DTYPE_NAMES[hidden.dtype], "shape": list(hidden.shape)}
 
-    def load_activations(self) -> torch.Tensor:
+    def load_activations(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The saved activations, into `out` (a buffer of their shape and dtype) when given."""
         info = self.activations
         path = self.dir / info["file"]
-        hidden = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        hidden = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if out is None else out
+        if list(hidden.shape) != info["shape"] or DTYPE_NAMES[hidden.dtype] != info["dtype"]:
+            raise BadInputError(f"the activation checkpoint {path} does not fit this run; start over with --force")
         view = memoryview(hidden.view(-1).view(torch.uint8).numpy())
         try:
             with open(path, "rb") as f:
@@ -173,12 +177,14 @@ class RunState:
             return
         keep = self.activations["file"] if self.activations else None
         for path in self.dir.iterdir():
-            if path.name not in (STATE_FILE, keep):
+            if path.name not in (STATE_FILE, keep, OFFLOAD_DIR):
                 path.unlink()
 
     def remove(self) -> None:
         """Called once the run is complete; state.json goes last, so that a run killed halfway
         through still finds it, resumes with nothing left to do, and finishes again."""
+        if (self.dir / OFFLOAD_DIR).is_dir():
+            shutil.rmtree(self.dir / OFFLOAD_DIR)
         for path in self.dir.iterdir():
             if path.name != STATE_FILE:
                 path.unlink()

@@ -1,0 +1,57 @@
+"""Background work for the layer loop: the next layer is read, and the last one made durable,
+while the current one computes.
+
+A `Worker` is one thread that runs jobs in the order they were submitted, so that shard bytes,
+activation checkpoints and run state reach the disk in the same order as without it. With
+`enabled=False` every job runs at once in the caller's thread: the same code path, serial.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Callable
+
+
+class Worker:
+    def __init__(self, name: str, enabled: bool = True):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) if enabled else None
+        self._pending: list[Future] = []
+        self._failed = False
+
+    def submit(self, job: Callable, *args) -> Future:
+        """Queue `job(*args)`; its result (or error) comes from the returned future. Once a job has
+        failed, later ones are skipped: a resume point must never be saved after a lost write."""
+        if self._pool is not None:
+            future = self._pool.submit(self._run, job, args)
+        else:
+            future = Future()
+            try:
+                future.set_result(self._run(job, args))
+            except BaseException as err:  # re-raised by result(), as a thread's would be
+                future.set_exception(err)
+        self._pending.append(future)
+        return future
+
+    def _run(self, job: Callable, args: tuple):
+        if self._failed:
+            raise RuntimeError("skipped: an earlier background job failed")
+        try:
+            return job(*args)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def wait(self) -> None:
+        """Block until every job submitted so far is done; re-raise the first error among them."""
+        pending, self._pending = self._pending, []
+        wait(pending)
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        """Let the queued jobs finish (errors are dropped: the caller is already failing or has
+        waited), then stop the thread."""
+        wait(self._pending)
+        self._pending = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

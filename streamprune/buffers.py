@@ -1,0 +1,64 @@
+"""The activation buffer that carries every calibration (or evaluation) token from layer to layer:
+in RAM, or in a memory-mapped file for machines whose RAM cannot hold it.
+
+A file-backed buffer's pages are the kernel's page cache, not the process's memory: `release`
+drops a processed slice from the process's mappings so that its resident set stays one
+micro-batch, not the whole buffer (the bytes stay in the file; touching them again reads them back).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import tempfile
+from pathlib import Path
+
+import torch
+
+_PAGE_BYTES = mmap.PAGESIZE
+_MADV_DONTNEED = 4  # linux/mman.h; on a shared file mapping the data stays in the file
+
+
+def available_ram_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def activation_buffer(shape: tuple[int, ...], dtype: torch.dtype, offload_dir: Path | None) -> torch.Tensor:
+    """An uninitialised tensor of `shape` in RAM, or (offload_dir given) memory-mapped from a
+    temporary file there, deleted when the tensor is."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    if offload_dir is None:
+        return torch.empty(shape, dtype=dtype)
+    directory = Path(offload_dir).expanduser()
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=directory, prefix="streamprune-activations-", suffix=".bin")
+    buffer = torch.from_file(handle.name, shared=True, size=numel, dtype=dtype).view(shape)
+    buffer._streamprune_file = handle  # the file lives (and is deleted) with the buffer
+    return buffer
+
+
+def is_offloaded(buffer: torch.Tensor) -> bool:
+    return hasattr(buffer, "_streamprune_file")
+
+
+def release(buffer: torch.Tensor, rows: slice = slice(0, None)) -> None:
+    """Drop rows[start:stop] of a file-backed buffer from this process's memory (no-op in RAM)."""
+    if not is_offloaded(buffer):
+        return
+    rows = slice(rows.start, buffer.shape[0] if rows.stop is None else rows.stop)
+    row_bytes = buffer[0].numel() * buffer.element_size()
+    start = buffer.data_ptr() + rows.start * row_bytes
+    stop = buffer.data_ptr() + min(rows.stop, buffer.shape[0]) * row_bytes
+    first_page = start - start % _PAGE_BYTES  # a neighbour's page dropped too is only read back
+    length = stop - first_page
+    if length > 0:
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first_page), ctypes.c_size_t(length), _MADV_DONTNEED)

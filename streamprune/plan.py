@@ -1,0 +1,304 @@
+"""What a run will need, from config.json alone: peak RAM and VRAM, disk, bytes moved, FLOPs, time.
+
+`estimate()` is pure arithmetic over the model's geometry and the run's settings; it mirrors
+what pipeline.prune holds at its peaks (the terms are named after its steps), so that a change
+there that moves a peak must move a term here, and benchmarks/plan.py checks the two against
+each other by measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .writer import format_size
+
+_SORT_SLICE_ELEMENTS = 1 << 26  # sparsity.row_prune_mask sorts at most this many scores at once
+_EMBEDDING_SLICE_BYTES = 64 * 1024 * 1024  # pipeline.embed reads the embedding in slices this big
+# Dense bf16 tensor-core peaks (vendor datasheets, TFLOP/s); a run reaches a fraction of this.
+GPU_PEAK_TFLOPS = {"h200": 989, "h100": 989, "a100": 312, "l40s": 362, "rtx4090": 165, "rtx3090": 71, "a10": 125}
+GPU_EFFICIENCY = 0.4  # fraction of peak that batch-1 layer forwards typically reach
+TOKENIZER_BYTES_PER_VOCAB_ENTRY = 1024  # a loaded fast tokenizer, measured: ~48 MB for 49k entries
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The sizes that decide memory and work, from a Llama-family config.json."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> Geometry:
+        heads = config["num_attention_heads"]
+        return cls(
+            layers=config["num_hidden_layers"],
+            hidden=config["hidden_size"],
+            intermediate=config["intermediate_size"],
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            vocab=config["vocab_size"],
+            tied=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
+        )
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """[out, in] of the seven pruned Linears."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (i, h), "up": (i, h), "down": (h, i)}
+
+    @property
+    def linear_params(self) -> int:
+        return sum(rows * cols for rows, cols in self.linear_shapes().values())
+
+    @property
+    def layer_params(self) -> int:
+        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return self.linear_params + bias + 2 * self.hidden  # + the two RMSNorm weights
+
+    @property
+    def outside_params(self) -> int:
+        """Embedding, final norm and (untied) lm_head."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+
+@dataclass
+class Settings:
+    method: str = "wanda"
+    nsamples: int = 128
+    seqlen: int = 2048
+    batch_size: int = 1
+    stored_bytes: int = 2  # bytes per weight in the checkpoint
+    compute_bytes: int = 2  # bytes per value in the compute dtype
+    device: str = "cpu"  # "cpu" or "cuda"
+    offload: str = "cpu"  # where the activation buffer lives: "cpu" (RAM) or "disk"
+    overlap: bool = True
+    checkpoint_every: int = 1
+    runtime_bytes: int = 0  # python + torch + transformers, resident before any model work
+
+
+def estimate(geometry: Geometry, settings: Settings) -> dict:
+    """Peak RAM and VRAM (bytes), disk needed, bytes read and written, FLOPs. Every term in bytes."""
+    g, s = geometry, settings
+    wanda = s.method == "wanda"
+    tokens = s.nsamples * s.seqlen
+    stored_layer = g.layer_params * s.stored_bytes
+    linears = g.linear_params
+    largest_linear = max(rows * cols for rows, cols in g.linear_shapes().values())
+    buffer = tokens * g.hidden * s.compute_bytes if wanda else 0  # [nsamples, seqlen, hidden]
+    micro = s.batch_size * s.seqlen  # tokens in one micro-batch
+
+    # One micro-batch through a layer (8b, 8e): its input and output, the norm's float32 copy, q/k/v
+    # and the attention output, the MLP's gate, up, act(gate) and their product; on a CPU the
+    # attention scores of every head; and Wanda's float32 copy of one sample's input to down_proj.
+    forward = micro * s.compute_bytes * (4 * g.hidden + 2 * (g.heads + g.kv_heads) * g.head_dim)
+    forward += micro * 4 * g.hidden + micro * s.compute_bytes * 4 * g.intermediate
+    if s.device == "cpu":
+        forward += 2 * s.batch_size * g.heads * s.seqlen * s.seqlen * s.compute_bytes
+    forward += s.seqlen * g.intermediate * 4 if wanda else 0
+    # Masks (8c): float32 scores of the largest Linear, a sort of up to _SORT_SLICE_ELEMENTS of them
+    # (values + int64 indices), and the bool masks of all seven Linears, kept until written.
+    sort_slice = min(largest_linear, _SORT_SLICE_ELEMENTS)
+    mask_scratch = largest_linear * 4 + sort_slice * (4 + 8)
+    masks = linears  # one byte per weight
+    compute_copy = g.layer_params * s.compute_bytes  # the layer built in the compute dtype
+    pruned_compute = linears * s.compute_bytes  # 8c replaces each Linear's weight by its pruned copy
+    pruned_stored = linears * s.stored_bytes  # 8d: the pruned tensors handed to the writer
+    on_cpu = s.device == "cpu"
+    shares_storage = on_cpu and s.stored_bytes == s.compute_bytes  # the built layer reuses the read tensors
+
+    # RAM at the layer loop's peak (8e, the pruned layer's forward): the layer being prefetched,
+    # this layer as read, its compute copy (on a CPU), the pruned copies for the writer and the
+    # masks, the activation buffer (or one micro-batch of it when it lives on disk).
+    ram_loop = (stored_layer if s.overlap else 0) + stored_layer + pruned_stored + masks
+    if on_cpu:
+        ram_loop += (0 if shares_storage else compute_copy) + pruned_compute + forward
+    ram_loop += buffer if s.offload == "cpu" else micro * g.hidden * s.compute_bytes * 2
+    # RAM while copying the tensors outside the layers (6) and embedding the tokens (7)
+    largest_outside = g.vocab * g.hidden * s.stored_bytes
+    ram_copy = largest_outside
+    ram_embed = _EMBEDDING_SLICE_BYTES * 2 + (buffer if s.offload == "cpu" else 0)
+    tokenizer = g.vocab * TOKENIZER_BYTES_PER_VOCAB_ENTRY if wanda else 0
+    peak_ram = s.runtime_bytes + tokenizer + tokens * 8 + max(ram_loop, ram_copy, ram_embed)
+
+    peak_vram = None
+    if not on_cpu:
+        vram_masks = compute_copy + pruned_compute + mask_scratch + largest_linear  # + the mask being built
+        vram_forward = compute_copy + pruned_compute + forward
+        peak_vram = max(vram_masks, vram_forward)
+
+    outside_bytes = g.outside_params * s.stored_bytes
+    checkpoint_bytes = g.layers * stored_layer + outside_bytes
+    resume_points = math.ceil(g.layers / s.checkpoint_every) - 1 if wanda else 0
+    flops_per_forward = 2 * g.linear_params * tokens + 2 * s.nsamples * g.heads * g.head_dim * s.seqlen * s.seqlen
+    return {
+        "params": g.layers * g.layer_params + g.outside_params,
+        "checkpoint_bytes": checkpoint_bytes,
+        "layer_bytes": stored_layer,
+        "buffer_bytes": buffer,
+        "peak_ram_bytes": peak_ram,
+        "peak_ram_parts": {
+            "runtime (python, torch, transformers)": s.runtime_bytes,
+            "tokenizer and calibration ids": tokenizer + tokens * 8,
+            "activation buffer": buffer if s.offload == "cpu" else 0,
+            "layers in flight (prefetched, current, pruned, masks)": ram_loop - (buffer if s.offload == "cpu" else 0),
+        },
+        "peak_vram_bytes": peak_vram,
+        # read: every tensor once, and the embedding rows again to embed the calibration tokens
+        "bytes_read": checkpoint_bytes + (largest_outside if wanda else 0),
+        # written: the output, and an activation checkpoint at every resume point but the last
+        "bytes_written": checkpoint_bytes + resume_points * buffer,
+        "disk_bytes": {
+            "output checkpoint": checkpoint_bytes,
+            "activation checkpoints": 2 * buffer if g.layers > 1 else 0,
+            "offloaded buffer": buffer if s.offload == "disk" else 0,
+        },
+        "flops": (2 * g.layers * flops_per_forward) if wanda else 0,
+    }
+
+
+def seconds(
+    plan: dict, flops_per_second: float, read_bytes_per_second: float, write_bytes_per_second: float, overlap: bool
+) -> dict:
+    """Compute and I/O time; with overlap the run takes about the larger, without it the sum."""
+    compute = plan["flops"] / flops_per_second
+    io = plan["bytes_read"] / read_bytes_per_second + plan["bytes_written"] / write_bytes_per_second
+    return {"compute": compute, "io": io, "total": max(compute, io) if overlap else compute + io}
+
+
+def measure_cpu_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5) -> float:
+    """This machine's matmul FLOP/s with torch's threads (best of `repeats`): the CPU's rate."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def gpu_flops(name: str) -> float | None:
+    """Assumed FLOP/s of a GPU named like one in GPU_PEAK_TFLOPS ("NVIDIA H100 80GB HBM3" -> h100)."""
+    key = name.lower().replace(" ", "").replace("-", "")
+    for known, tflops in GPU_PEAK_TFLOPS.items():
+        if known in key:
+            return tflops * 1e12 * GPU_EFFICIENCY
+    return None
+
+
+GPU_MEMORY_GB = {"h200": 141, "h100": 80, "a100": 80, "l40s": 48, "rtx4090": 24, "rtx3090": 24, "a10": 24}
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set now (Linux /proc; 0 where unknown)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def fit(geometry: Geometry, settings: Settings, max_ram: int | None, max_vram: int | None) -> tuple[dict, list[str]]:
+    """The plan, and what does not fit the limits, each with the flag that would make it fit
+    (empty when everything fits). `settings.offload` "auto" becomes "cpu" or "disk" here."""
+    from dataclasses import replace
+
+    def plan_of(**changes) -> dict:
+        return estimate(geometry, replace(settings, **changes))
+
+    def ram_ok(plan: dict) -> bool:
+        return max_ram is None or plan["peak_ram_bytes"] <= max_ram
+
+    def vram_ok(plan: dict) -> bool:
+        return max_vram is None or plan["peak_vram_bytes"] is None or plan["peak_vram_bytes"] <= max_vram
+
+    if settings.offload == "auto":
+        settings.offload = "cpu" if ram_ok(plan_of(offload="cpu")) else "disk"
+    plan, problems = estimate(geometry, settings), []
+    if not ram_ok(plan):
+        need = (
+            f"needs about {format_size(plan['peak_ram_bytes'])} of RAM, more than the {format_size(max_ram)} available"
+        )
+        if settings.offload == "cpu" and ram_ok(plan_of(offload="disk")):
+            problems.append(f"{need}: add --offload disk to keep the activation buffer in a file")
+        else:
+            fits = [
+                n
+                for n in (64, 32, 16, 8, 4, 2, 1)
+                if n < settings.nsamples and ram_ok(plan_of(nsamples=n, offload="disk"))
+            ]
+            hint = f"lower --nsamples (e.g. {fits[0]}) with --offload disk" if fits else "use a machine with more RAM"
+            problems.append(f"{need} even with --offload disk: {hint}, or raise --max-ram if you know better")
+    if not vram_ok(plan):
+        need = f"needs about {format_size(plan['peak_vram_bytes'])} of GPU memory, more than {format_size(max_vram)}"
+        batches = [b for b in range(settings.batch_size - 1, 0, -1) if vram_ok(plan_of(batch_size=b))]
+        if batches:
+            problems.append(f"{need}: lower --batch-size to {batches[0]}")
+        elif settings.compute_bytes == 4 and vram_ok(plan_of(compute_bytes=2, batch_size=1)):
+            problems.append(f"{need}: compute in --dtype bfloat16")
+        else:
+            problems.append(f"{need}: lower --seqlen, or use --device cpu")
+    return plan, problems
+
+
+def largest_batch(geometry: Geometry, settings: Settings, max_vram: int | None, most: int = 16) -> int:
+    """--batch-size auto: the most calibration samples per micro-batch whose peak fits max_vram."""
+    from dataclasses import replace
+
+    if max_vram is None:
+        return 1
+    for batch in range(min(most, settings.nsamples), 1, -1):
+        if estimate(geometry, replace(settings, batch_size=batch))["peak_vram_bytes"] <= max_vram:
+            return batch
+    return 1
+
+
+def report(plan: dict, settings: Settings, times: dict | None, device_name: str, problems: list[str]) -> str:
+    """The plan as the lines a user reads before a run."""
+    ram_parts = ", ".join(f"{name} {format_size(n)}" for name, n in plan["peak_ram_parts"].items() if n)
+    lines = [
+        f"plan: {plan['params'] / 1e9:.2f} B parameters, {format_size(plan['checkpoint_bytes'])} checkpoint, "
+        f"one layer {format_size(plan['layer_bytes'])}, activation buffer {format_size(plan['buffer_bytes'])} "
+        f"(offload {settings.offload})",
+        f"  peak RAM   {format_size(plan['peak_ram_bytes'])} ({ram_parts})",
+    ]
+    if plan["peak_vram_bytes"] is not None:
+        lines.append(
+            f"  peak VRAM  {format_size(plan['peak_vram_bytes'])} (allocated by torch; the CUDA context adds ~0.5 GB)"
+        )
+    disk = ", ".join(f"{name} {format_size(n)}" for name, n in plan["disk_bytes"].items() if n)
+    lines += [
+        f"  disk       {format_size(sum(plan['disk_bytes'].values()))} ({disk})",
+        f"  I/O        read {format_size(plan['bytes_read'])}, write {format_size(plan['bytes_written'])}",
+        f"  compute    {plan['flops'] / 1e12:,.1f} TFLOP",
+    ]
+    if times is not None:
+        lines.append(
+            f"  time       ~{_duration(times['total'])} on {device_name} (compute {_duration(times['compute'])}, "
+            f"I/O {_duration(times['io'])}, {'overlapped' if settings.overlap else 'in sequence'})"
+        )
+    lines += [f"  does not fit: {problem}" for problem in problems] or ["  fits the limits"]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
