@@ -29,6 +29,9 @@ class Worker:
                 future.set_result(self._run(job, args))
             except BaseException as err:  # re-raised by result(), as a thread's would be
                 future.set_exception(err)
+        # finished jobs are forgotten (their results belong to whoever holds the future); failed
+        # ones are kept for wait() to re-raise
+        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
         self._pending.append(future)
         return future
 

@@ -17,6 +17,19 @@ import torch
 
 _PAGE_BYTES = mmap.PAGESIZE
 _MADV_DONTNEED = 4  # linux/mman.h; on a shared file mapping the data stays in the file
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+
+def return_freed_memory_to_the_system() -> None:
+    """Have glibc's malloc serve every allocation of 1 MiB or more by its own mmap, unmapped when
+    freed. By default malloc raises that threshold (up to 32 MiB) after such frees and then keeps
+    freed tensors in its heap, so the resident set grows by about a layer's worth of fragments and
+    stops following what is live; with it fixed, peaks are the live tensors and the plan can predict them.
+    No-op where the C library is not glibc."""
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 def available_ram_bytes() -> int | None:

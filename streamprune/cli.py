@@ -65,12 +65,31 @@ def run(
     seed: int = typer.Option(0, help="Seed for choosing calibration windows."),
     device: str = typer.Option("auto", help="Compute device: auto (cuda if available), cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16."),
-    batch_size: int = typer.Option(
-        1,
-        help="Calibration sequences per micro-batch. 1 reproduces the Wanda reference bit for bit; larger "
-        "batches round differently, which can flip near-tied weights.",
+    batch_size: str = typer.Option(
+        "1",
+        help="Calibration sequences per micro-batch, or auto (the most, up to 16, that fit --max-gpu-memory). "
+        "1 reproduces the Wanda reference bit for bit; larger batches round differently, which can flip "
+        "near-tied weights.",
     ),
     max_shard_size: str = typer.Option("5GB", help="Largest output shard file, e.g. 5GB, 500MB, 2GiB."),
+    offload: str = typer.Option(
+        "auto",
+        help="Where the calibration activations (nsamples x seqlen x hidden; 4 GiB for a 70B model at 128 x "
+        "2048 in bf16) live: cpu (RAM), disk (a memory-mapped file, for machines short of RAM), or auto "
+        "(cpu when the plan fits the RAM, else disk).",
+    ),
+    offload_dir: Optional[Path] = typer.Option(
+        None, help="Directory for --offload disk's file (default --out/.streamprune/offload); a fast disk helps."
+    ),
+    max_ram: Optional[str] = typer.Option(
+        None, help="RAM the run may use, e.g. 16GB (default: what is available now). The plan is checked against it."
+    ),
+    max_gpu_memory: Optional[str] = typer.Option(
+        None, help="GPU memory the run may use, e.g. 24GB (default: what is free on the device)."
+    ),
+    overlap: bool = typer.Option(
+        True, "--overlap/--no-overlap", help="Read the next layer and write the last one while this one computes."
+    ),
     checkpoint_every: int = typer.Option(
         1,
         help="Save a resume point every K layers: the pruned shards so far, the activations entering the next "
@@ -106,7 +125,9 @@ def run(
 
     with user_errors(
         on_interrupt=f"interrupted; the work since the last saved layer is lost. To resume: {resume_command()}",
-        on_gpu_oom=f"Lower --batch-size (now {batch_size}) or --seqlen, or use --device cpu.",
+        on_gpu_oom=f"Lower --batch-size (now {batch_size}) or --seqlen, or set --max-gpu-memory below what this "
+        "GPU has free (other processes may be using it), or use --device cpu. The work up to the last saved layer "
+        f"is kept; resume with the same command: {resume_command()}",
         on_disk_full="The work up to the last saved layer is kept; free some space, then resume with: "
         + resume_command(),
     ):
@@ -123,10 +144,15 @@ def run(
             seed=seed,
             device=device,
             dtype=dtype,
-            batch_size=batch_size,
+            batch_size=parse_batch_size(batch_size),
             max_shard_size=max_shard_size,
             checkpoint_every=checkpoint_every,
             checkpoint_minutes=checkpoint_minutes,
+            offload=offload,
+            offload_dir=None if offload_dir is None else str(offload_dir),
+            max_ram=max_ram,
+            max_gpu_memory=max_gpu_memory,
+            overlap=overlap,
             force=force,
             quiet=quiet,
         )
@@ -148,6 +174,67 @@ def run(
         from .evaluate import results_table
 
         typer.echo(results_table(record["evaluation"]))
+
+
+@app.command(name="plan")
+def plan_command(
+    model: str = typer.Argument(
+        ..., help="A checkpoint directory, its config.json, a hub id or an alias (only config.json is fetched)."
+    ),
+    method: str = typer.Option("wanda", help="wanda or magnitude (magnitude needs no calibration data)."),
+    nsamples: int = typer.Option(128, help="Calibration sequences, as for run."),
+    seqlen: int = typer.Option(2048, help="Tokens per calibration sequence, as for run."),
+    batch_size: int = typer.Option(1, help="Calibration sequences per micro-batch, as for run."),
+    dtype: str = typer.Option("auto", help="Compute dtype: auto (the config's), float32, bfloat16, float16."),
+    device: str = typer.Option(
+        "auto",
+        help="auto (this machine's GPU, else its CPU), cpu, cuda, or a GPU to plan for: h200, h100, a100, l40s, "
+        "rtx4090, rtx3090, a10.",
+    ),
+    offload: str = typer.Option("auto", help="cpu, disk or auto, as for run."),
+    max_ram: Optional[str] = typer.Option(None, help="RAM limit to check, e.g. 16GB (default: available here)."),
+    max_gpu_memory: Optional[str] = typer.Option(
+        None, help="GPU memory limit to check, e.g. 24GB (default: the named GPU's, or what is free here)."
+    ),
+    checkpoint_every: int = typer.Option(1, help="Resume point every K layers, as for run (each writes the buffer)."),
+    overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="As for run."),
+    read_speed: str = typer.Option("2GB", help="Disk read speed per second assumed for the time estimate."),
+    write_speed: str = typer.Option("1GB", help="Disk write speed per second assumed for the time estimate."),
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of the report."),
+) -> None:
+    """What a run will need, from config.json alone, before you start it: peak RAM and GPU memory,
+    disk, bytes read and written, FLOPs and a time estimate; whether it fits, and which flag would
+    make it fit. Example: streamprune plan llama-70b --device rtx4090 --max-ram 32GB"""
+    from .config import METHODS, OFFLOAD, parse_limit
+    from .plan import plan_model
+
+    with user_errors(on_interrupt="interrupted", on_gpu_oom="Use --device cpu."):
+        if method not in METHODS:
+            raise UsageError(f"--method {method!r} is not one of: {', '.join(METHODS)}")
+        if offload not in OFFLOAD:
+            raise UsageError(f"--offload {offload!r} is not one of: {', '.join(OFFLOAD)}")
+        for name, value in (("--nsamples", nsamples), ("--seqlen", seqlen), ("--batch-size", batch_size)):
+            if value <= 0:
+                raise UsageError(f"{name} must be positive, got {value}")
+        text, numbers = plan_model(
+            model,
+            method=method,
+            nsamples=nsamples,
+            seqlen=seqlen,
+            batch_size=batch_size,
+            dtype=dtype,
+            device=device,
+            offload=offload,
+            max_ram=parse_limit("--max-ram", max_ram),
+            max_gpu_memory=parse_limit("--max-gpu-memory", max_gpu_memory),
+            checkpoint_every=checkpoint_every,
+            overlap=overlap,
+            read_bytes_per_second=parse_limit("--read-speed", read_speed),
+            write_bytes_per_second=parse_limit("--write-speed", write_speed),
+        )
+    typer.echo(json.dumps(numbers, indent=2) if as_json else text)
+    if not numbers["fits"]:
+        raise typer.Exit(EXIT_RESOURCES)
 
 
 @app.command(name="eval")
@@ -298,6 +385,16 @@ def user_errors(on_interrupt: str, on_gpu_oom: str, on_disk_full: str | None = N
         raise typer.Exit(EXIT_RESOURCES) from None
 
 
+def parse_batch_size(text: str) -> int | None:
+    """--batch-size: a positive count, or auto (None: sized from the plan)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--batch-size {text!r} is neither a number nor auto; e.g. --batch-size 1") from None
+
+
 def resume_command() -> str:
     return shlex.join(["streamprune", *sys.argv[1:]])
 
@@ -308,8 +405,13 @@ def summary(record: dict) -> str:
         f"pruned {record['source']['num_hidden_layers']} layers of {record['source']['model']} "
         f"({record['arguments']['method']}, target sparsity {record['target_sparsity']:.3f}, "
         f"achieved {record['mean_layer_sparsity']:.3f}) in {record['total_seconds']:.1f} s on {record['device']}",
-        f"peak RSS {record['peak_rss_bytes'] / gib:.2f} GiB"
-        + (f", peak VRAM {record['peak_vram_bytes'] / gib:.2f} GiB" if record["peak_vram_bytes"] else ""),
+        f"peak RSS {record['peak_rss_bytes'] / gib:.2f} GiB (planned {record['plan']['peak_ram_bytes'] / gib:.2f})"
+        + (
+            f", peak VRAM {record['peak_vram_bytes'] / gib:.2f} GiB "
+            f"(planned {record['plan']['peak_vram_bytes'] / gib:.2f})"
+            if record["peak_vram_bytes"]
+            else ""
+        ),
         *(
             [f"resumed {len(record['sessions']) - 1} time(s), last from layer {record['sessions'][-1]['from_layer']}"]
             if len(record["sessions"]) > 1

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from . import buffers
 from .buffers import available_ram_bytes
 from .calibration import file_sha256
 from .checkpoint import Checkpoint
@@ -329,6 +330,7 @@ def depth(config: DepthConfig) -> dict:
     """Score the blocks of `config.model`, and unless --scores-only write the shortened checkpoint
     to `config.out`; returns the report (also written as depth_scores.json)."""
     started = time.perf_counter()
+    buffers.return_freed_memory_to_the_system()
 
     # 1. the source and the settings, all checked before anything is written
     source_dir = resolve_model(config.model)

@@ -110,6 +110,7 @@ def evaluate(config: EvalConfig) -> dict:
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
+    buffers.return_freed_memory_to_the_system()
     # 1. the model: checked as for pruning; nothing is loaded whole
     source_dir = resolve_model(config.model)
     checkpoint = Checkpoint(source_dir)

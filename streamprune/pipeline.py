@@ -35,7 +35,7 @@ from .writer import CheckpointWriter, write_atomic
 RECORD_FILE = "streamprune.json"
 CALIBRATION_FILE = "streamprune_calibration.json"
 _EMBEDDING_SLICE_BYTES = 64 * 1024 * 1024
-_FINITE_CHECK_ELEMENTS = 1 << 24
+_FINITE_CHECK_ELEMENTS = 1 << 20  # isfinite makes float temporaries of a slice: keep them ~4 MB
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
 
 # observe(layer_index, hidden) sees the CPU buffer [nsamples, seqlen, hidden] after each layer:
@@ -50,6 +50,7 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
     device = config.torch_device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    buffers.return_freed_memory_to_the_system()
 
     # 1. find and check the source; nothing is written until every check has passed
     source_dir = resolve_model(config.model)

@@ -302,3 +302,92 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def plan_model(
+    model: str,
+    method: str = "wanda",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    batch_size: int = 1,
+    dtype: str = "auto",
+    device: str = "auto",
+    offload: str = "auto",
+    max_ram: int | None = None,
+    max_gpu_memory: int | None = None,
+    checkpoint_every: int = 1,
+    overlap: bool = True,
+    read_bytes_per_second: float = 2e9,
+    write_bytes_per_second: float = 1e9,
+) -> tuple[str, dict]:
+    """`streamprune plan`: the report and the numbers for MODEL (a directory, hub id or alias;
+    only its config.json is read). `device` is auto, cpu, cuda or a GPU name from GPU_PEAK_TFLOPS."""
+    from .buffers import available_ram_bytes
+    from .config import DTYPES, check_dtype
+    from .errors import UsageError
+    from .families import family_of
+    from .source import fetch_config
+
+    check_dtype(dtype)
+    config, where = fetch_config(model)
+    family = family_of(config)
+    family.classes()  # the run's imports, so that the runtime measured below is the run's
+    import streamprune.pipeline  # noqa: F401
+
+    geometry = Geometry.from_config(config)
+    stored = DTYPES.get(config.get("torch_dtype") or config.get("dtype") or "float32", torch.float32)
+    compute = stored if dtype == "auto" else DTYPES[dtype]
+    seqlen = min(seqlen, config.get("max_position_embeddings") or seqlen)
+    named = device.lower().replace("-", "")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if named in GPU_PEAK_TFLOPS:
+        device_name, flops, max_gpu_memory = device, gpu_flops(named), max_gpu_memory or GPU_MEMORY_GB[named] * 10**9
+        kind = "cuda"
+    elif device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: torch sees no GPU here; name one instead, e.g. --device rtx4090")
+        device_name = torch.cuda.get_device_name(torch.device(device))
+        flops, kind = gpu_flops(device_name), "cuda"
+        max_gpu_memory = max_gpu_memory or torch.cuda.mem_get_info(torch.device(device))[0]
+    elif device == "cpu":
+        device_name, flops, kind = "this CPU (measured)", measure_cpu_flops(compute), "cpu"
+    else:
+        raise UsageError(f"--device {device!r}: use auto, cpu, cuda, or one of {', '.join(GPU_PEAK_TFLOPS)}")
+    settings = Settings(
+        method=method,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        batch_size=batch_size,
+        stored_bytes=stored.itemsize,
+        compute_bytes=compute.itemsize,
+        device=kind,
+        offload=offload,
+        overlap=overlap,
+        checkpoint_every=checkpoint_every,
+        runtime_bytes=current_rss_bytes(),
+    )
+    if max_ram is None and available_ram_bytes() is not None:
+        max_ram = settings.runtime_bytes + available_ram_bytes()
+    plan, problems = fit(geometry, settings, max_ram, max_gpu_memory)
+    times = None
+    if flops is not None:
+        times = seconds(plan, flops, read_bytes_per_second, write_bytes_per_second, overlap)
+    head = (
+        f"{model}: {config.get('architectures', ['?'])[0]}, {geometry.layers} layers, hidden {geometry.hidden}, "
+        f"stored {str(stored).removeprefix('torch.')}, compute {str(compute).removeprefix('torch.')} "
+        f"(config from {where})\nlimits: RAM {format_size(max_ram) if max_ram else 'unknown'}"
+        + (f", GPU memory {format_size(max_gpu_memory)}" if kind == "cuda" else "")
+        + f"; disk read {read_bytes_per_second / 1e9:g} GB/s, write {write_bytes_per_second / 1e9:g} GB/s (assumed)"
+    )
+    text = head + "\n" + report(plan, settings, times, device_name, problems)
+    numbers = {
+        **plan,
+        "settings": settings.__dict__,
+        "limits": {"ram_bytes": max_ram, "gpu_bytes": max_gpu_memory},
+        "seconds": times,
+        "device": device_name,
+        "fits": not problems,
+        "problems": problems,
+    }
+    return text, numbers

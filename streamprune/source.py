@@ -23,6 +23,39 @@ ALIASES = {
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B",
 }
+
+
+def _llama(hidden, intermediate, layers, heads, kv_heads, vocab, positions, dtype, model_type="llama", tied=False):
+    architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    return {
+        "architectures": [architecture[model_type]],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": positions,
+        "torch_dtype": dtype,
+        "tie_word_embeddings": tied,
+    }
+
+
+# The sizes `plan` needs for each alias, as in the config.json each points to on the hub, so that
+# planning an alias needs no network.
+ALIAS_CONFIGS = {
+    "meta-llama/Llama-2-7b-hf": _llama(4096, 11008, 32, 32, 32, 32000, 4096, "float16"),
+    "meta-llama/Llama-2-13b-hf": _llama(5120, 13824, 40, 40, 40, 32000, 4096, "float16"),
+    "meta-llama/Llama-2-70b-hf": _llama(8192, 28672, 80, 64, 8, 32000, 4096, "float16"),
+    "meta-llama/Meta-Llama-3-8B": _llama(4096, 14336, 32, 32, 8, 128256, 8192, "bfloat16"),
+    "meta-llama/Meta-Llama-3-70B": _llama(8192, 28672, 80, 64, 8, 128256, 8192, "bfloat16"),
+    "meta-llama/Llama-3.1-8B": _llama(4096, 14336, 32, 32, 8, 128256, 131072, "bfloat16"),
+    "meta-llama/Llama-3.1-70B": _llama(8192, 28672, 80, 64, 8, 128256, 131072, "bfloat16"),
+    "mistralai/Mistral-7B-v0.1": _llama(4096, 14336, 32, 32, 8, 32000, 32768, "bfloat16", "mistral"),
+    "Qwen/Qwen2-7B": _llama(3584, 18944, 28, 28, 4, 152064, 131072, "bfloat16", "qwen2"),
+    "HuggingFaceTB/SmolLM2-135M": _llama(576, 1536, 30, 9, 3, 49152, 8192, "bfloat16", tied=True),
+}
 # Only what a checkpoint needs: config, tokenizer, safetensors weights. Never pickles or code.
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 
@@ -65,4 +98,45 @@ def download(repo_id: str, asked: str) -> Path:
         raise BadInputError(
             f"cannot download {where} from the Hugging Face hub: {reason}. Check the id (and `hf auth login` "
             "for gated models such as Llama), or pass a local directory."
+        ) from err
+
+
+def fetch_config(model: str) -> tuple[dict, str]:
+    """config.json of MODEL and where it came from, downloading nothing else: what `plan` needs."""
+    from .checkpoint import parse_json
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise BadInputError(f"{path} has no config.json; pass a checkpoint directory, a hub id or an alias")
+    elif path.is_file() and path.name.endswith(".json"):
+        config_path = path
+    elif ALIASES.get(model.lower()) in ALIAS_CONFIGS:
+        repo_id = ALIASES[model.lower()]
+        return ALIAS_CONFIGS[repo_id], f"the sizes of {repo_id} built into streamprune"
+    else:
+        repo_id = ALIASES.get(model.lower(), model)
+        if model.lower() not in ALIASES and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+            raise BadInputError(
+                f"no model directory {model}, and it is neither a hub id (owner/name) nor an alias. "
+                f"Aliases: {', '.join(sorted(ALIASES))}."
+            )
+        config_path = download_file(repo_id, "config.json", model)
+    try:
+        return parse_json(config_path.read_bytes(), str(config_path)), str(config_path)
+    except OSError as err:
+        raise BadInputError(f"cannot read {config_path}: {err}") from err
+
+
+def download_file(repo_id: str, filename: str, asked: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ResourceError(
+            f"cannot download {filename} of {asked} (hub id {repo_id}): {reason}. Without network, pass a local "
+            f"directory or its config.json: streamprune plan /path/to/model ..."
         ) from err
