@@ -1,21 +1,26 @@
-"""Peak memory of `streamprune run`: flat in model depth, and below the checkpoint's size.
+"""Peak memory of `streamprune run` and `streamprune eval`: flat in model depth, and as planned.
 
 Every figure is the peak resident set size of a separate process, read from /usr/bin/time -v:
 
   baseline  python importing streamprune, torch and transformers and loading the tokenizer: the
             fixed cost of the runtime, paid by any model of any size
-  SmolLM2   SmolLM2-135M (float32, 538 MB of safetensors), Wanda 50%, 128 x 512 C4 tokens
   synthetic random Llama models of equal width (hidden 1024, intermediate 2816, 16 heads, 4 KV
-            heads, float32) and 8 or 32 layers, Wanda 50%, 16 x 256 C4 tokens; and `streamprune
-            eval` of 16 x 256 WikiText-2 tokens on each
+            heads, float32) and 8, 16, 32 and 64 layers: `streamprune run` (Wanda 50%, 16 x 256 C4
+            tokens) and `streamprune eval` (16 x 256 WikiText-2 tokens)
+  SmolLM2   SmolLM2-135M (float32, 538 MB of safetensors), Wanda 50%, 128 x 512 C4 tokens, with the
+            activation buffer in RAM and with --offload disk
 
-    python benchmarks/memory.py [--part run|eval|all]      # about 8 minutes on 2 cores
+Beside each run's measured peak, the peak its plan predicted (the run record's plan, computed before
+the run from config.json and the runtime's resident size at that moment).
 
-Writes its table to benchmarks/RESULTS.md.
+    python benchmarks/memory.py [--part run|eval|all]      # about 25 minutes on 2 cores
+
+Writes its tables to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -26,6 +31,7 @@ from common import C4, DATA, conditions, dir_bytes, max_rss_bytes, write_section
 from smollm2 import DEFAULT_CACHE, build  # noqa: E402
 
 MIB = 2**20
+DEPTHS = (8, 16, 32, 64)
 SYNTHETIC = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4)
 
 
@@ -49,10 +55,11 @@ def synthetic_model(layers: int, tokenizer_dir: Path) -> Path:
     return out
 
 
-def run_rss(model: Path, nsamples: int, seqlen: int) -> int:
+def run_rss(model: Path, nsamples: int, seqlen: int, *extra: str) -> tuple[int, int]:
+    """(measured, planned) peak RSS of one `streamprune run`."""
     out = Path(tempfile.mkdtemp()) / "out"
     try:
-        return max_rss_bytes(
+        measured = max_rss_bytes(
             [
                 sys.executable,
                 "-m",
@@ -68,8 +75,11 @@ def run_rss(model: Path, nsamples: int, seqlen: int) -> int:
                 "--seqlen",
                 str(seqlen),
                 "--quiet",
+                *extra,
             ]
         )
+        planned = json.loads((out / "streamprune.json").read_text())["plan"]["peak_ram_bytes"]
+        return measured, planned
     finally:
         shutil.rmtree(out.parent)
 
@@ -84,11 +94,11 @@ def eval_rss(model: Path) -> int:
     )  # fmt: skip
 
 
-def measure_eval(smol: Path, repeats: int = 3) -> None:
-    """Peak RSS of `streamprune eval` on 8 and 32 layers; repeated, because one process's peak
-    varies by ~100 MiB from run to run (tokenizing the whole WikiText-2 text dominates it)."""
+def measure_eval(smol: Path, repeats: int = 2) -> None:
+    """Peak RSS of `streamprune eval` on 8 to 64 layers; repeated, because one process's peak
+    varies from run to run (tokenizing the whole WikiText-2 text is most of it)."""
     peaks = {}
-    for layers in (8, 32):
+    for layers in DEPTHS:
         print(f"measuring eval, synthetic {layers} layers x{repeats} ...", flush=True)
         peaks[layers] = sorted(eval_rss(synthetic_model(layers, smol)) for _ in range(repeats))
     median = {layers: values[len(values) // 2] for layers, values in peaks.items()}
@@ -109,7 +119,8 @@ def measure_eval(smol: Path, repeats: int = 3) -> None:
             f"| synthetic, {layers} layers | {', '.join(f'{v / MIB:.0f}' for v in values)} | "
             f"{median[layers] / MIB:.0f} MiB |"
         )
-    lines += ["", f"Depth: 32 vs 8 layers, ratio of medians **{median[32] / median[8]:.3f}**."]
+    spread = max(median.values()) / min(median.values())
+    lines += ["", f"Depth: 8 to 64 layers, largest / smallest median peak **{spread:.3f}** (bar: within 1.10)."]
     body = "\n".join(lines)
     print(body)
     write_section("memory-eval", body)
@@ -137,37 +148,41 @@ def main() -> None:
         ]
     )
     rows = []
-    for label, model, nsamples, seqlen in [
-        ("SmolLM2-135M, 30 layers", smol, 128, 512),
-        ("synthetic, 8 layers", synthetic_model(8, smol), 16, 256),
-        ("synthetic, 32 layers", synthetic_model(32, smol), 16, 256),
+    for label, model, nsamples, seqlen, extra in [
+        *[(f"synthetic, {n} layers", synthetic_model(n, smol), 16, 256, ()) for n in DEPTHS],
+        ("SmolLM2-135M, 30 layers", smol, 128, 512, ()),
+        ("SmolLM2-135M, --offload disk", smol, 128, 512, ("--offload", "disk")),
     ]:
         print(f"measuring {label} ...", flush=True)
-        peak = run_rss(model, nsamples, seqlen)
-        rows.append((label, dir_bytes(model), nsamples, seqlen, peak))
+        measured, planned = run_rss(model, nsamples, seqlen, *extra)
+        rows.append((label, dir_bytes(model), nsamples, seqlen, measured, planned))
 
     lines = [
-        "## Peak memory of `streamprune run` (Wanda 50%, CPU, float32)",
+        "## Peak memory of `streamprune run` (Wanda 50%, CPU, float32), measured and planned",
         "",
-        "Command: `python benchmarks/memory.py`. Peak RSS of each process from `/usr/bin/time -v`.",
+        "Command: `python benchmarks/memory.py --part run`. Peak RSS of each process from `/usr/bin/time -v`; "
+        "planned: the run record's plan (`streamprune plan` gives the same from config.json).",
         "",
         conditions(),
         "",
         f"Runtime baseline (python + torch + transformers + tokenizer, no model): **{baseline / MIB:.0f} MiB**.",
         "",
-        "| model | checkpoint | calibration | peak RSS | peak RSS - baseline | peak RSS / checkpoint |",
+        "| model | checkpoint | calibration | peak RSS | planned | planned / measured |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for label, size, nsamples, seqlen, peak in rows:
+    for label, size, nsamples, seqlen, measured, planned in rows:
         lines.append(
-            f"| {label} | {size / MIB:.0f} MiB | {nsamples} x {seqlen} | {peak / MIB:.0f} MiB | "
-            f"{(peak - baseline) / MIB:.0f} MiB | {peak / size:.2f} |"
+            f"| {label} | {size / MIB:.0f} MiB | {nsamples} x {seqlen} | {measured / MIB:.0f} MiB | "
+            f"{planned / MIB:.0f} MiB | {planned / measured:.3f} |"
         )
-    shallow, deep = rows[1][4], rows[2][4]
+    synthetic = [row[4] for row in rows[: len(DEPTHS)]]
+    worst = max(abs(row[5] / row[4] - 1) for row in rows)
     lines += [
         "",
-        f"Depth: 32 layers vs 8 layers of equal width: peak RSS ratio **{deep / shallow:.3f}** "
-        f"({(deep - shallow) / MIB:+.0f} MiB) while the checkpoint grows {rows[2][1] / rows[1][1]:.1f}x.",
+        f"- Depth: 8 to 64 layers of equal width, largest / smallest peak RSS "
+        f"**{max(synthetic) / min(synthetic):.3f}** "
+        f"(bar: within 1.10) while the checkpoint grows {rows[len(DEPTHS) - 1][1] / rows[0][1]:.1f}x.",
+        f"- Plan: largest error against the measured peak **{100 * worst:.1f}%** (bar: 15%).",
     ]
     body = "\n".join(lines)
     print(body)

@@ -255,6 +255,7 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                     last_saved, last_saved_at = index + 1, time.perf_counter()
             progress.close()
             saves.wait()
+            hidden = None  # an offloaded buffer's file is deleted with it, before the state dir goes
 
         # 9. finish: the index, then config and tokenizer, then the record; then the state goes
         writer.finish()

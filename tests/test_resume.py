@@ -23,9 +23,12 @@ from streamprune.runstate import STATE_DIR
 # 4 layers of 148 KB in 100 KB shards: layers straddle shards, and shards straddle layers
 ARGS = ["--calib", str(WIKITEXT), "--nsamples", "4", "--seqlen", "32", "--max-shard-size", "100KB"]
 # the parts of the run record that are measurements of one process, not results
-VOLATILE = ("total_seconds", "peak_rss_bytes", "peak_vram_bytes", "sessions", "plan")  # plan: from the RSS of the moment
+# (the plan's peaks include the resident size of the process at the start)
+VOLATILE = ("total_seconds", "peak_rss_bytes", "peak_vram_bytes", "sessions", "plan")
 # arguments that do not shape the result (every run here has its own --out)
-ARGUMENTS_OF_THE_SESSION = ("out", "quiet", "checkpoint_every", "checkpoint_minutes", "overlap", "offload", "offload_dir")
+ARGUMENTS_OF_THE_SESSION = (
+    "out", "quiet", "checkpoint_every", "checkpoint_minutes", "overlap", "offload", "offload_dir"
+)  # fmt: skip
 
 
 class Crasher:
