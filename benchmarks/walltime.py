@@ -5,7 +5,8 @@ Each figure is a separate process, timed from start to exit (imports included on
 
   streamprune       `streamprune run` (Wanda 50%, float32, batch 1), overlapped I/O (the default)
   no overlap        the same with --no-overlap: read, compute, write one after another
-  reference         tests/reference_wanda.py: load the whole model, prune it in memory, save_pretrained
+  reference         tests/reference_wanda.py: sample the calibration windows (checked equal to
+                    streamprune's), load the whole model, prune it in memory, save_pretrained
   compute only      the reference's pruning loop alone (the model already in memory), timed inside it
   I/O only          every tensor read with streamprune's reader and written with its writer, no compute
 
@@ -33,11 +34,19 @@ from smollm2 import build  # noqa: E402
 
 REFERENCE = """
 import json, sys, time
+from pathlib import Path
 t0 = time.perf_counter()
 import torch
 sys.path.insert(0, sys.argv[4])
 from reference_wanda import load_full_model, wanda_reference
-ids = torch.tensor(json.load(open(sys.argv[2]))["input_ids"])
+from transformers import AutoTokenizer
+from streamprune.calibration import read_documents, sample_windows
+saved = json.load(open(sys.argv[2]))
+# the reference samples its own calibration windows too (Wanda's get_c4), by the same random draws
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+documents = read_documents(Path(saved["file"]))
+ids = sample_windows(documents, tokenizer, saved["nsamples"], saved["seqlen"], saved["seed"])
+assert torch.equal(ids, torch.tensor(saved["input_ids"])), "not the same calibration ids"
 t1 = time.perf_counter()
 model = load_full_model(sys.argv[1])
 t2 = time.perf_counter()
@@ -45,7 +54,7 @@ wanda_reference(model, ids, sparsity=0.5)
 t3 = time.perf_counter()
 model.save_pretrained(sys.argv[3], max_shard_size="5GB")
 t4 = time.perf_counter()
-print(json.dumps({"imports": t1 - t0, "load": t2 - t1, "compute": t3 - t2, "save": t4 - t3}))
+print(json.dumps({"imports and calibration": t1 - t0, "load": t2 - t1, "compute": t3 - t2, "save": t4 - t3}))
 """
 
 IO_ONLY = """
@@ -112,9 +121,9 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/walltime.py --nsamples {args.nsamples} --seqlen {args.seqlen} "
         f"--repeats {args.repeats}`. Wanda 50%, float32, batch 1, {args.nsamples} x {args.seqlen} C4 "
-        "tokens (the reference is given streamprune's own calibration ids). Each figure is a whole process "
-        "from start to exit, imports included, except compute only (the reference's pruning loop alone, "
-        "timed inside it). Variants alternate; medians of the runs.",
+        "tokens (the reference samples the same windows, checked equal to streamprune's ids). Each figure "
+        "is a whole process from start to exit, imports included, except compute only (the reference's "
+        "pruning loop alone, timed inside it). Variants alternate; medians of the runs.",
         "",
         conditions(),
         "",

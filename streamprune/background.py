@@ -3,7 +3,8 @@ while the current one computes.
 
 A `Worker` is one thread that runs jobs in the order they were submitted, so that shard bytes,
 activation checkpoints and run state reach the disk in the same order as without it. With
-`enabled=False` every job runs at once in the caller's thread: the same code path, serial.
+`enabled=False` every job runs at once in the caller's thread (--no-overlap): the same calls in the
+same order, with a job's error raised where the threaded one would raise it (wait or result).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Worker:
             future = Future()
             try:
                 future.set_result(self._run(job, args))
-            except BaseException as err:  # re-raised by result(), as a thread's would be
+            except Exception as err:  # re-raised by result(), as a thread's would be; Ctrl-C goes at once
                 future.set_exception(err)
         # finished jobs are forgotten (their results belong to whoever holds the future); failed
         # ones are kept for wait() to re-raise
@@ -51,10 +52,11 @@ class Worker:
         for future in pending:
             future.result()
 
-    def close(self) -> None:
-        """Let the queued jobs finish (errors are dropped: the caller is already failing or has
-        waited), then stop the thread."""
-        wait(self._pending)
-        self._pending = []
+    def close(self) -> BaseException | None:
+        """Let the queued jobs finish, then stop the thread; returns the first error among jobs
+        not yet waited on (for a caller that is already failing and reports its own error)."""
+        pending, self._pending = self._pending, []
+        wait(pending)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        return next((f.exception() for f in pending if f.exception() is not None), None)

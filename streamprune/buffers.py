@@ -2,14 +2,16 @@
 in RAM, or in a memory-mapped file for machines whose RAM cannot hold it.
 
 A file-backed buffer's pages are the kernel's page cache, not the process's memory: `release`
-drops a processed slice from the process's mappings so that its resident set stays one
-micro-batch, not the whole buffer (the bytes stay in the file; touching them again reads them back).
+drops a processed slice from the process's resident set (the bytes stay in the file; touching them
+again reads them back). Every pass over the buffer (embedding, forwards, checks, activation
+checkpoints) releases as it goes, so that about one micro-batch of it is resident at a time.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import tempfile
 from pathlib import Path
 
@@ -46,8 +48,8 @@ def available_ram_bytes() -> int | None:
 
 
 def activation_buffer(shape: tuple[int, ...], dtype: torch.dtype, offload_dir: Path | None) -> torch.Tensor:
-    """An uninitialised tensor of `shape` in RAM, or (offload_dir given) memory-mapped from a
-    temporary file there, deleted when the tensor is."""
+    """An uninitialised tensor of `shape` in RAM, or (offload_dir given) memory-mapped from a file
+    there that has no name: its blocks are freed when the tensor is, or when the process ends."""
     numel = 1
     for size in shape:
         numel *= size
@@ -55,14 +57,20 @@ def activation_buffer(shape: tuple[int, ...], dtype: torch.dtype, offload_dir: P
         return torch.empty(shape, dtype=dtype)
     directory = Path(offload_dir).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=directory, prefix="streamprune-activations-", suffix=".bin")
-    buffer = torch.from_file(handle.name, shared=True, size=numel, dtype=dtype).view(shape)
-    buffer._streamprune_file = handle  # the file lives (and is deleted) with the buffer
+    fd, name = tempfile.mkstemp(dir=directory, prefix="streamprune-activations-", suffix=".bin")
+    try:
+        # every block allocated now: a disk that fills up fails here with ENOSPC, not later with SIGBUS
+        os.posix_fallocate(fd, 0, max(1, numel * dtype.itemsize))
+        buffer = torch.from_file(name, shared=True, size=numel, dtype=dtype).view(shape)
+    finally:
+        os.close(fd)
+        os.unlink(name)  # the mapping keeps the blocks; the file is gone however the process ends
+    buffer._streamprune_offloaded = True
     return buffer
 
 
 def is_offloaded(buffer: torch.Tensor) -> bool:
-    return hasattr(buffer, "_streamprune_file")
+    return getattr(buffer, "_streamprune_offloaded", False)
 
 
 def release(buffer: torch.Tensor, rows: slice = slice(0, None)) -> None:

@@ -213,7 +213,12 @@ def plan_command(
             raise UsageError(f"--method {method!r} is not one of: {', '.join(METHODS)}")
         if offload not in OFFLOAD:
             raise UsageError(f"--offload {offload!r} is not one of: {', '.join(OFFLOAD)}")
-        for name, value in (("--nsamples", nsamples), ("--seqlen", seqlen), ("--batch-size", batch_size)):
+        for name, value in (
+            ("--nsamples", nsamples),
+            ("--seqlen", seqlen),
+            ("--batch-size", batch_size),
+            ("--checkpoint-every", checkpoint_every),
+        ):
             if value <= 0:
                 raise UsageError(f"{name} must be positive, got {value}")
         text, numbers = plan_model(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import sys
@@ -65,7 +66,10 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
     seqlen = min(config.seqlen, getattr(stack.config, "max_position_embeddings", None) or config.seqlen)
 
     # 1b. the plan: what the run will hold at its peaks, against the RAM and GPU memory it may use;
-    # --offload auto and --batch-size auto are decided here, and a run that cannot fit stops now
+    # --offload auto and --batch-size auto are decided here (a resumed run keeps its batch size),
+    # and a run that cannot fit stops now
+    if config.batch_size is None and RunState.exists(config.out) and not config.force:
+        config.batch_size = RunState.load(config.out).structure.get("batch_size")
     run_plan, offload_dir = plan_run(config, checkpoint, dtype, seqlen)
 
     # 2. a new run, or the resumption of the unfinished one in --out (same settings only)
@@ -99,9 +103,14 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
     writer = CheckpointWriter(
         config.out, [(n, info[n].dtype, info[n].shape) for n in all_names], config.max_shard_bytes
     )
-    check_free_space(config.out, disk_needed(state, writer, calibration, stack, dtype, num_layers))
+    needed = disk_needed(state, writer, calibration, stack, dtype, num_layers)
     if offload_dir is not None and calibration is not None:
-        check_free_space(offload_dir, {"offloaded activation buffer": run_plan["buffer_bytes"]})
+        offload = {"offloaded activation buffer": run_plan["buffer_bytes"]}
+        if same_disk(offload_dir, config.out):
+            needed.update(offload)
+        else:
+            check_free_space(offload_dir, offload)
+    check_free_space(config.out, needed)
 
     # 5. the output directory: new (its state first, so that a run killed at any later instant
     # is resumable), or picked up where the interrupted run's state says
@@ -123,9 +132,6 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
     # the activation buffer [nsamples, seqlen, hidden]: in RAM, or in a file with --offload disk
     hidden = None
     if calibration is not None and state.next_layer < num_layers:
-        if offload_dir == config.out / STATE_DIR / OFFLOAD_DIR and not (config.out / STATE_DIR).is_symlink():
-            for stale in offload_dir.glob("streamprune-activations-*.bin"):  # a killed run's buffer
-                stale.unlink()
         hidden = buffers.activation_buffer((config.nsamples, seqlen, stack.config.hidden_size), dtype, offload_dir)
 
     def save_checkpoint(next_layer: int, layers_done: list, with_activations: bool = True) -> None:
@@ -135,7 +141,6 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
         activations = None
         if with_activations and hidden is not None and next_layer < num_layers:
             activations = state.save_activations(hidden, next_layer)
-            buffers.release(hidden)
         state.writer, state.activations, state.next_layer = position, activations, next_layer
         state.layers = layers_done
         state.seconds = earlier_seconds + time.perf_counter() - started
@@ -168,7 +173,6 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                     state.load_activations(out=hidden)
                 else:
                     embed(checkpoint, calibration["input_ids"], dtype, out=hidden)
-                buffers.release(hidden)
 
             # 8. one decoder layer at a time
             last_saved, last_saved_at = state.next_layer, time.perf_counter()
@@ -191,7 +195,8 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                 # 8a. this layer's tensors (read in the background), in their stored dtype; start
                 # reading the next layer's
                 stored = next_read.result()
-                next_read = reads.submit(read_layer, index + 1) if index + 1 < num_layers else None
+                if config.overlap and index + 1 < num_layers:
+                    next_read = reads.submit(read_layer, index + 1)
                 for name, local in names.items():
                     check_weights_finite(stored[local], name, resume_point(config.out, last_saved))
                 layer = stack.build(index, stored)
@@ -236,10 +241,11 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                 # 8e. the next layer's inputs: outputs of the pruned layer (the default)
                 if hidden is not None and config.propagate == "pruned":
                     forward_all(stack, layer, index, hidden, config.batch_size, collect=False, write_back=True)
-                del layer, stored, masks, tensor
+                del layer, stored, masks, tensor, module, mask
+                if not config.overlap and index + 1 < num_layers:  # serial: one layer read at a time
+                    next_read = reads.submit(read_layer, index + 1)
                 if hidden is not None:
                     check_activations_finite(hidden, index, resume_point(config.out, last_saved))
-                    buffers.release(hidden)
                 if observe is not None and hidden is not None:
                     observe(index, hidden)
                 seconds = time.perf_counter() - layer_started
@@ -259,8 +265,10 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
 
         # 9. finish: the index, then config and tokenizer, then the record; then the state goes
         writer.finish()
-    except BaseException:
-        saves.close()
+    except BaseException as err:
+        lost = saves.close()
+        if lost is not None and lost is not err:
+            err.add_note(f"A background write had failed too, so the last resume point may be older: {lost!r}")
         writer.abort()
         raise
     finally:
@@ -353,8 +361,21 @@ def plan_run(config: PruneConfig, checkpoint: Checkpoint, dtype: torch.dtype, se
     if problems:
         raise ResourceError(
             "this run would not fit: " + "; ".join(problems) + ". Nothing was written. "
-            f"See the whole plan with: streamprune plan {config.model} --nsamples {config.nsamples} "
-            f"--seqlen {config.seqlen}"
+            "See the whole plan with: "
+            + shlex.join(
+                ["streamprune", "plan", config.model, "--method", config.method, "--nsamples", str(config.nsamples)]
+                + ["--seqlen", str(config.seqlen), "--batch-size", str(config.batch_size), "--dtype", config.dtype]
+                + [
+                    "--device",
+                    str(device),
+                    "--offload",
+                    config.offload,
+                    "--checkpoint-every",
+                    str(config.checkpoint_every),
+                ]
+                + (["--max-ram", config.max_ram] if config.max_ram else [])
+                + (["--max-gpu-memory", config.max_gpu_memory] if config.max_gpu_memory else [])
+            )
         )
     offload_dir = None
     if config.offload == "disk":
@@ -378,7 +399,12 @@ def check_weights_finite(tensor: torch.Tensor, name: str, saved: str = "") -> No
 def check_activations_finite(hidden: torch.Tensor, index: int, saved: str) -> None:
     """Refuse to go on when a layer's outputs overflowed: later layers, and their Wanda statistics,
     would be computed from NaN."""
-    nan, inf = nonfinite_counts(hidden)
+    nan = inf = 0
+    rows = max(1, _FINITE_CHECK_ELEMENTS // max(1, hidden[0].numel()))
+    for start in range(0, hidden.shape[0], rows):  # in slices, so that an offloaded buffer stays unmapped
+        counts = nonfinite_counts(hidden[start : start + rows])
+        nan, inf = nan + counts[0], inf + counts[1]
+        buffers.release(hidden, slice(start, start + rows))
     if nan or inf:
         hint = (
             "The weights are finite, so the layer overflowed: rerun with --dtype float32."
@@ -389,6 +415,18 @@ def check_activations_finite(hidden: torch.Tensor, index: int, saved: str) -> No
             f"the outputs of layer {index} hold {nan:,} NaN and {inf:,} Inf values (in "
             f"{str(hidden.dtype).removeprefix('torch.')}); stopped before pruning layer {index + 1}. {hint} {saved}"
         )
+
+
+def same_disk(a: Path, b: Path) -> bool:
+    """Whether two paths (or their nearest existing parents) are on the same file system."""
+
+    def device_of(path: Path) -> int:
+        path = path.resolve()
+        while not path.exists():
+            path = path.parent
+        return path.stat().st_dev
+
+    return device_of(a) == device_of(b)
 
 
 def nonfinite_counts(tensor: torch.Tensor) -> tuple[int, int]:
@@ -641,6 +679,7 @@ def embed(
             table = checkpoint.read(EMBEDDING, rows=slice(first, first + rows_per_slice)).to(dtype)
             for run in positions.split(tokens_per_copy):
                 flat_hidden[run] = table[flat_ids[run] - first]
+            buffers.release(hidden)
     return hidden
 
 

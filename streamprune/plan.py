@@ -74,6 +74,12 @@ class Geometry:
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
 
+def _pinned_bytes(g: Geometry, stored_bytes: int) -> int:
+    """One layer read into pinned memory, whose allocator rounds every block up to a power of two."""
+    sizes = [rows * cols * stored_bytes for rows, cols in g.linear_shapes().values()] + [2 * g.hidden * stored_bytes]
+    return sum(1 << (size - 1).bit_length() for size in sizes)
+
+
 @dataclass
 class Settings:
     method: str = "wanda"
@@ -108,6 +114,7 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     if s.device == "cpu":
         forward += 2 * s.batch_size * g.heads * s.seqlen * s.seqlen * s.compute_bytes
     forward += s.seqlen * g.intermediate * 4 if wanda else 0
+    forward = forward if wanda else 0  # magnitude runs no forward at all
     # Masks (8c): float32 scores of the largest Linear, a sort of up to _SORT_SLICE_ELEMENTS of them
     # (values + int64 indices), and the bool masks of all seven Linears, kept until written.
     sort_slice = min(largest_linear, _SORT_SLICE_ELEMENTS)
@@ -119,12 +126,16 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     on_cpu = s.device == "cpu"
     shares_storage = on_cpu and s.stored_bytes == s.compute_bytes  # the built layer reuses the read tensors
 
-    # RAM at the layer loop's peak (8e, the pruned layer's forward): the layer being prefetched,
-    # this layer as read, its compute copy (on a CPU), the pruned copies for the writer and the
-    # masks, the activation buffer (or one micro-batch of it when it lives on disk).
-    ram_loop = (stored_layer if s.overlap else 0) + stored_layer + pruned_stored + masks
+    # RAM in the layer loop: the layer being prefetched (pinned, so rounded up to powers of two, on a
+    # GPU machine), this layer as read, the masks and the pruned copies for the writer, and on a CPU
+    # the compute copy and its pruned Linears; then either the mask scratch (8c, while the previous
+    # layer's pruned copies may still be being written) or a micro-batch's forward (8e); and the
+    # activation buffer, or about a micro-batch of it when it lives on disk.
+    read = stored_layer if on_cpu else _pinned_bytes(g, s.stored_bytes)
+    ram_loop = (read if s.overlap else 0) + read + pruned_stored + masks
     if on_cpu:
-        ram_loop += (0 if shares_storage else compute_copy) + pruned_compute + forward
+        ram_loop += (0 if shares_storage else compute_copy) + pruned_compute
+        ram_loop += max(forward, mask_scratch + pruned_stored)
     ram_loop += buffer if s.offload == "cpu" else micro * g.hidden * s.compute_bytes * 2
     # RAM while copying the tensors outside the layers (6) and embedding the tokens (7)
     largest_outside = g.vocab * g.hidden * s.stored_bytes
@@ -135,9 +146,10 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
 
     peak_vram = None
     if not on_cpu:
-        vram_masks = compute_copy + pruned_compute + mask_scratch + largest_linear  # + the mask being built
-        vram_forward = compute_copy + pruned_compute + forward
-        peak_vram = max(vram_masks, vram_forward)
+        # the layer's own copy on the GPU; each Linear's pruned weight replaces (frees) its dense one,
+        # so one extra Linear at a time, beside the scores, the sort and the mask being built
+        largest_pruned = largest_linear * s.compute_bytes
+        peak_vram = compute_copy + max(mask_scratch + largest_linear + largest_pruned, forward)
 
     outside_bytes = g.outside_params * s.stored_bytes
     checkpoint_bytes = g.layers * stored_layer + outside_bytes
@@ -260,7 +272,7 @@ def largest_batch(geometry: Geometry, settings: Settings, max_vram: int | None, 
     """--batch-size auto: the most calibration samples per micro-batch whose peak fits max_vram."""
     from dataclasses import replace
 
-    if max_vram is None:
+    if max_vram is None or settings.device != "cuda":
         return 1
     for batch in range(min(most, settings.nsamples), 1, -1):
         if estimate(geometry, replace(settings, batch_size=batch))["peak_vram_bytes"] <= max_vram:

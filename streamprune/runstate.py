@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import buffers
 from .calibration import file_sha256
 from .checkpoint import DTYPE_NAMES, SAFETENSORS_DTYPES, Checkpoint
 from .errors import BadInputError, ResourceError, UsageError
@@ -144,7 +145,9 @@ class RunState:
         name = f"activations-layer{layer:05d}.bin"
         temp = self.dir / f".{name}.partial"
         with open(temp, "wb") as f:
-            f.write(memoryview(hidden.contiguous().view(-1).view(torch.uint8).numpy()))
+            for row in range(hidden.shape[0]):  # a row at a time: an offloaded buffer stays unmapped
+                f.write(memoryview(hidden[row].contiguous().view(-1).view(torch.uint8).numpy()))
+                buffers.release(hidden, slice(row, row + 1))
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, self.dir / name)
@@ -157,16 +160,18 @@ class RunState:
         hidden = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if out is None else out
         if list(hidden.shape) != info["shape"] or DTYPE_NAMES[hidden.dtype] != info["dtype"]:
             raise BadInputError(f"the activation checkpoint {path} does not fit this run; start over with --force")
-        view = memoryview(hidden.view(-1).view(torch.uint8).numpy())
+        got, expected = 0, hidden.numel() * hidden.element_size()
         try:
             with open(path, "rb") as f:
-                got = f.readinto(view)
+                for row in range(hidden.shape[0]):
+                    got += f.readinto(memoryview(hidden[row].view(-1).view(torch.uint8).numpy()))
+                    buffers.release(hidden, slice(row, row + 1))
                 extra = f.read(1)
         except OSError as err:
             raise BadInputError(
                 f"cannot read the activation checkpoint {path}: {err}; start over with --force"
             ) from err
-        if got != len(view) or extra:
+        if got != expected or extra:
             raise BadInputError(f"the activation checkpoint {path} has the wrong size; start over with --force")
         return hidden
 
@@ -183,8 +188,11 @@ class RunState:
     def remove(self) -> None:
         """Called once the run is complete; state.json goes last, so that a run killed halfway
         through still finds it, resumes with nothing left to do, and finishes again."""
-        if (self.dir / OFFLOAD_DIR).is_dir():
-            shutil.rmtree(self.dir / OFFLOAD_DIR)
+        offload = self.dir / OFFLOAD_DIR
+        if offload.is_symlink():
+            offload.unlink()
+        elif offload.is_dir():
+            shutil.rmtree(offload)
         for path in self.dir.iterdir():
             if path.name != STATE_FILE:
                 path.unlink()

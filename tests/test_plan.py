@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from typer.testing import CliRunner
 from streamprune import buffers
 from streamprune.background import Worker
 from streamprune.cli import app
-from streamprune.plan import Geometry, Settings, estimate, fit
+from streamprune.plan import Geometry, Settings, estimate, fit, largest_batch
 from streamprune.source import ALIAS_CONFIGS
 
 GB = 10**9
@@ -135,10 +134,7 @@ def test_released_offloaded_rows_keep_their_values(tmp_path):
     buffers.release(buffer, slice(3, 40))
     buffers.release(buffer)
     assert torch.equal(buffer, torch.arange(64 * 1024, dtype=torch.float32).view(64, 1024))
-    path = Path(buffer._streamprune_file.name)
-    assert path.is_file()
-    del buffer
-    assert not path.exists()
+    assert buffers.is_offloaded(buffer) and list(tmp_path.iterdir()) == []  # no name: nothing left by a kill
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -155,6 +151,12 @@ def test_worker_skips_every_job_after_a_failure(enabled):
         worker.wait()
     worker.close()
     assert done == [1]
+
+
+def test_batch_size_auto_is_one_without_a_gpu():
+    settings = Settings(device="cpu", nsamples=64)
+    assert largest_batch(LLAMA2_70B, settings, 80 * GB) == 1
+    assert largest_batch(LLAMA2_70B, Settings(device="cuda", nsamples=64), 80 * GB) > 1
 
 
 def test_offload_dir_needs_offload_disk(tiny_llama, tmp_path):

@@ -1,0 +1,102 @@
+"""One decoder layer of Llama-2-70B's geometry (hidden 8192, intermediate 28672, 64 heads, 8 KV
+heads, random bf16 weights) pruned with Wanda on a GPU with 128 x 2048 calibration tokens, exactly as
+the layer loop does it (streamprune's forward_all, prune_mask, apply_mask; the activation buffer
+128 x 2048 x 8192 bf16 = 4 GiB in CPU RAM): peak VRAM and seconds per layer, extrapolated to 80
+layers, beside `streamprune plan llama-70b`'s estimate for the same settings.
+
+    python benchmarks/gpu_layer.py            # needs a CUDA GPU; ~2 minutes on an H100
+
+Without a GPU it measures nothing and says so in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import conditions, write_section  # noqa: E402
+
+from streamprune.families import FAMILIES, PRUNABLE_LINEARS, LayerStack  # noqa: E402
+from streamprune.pipeline import forward_all  # noqa: E402
+from streamprune.plan import Geometry, Settings, estimate  # noqa: E402
+from streamprune.source import ALIAS_CONFIGS  # noqa: E402
+from streamprune.sparsity import apply_mask, prune_mask  # noqa: E402
+
+CONFIG = ALIAS_CONFIGS["meta-llama/Llama-2-70b-hf"]
+NSAMPLES, SEQLEN = 128, 2048
+GIB = 2**30
+
+
+def main() -> None:
+    plan = estimate(Geometry.from_config(CONFIG), Settings(device="cuda", nsamples=NSAMPLES, seqlen=SEQLEN))
+    header = [
+        "## One Llama-2-70B layer on a GPU (Wanda 50%, bf16, 128 x 2048 calibration tokens)",
+        "",
+        "Command: `python benchmarks/gpu_layer.py`.",
+        "",
+        conditions(),
+        "",
+    ]
+    if not torch.cuda.is_available():
+        body = "\n".join(
+            header
+            + [
+                "No GPU was lent to the session that ran this, so nothing was measured. For the record, the plan "
+                f"(`streamprune plan llama-70b --device h100`, arithmetic, not a measurement) expects peak VRAM "
+                f"{plan['peak_vram_bytes'] / GIB:.2f} GiB and peak RAM {plan['peak_ram_bytes'] / GIB:.2f} GiB "
+                "plus the runtime.",
+            ]
+        )
+        print(body)
+        write_section("gpu-layer", body)
+        return
+
+    device = torch.device("cuda")
+    config_dir = Path(tempfile.mkdtemp())
+    (config_dir / "config.json").write_text(json.dumps({**CONFIG, "rms_norm_eps": 1e-5}))
+    stack = LayerStack(config_dir, FAMILIES["llama"], device, torch.bfloat16)
+    torch.manual_seed(0)
+    tensors = {
+        name: (torch.randn(p.shape, dtype=torch.bfloat16) * 0.02 if p.dim() == 2 else torch.ones(p.shape))
+        for name, p in stack.skeleton(0).state_dict().items()
+    }
+    hidden = torch.randn(NSAMPLES, SEQLEN, CONFIG["hidden_size"], dtype=torch.bfloat16).pin_memory()
+    torch.cuda.reset_peak_memory_stats(device)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with torch.no_grad():
+        layer = stack.build(0, tensors)  # 8a
+        sq_norms = forward_all(stack, layer, 0, hidden, 1, collect=True, write_back=False)  # 8b
+        for local in PRUNABLE_LINEARS:  # 8c
+            module = layer.get_submodule(local)
+            mask = prune_mask(module.weight, "wanda", 0.5, None, sq_norms[local])
+            module.weight.data = apply_mask(module.weight.data, mask)
+        forward_all(stack, layer, 0, hidden, 1, collect=False, write_back=True)  # 8e
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated(device)
+    body = "\n".join(
+        header
+        + [
+            "| | measured | plan |",
+            "|---|---:|---:|",
+            f"| peak VRAM (torch allocated) | {peak / GIB:.2f} GiB | {plan['peak_vram_bytes'] / GIB:.2f} GiB |",
+            f"| seconds per layer | {seconds:.1f} | |",
+            f"| 80 layers (x80, compute only) | {80 * seconds / 60:.1f} min | |",
+            "",
+            f"Under 24 GB: **{'yes' if peak < 24 * 10**9 else 'no'}**. Random weights: the time is the real "
+            "arithmetic; the masks mean nothing.",
+        ]
+    )
+    print(body)
+    write_section("gpu-layer", body)
+
+
+if __name__ == "__main__":
+    main()
