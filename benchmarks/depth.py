@@ -7,8 +7,8 @@ Scoring: `streamprune depth --remove 6` with the paper's defaults (10 x 128 cali
 (the paper used BookCorpus, which is not available here). Perplexity: WikiText-2 test, 512-token
 windows, the first --ppl-windows. Zero-shot: the seven tasks, the first --limit examples each.
 Generation: transformers' greedy generate, batch 1, a 16-token prompt, exactly 128 new tokens, CPU;
-the median of 3 timed runs after a warm-up, as tokens/s and as a ratio to the dense model measured in
-this same run. Every number is measured here; the table goes to benchmarks/RESULTS.md.
+every model loaded, then --rounds (7) interleaved timed runs of each after a warm-up; the median, as
+tokens/s and as a ratio to the dense model. Every number is measured here; the table goes to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -37,30 +37,35 @@ def parameters(model: Path) -> int:
     return sum(math.prod(info.shape) for info in Checkpoint(model).tensors.values())
 
 
-def generation_seconds(model: Path, repeats: int = 3) -> float:
-    """Median wall time of greedy generation of exactly NEW_TOKENS tokens at batch 1."""
+def generation_seconds(models: list[Path], rounds: int) -> list[float]:
+    """Median wall time of greedy generation of exactly NEW_TOKENS tokens at batch 1, per model.
+    Every model is loaded first and the timed runs interleave (round 1: each model once, round 2:
+    each again, ...), so that a slow spell of this shared machine hits all of them alike."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(models[0])
+    nets = [AutoModelForCausalLM.from_pretrained(m, dtype=torch.float32).eval() for m in models]
     ids = tokenizer("The history of the city begins in the year", return_tensors="pt").input_ids[:, :16]
     settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    times: list[list[float]] = [[] for _ in models]
     with torch.no_grad():
-        net.generate(ids, **settings)  # warm-up
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            out = net.generate(ids, **settings)
-            times.append(time.perf_counter() - started)
-            assert out.shape[1] - ids.shape[1] == NEW_TOKENS
-    return statistics.median(times)
+        for net in nets:
+            net.generate(ids, **settings)  # warm-up
+        for _ in range(rounds):
+            for net, spent in zip(nets, times):
+                started = time.perf_counter()
+                out = net.generate(ids, **settings)
+                spent.append(time.perf_counter() - started)
+                assert out.shape[1] - ids.shape[1] == NEW_TOKENS
+    return [statistics.median(spent) for spent in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=50, help="examples per zero-shot task")
     parser.add_argument("--ppl-windows", type=int, default=40, help="WikiText-2 windows of 512 tokens")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved generation timings per model")
     args = parser.parse_args()
     model = build()
     work = Path(tempfile.mkdtemp())
@@ -79,9 +84,11 @@ def main() -> None:
                 report = json.loads((target / "depth_scores.json").read_text())
             ppl, tasks = evaluate(target, work, args.ppl_windows, args.limit)
             acc = tasks["average_acc"]
-            seconds = generation_seconds(target)
-            rows.append((label, report, ppl, acc, parameters(target), seconds))
-            print(f"  ppl {ppl:.2f}, average acc {acc:.4f}, {NEW_TOKENS / seconds:.1f} tokens/s", flush=True)
+            rows.append((label, report, ppl, acc, parameters(target), target))
+            print(f"  ppl {ppl:.2f}, average acc {acc:.4f}", flush=True)
+        print(f"timing generation, {args.rounds} interleaved rounds ...", flush=True)
+        medians = generation_seconds([row[5] for row in rows], args.rounds)
+        rows = [(*row[:5], seconds) for row, seconds in zip(rows, medians)]
     finally:
         shutil.rmtree(work)
 
@@ -91,8 +98,8 @@ def main() -> None:
         "",
         "Command: `python benchmarks/depth.py"
         + (
-            f" --limit {args.limit} --ppl-windows {args.ppl_windows}`."
-            if (args.limit, args.ppl_windows) != (50, 40)
+            f" --limit {args.limit} --ppl-windows {args.ppl_windows} --rounds {args.rounds}`."
+            if (args.limit, args.ppl_windows, args.rounds) != (50, 40, 7)
             else "`."
         )  # fmt: skip
         + " Scoring: `streamprune depth --remove 6` (10 x 128 calibration tokens of "
@@ -100,9 +107,9 @@ def main() -> None:
         f"Perplexity: WikiText-2 test, the first {args.ppl_windows} windows of 512 tokens. Zero-shot: mean `acc` "
         f"of the seven tasks, the first {args.limit} examples each (one standard error is up to "
         f"{50 / args.limit**0.5:.0f} points per task). Generation: greedy, batch 1, 16-token prompt, exactly "
-        f"{NEW_TOKENS} new tokens, median of 3 runs, transformers on the CPU; speed-up = dense time / pruned time, "
-        "measured in this run; all four pruned models have the same 24 blocks, so their spread in tokens/s "
-        "is the timing noise of this machine, not a property of the criterion. "
+        f"{NEW_TOKENS} new tokens, transformers on the CPU, every model loaded and the timed runs interleaved, "
+        f"median of {args.rounds} rounds; speed-up = dense time / pruned time. All four pruned models have the "
+        "same 24 blocks, so their spread in tokens/s is the timing noise of this machine. "
         "Reads: bytes of the checkpoint read while scoring, as a multiple of its size.",
         "",
         conditions(),

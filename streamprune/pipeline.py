@@ -36,6 +36,7 @@ from .writer import CheckpointWriter, write_atomic
 RECORD_FILE = "streamprune.json"
 CALIBRATION_FILE = "streamprune_calibration.json"
 _EMBEDDING_SLICE_BYTES = 64 * 1024 * 1024
+OFFLOADED_TOKENS_PER_COPY = 2048
 _FINITE_CHECK_ELEMENTS = 1 << 20  # isfinite makes float temporaries of a slice: keep them ~4 MB
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
 
@@ -673,13 +674,15 @@ def embed(
     flat_ids, flat_hidden = input_ids.reshape(-1), hidden.view(-1, width)  # [tokens], [tokens, width]
     rows_per_slice = max(1, _EMBEDDING_SLICE_BYTES // max(1, info.nbytes // vocab))
     tokens_per_copy = max(1, _EMBEDDING_SLICE_BYTES // (width * hidden.element_size()))
+    if buffers.is_offloaded(hidden):  # a run's rows lie all over the buffer: touch few pages at a time
+        tokens_per_copy = min(tokens_per_copy, OFFLOADED_TOKENS_PER_COPY)
     for first in range(0, vocab, rows_per_slice):
         positions = ((flat_ids >= first) & (flat_ids < first + rows_per_slice)).nonzero().squeeze(1)
         if positions.numel():
             table = checkpoint.read(EMBEDDING, rows=slice(first, first + rows_per_slice)).to(dtype)
             for run in positions.split(tokens_per_copy):
                 flat_hidden[run] = table[flat_ids[run] - first]
-            buffers.release(hidden)
+                buffers.release(hidden)
     return hidden
 
 

@@ -140,7 +140,16 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     # RAM while copying the tensors outside the layers (6) and embedding the tokens (7)
     largest_outside = g.vocab * g.hidden * s.stored_bytes
     ram_copy = largest_outside
-    ram_embed = _EMBEDDING_SLICE_BYTES * 2 + (buffer if s.offload == "cpu" else 0)
+    # RAM while embedding the calibration tokens (7): a slice of the embedding's rows (and its
+    # compute-dtype copy), the gathered rows of a run of tokens, and the buffer (or, on disk, the
+    # pages the run touches: up to two per token)
+    slice_rows = min(g.vocab, max(1, _EMBEDDING_SLICE_BYTES // (g.hidden * s.stored_bytes)))
+    table = slice_rows * g.hidden * (s.stored_bytes + (s.compute_bytes if s.compute_bytes != s.stored_bytes else 0))
+    run_tokens = min(tokens, max(1, _EMBEDDING_SLICE_BYTES // (g.hidden * s.compute_bytes)))
+    if s.offload == "disk":
+        run_tokens = min(run_tokens, 2048)  # pipeline.OFFLOADED_TOKENS_PER_COPY
+    gathered = run_tokens * g.hidden * s.compute_bytes
+    ram_embed = table + gathered + (buffer if s.offload == "cpu" else run_tokens * 2 * 4096) if wanda else 0
     tokenizer = g.vocab * TOKENIZER_BYTES_PER_VOCAB_ENTRY if wanda else 0
     peak_ram = s.runtime_bytes + tokenizer + tokens * 8 + max(ram_loop, ram_copy, ram_embed)
 

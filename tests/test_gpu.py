@@ -19,3 +19,18 @@ def test_cuda_masks_match_cpu(tiny_llama, tmp_path, pattern):
             same += int(((tensor == 0) == (gpu[name] == 0)).sum())
             total += tensor.numel()
     assert same / total >= 0.999
+
+
+def test_gpu_memory_limit_is_planned_and_refused_early(tiny_llama, tmp_path):
+    from test_plan import FAST
+    from typer.testing import CliRunner
+
+    from streamprune.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(tiny_llama), "--out", str(out), "--device", "cuda", *FAST,
+                                      "--max-gpu-memory", "1KB"])  # fmt: skip
+    assert result.exit_code == 4 and "GPU memory" in result.output and not out.exists(), result.output
+    record = run(tiny_llama, tmp_path / "auto", device="cuda", batch_size=None)
+    # auto: the most samples per micro-batch (at most 16) that the plan fits in the free GPU memory
+    assert record["arguments"]["batch_size"] >= 1 and record["plan"]["peak_vram_bytes"] > 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from streamprune import buffers
 from streamprune.checkpoint import DTYPE_NAMES, Checkpoint, read_safetensors_header
 from streamprune.errors import BadInputError, UsageError
 from streamprune.writer import CheckpointWriter, parse_size, plan_shards
@@ -149,7 +150,7 @@ def test_read_rows_reads_a_slice_of_the_first_dimension(tmp_path):
     assert torch.equal(checkpoint.read("t", rows=slice(8, 20)), table[8:])
 
 
-def test_embedding_in_slices_equals_a_lookup(tiny_llama, monkeypatch):
+def test_embedding_in_slices_equals_a_lookup(tiny_llama, monkeypatch, tmp_path):
     import streamprune.pipeline as pipeline
 
     checkpoint = Checkpoint(tiny_llama)
@@ -157,3 +158,6 @@ def test_embedding_in_slices_equals_a_lookup(tiny_llama, monkeypatch):
     expected = torch.nn.functional.embedding(ids, checkpoint.read("model.embed_tokens.weight"))
     monkeypatch.setattr(pipeline, "_EMBEDDING_SLICE_BYTES", 64 * 4 * 37)  # 37 rows per slice
     assert torch.equal(pipeline.embed(checkpoint, ids, torch.float32), expected)
+    monkeypatch.setattr(pipeline, "OFFLOADED_TOKENS_PER_COPY", 5)  # runs of 5 tokens into a file-backed buffer
+    offloaded = buffers.activation_buffer((3, 17, 64), torch.float32, tmp_path)
+    assert torch.equal(pipeline.embed(checkpoint, ids, torch.float32, out=offloaded), expected)
