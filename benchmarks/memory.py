@@ -9,11 +9,13 @@ Every figure is the peak resident set size of a separate process, read from /usr
             tokens) and `streamprune eval` (16 x 256 WikiText-2 tokens)
   SmolLM2   SmolLM2-135M (float32, 538 MB of safetensors), Wanda 50%, 128 x 512 C4 tokens, with the
             activation buffer in RAM and with --offload disk
+  wide      2 layers of Llama-2-7B's geometry (float32, 0.81 GB a layer), 4 x 128 C4 tokens: the
+            plan where the layers, not the runtime, make the peak
 
 Beside each run's measured peak, the peak its plan predicted (the run record's plan, computed before
 the run from config.json and the runtime's resident size at that moment).
 
-    python benchmarks/memory.py [--part run|eval|all]      # about 25 minutes on 2 cores
+    python benchmarks/memory.py [--part run|eval|wide|all]      # about 35 minutes on 2 cores
 
 Writes its tables to benchmarks/RESULTS.md.
 """
@@ -32,12 +34,14 @@ from smollm2 import DEFAULT_CACHE, build  # noqa: E402
 
 MIB = 2**20
 DEPTHS = (8, 16, 32, 64)
+# Llama-2-7B's layer geometry: one float32 layer is 0.8 GB, so the layer terms, not the runtime, make the peak
+WIDE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
 SYNTHETIC = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4)
 
 
-def synthetic_model(layers: int, tokenizer_dir: Path) -> Path:
+def synthetic_model(layers: int, tokenizer_dir: Path, geometry: dict = SYNTHETIC, name: str = "h1024") -> Path:
     """A random float32 Llama of `layers` layers (tied embeddings, SmolLM2's tokenizer), cached."""
-    out = DEFAULT_CACHE / f"synthetic-llama-h1024-l{layers}"
+    out = DEFAULT_CACHE / f"synthetic-llama-{name}-l{layers}"
     if (out / "model.safetensors.index.json").is_file():
         return out
     import torch
@@ -45,7 +49,7 @@ def synthetic_model(layers: int, tokenizer_dir: Path) -> Path:
 
     torch.manual_seed(layers)
     config = LlamaConfig(
-        vocab_size=49152, num_hidden_layers=layers, tie_word_embeddings=True, max_position_embeddings=2048, **SYNTHETIC
+        vocab_size=49152, num_hidden_layers=layers, tie_word_embeddings=True, max_position_embeddings=2048, **geometry
     )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     staged = Path(tempfile.mkdtemp(dir=DEFAULT_CACHE))
@@ -126,13 +130,43 @@ def measure_eval(smol: Path, repeats: int = 2) -> None:
     write_section("memory-eval", body)
 
 
+def measure_wide(smol: Path) -> None:
+    """The plan where the layers, not the runtime, make the peak: 2 layers of Llama-2-7B's geometry."""
+    model = synthetic_model(2, smol, WIDE, "7b-geometry")
+    rows = []
+    for label, extra in [("activations in RAM", ()), ("--offload disk", ("--offload", "disk"))]:
+        print(f"measuring 7B-geometry layers, {label} ...", flush=True)
+        rows.append((label, *run_rss(model, 4, 128, *extra)))
+    lines = [
+        "## Peak memory where the layers make the peak: 2 layers of Llama-2-7B's geometry (float32)",
+        "",
+        "Command: `python benchmarks/memory.py --part wide`. A random float32 Llama with hidden 4096, "
+        "intermediate 11008, 32 heads (one layer 0.81 GB), Wanda 50%, 4 x 128 C4 tokens, CPU; peak RSS from "
+        "`/usr/bin/time -v`, planned from the run record.",
+        "",
+        conditions(),
+        "",
+        "| run | peak RSS | planned | planned / measured |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, measured, planned in rows:
+        lines.append(f"| {label} | {measured / MIB:.0f} MiB | {planned / MIB:.0f} MiB | {planned / measured:.3f} |")
+    body = "\n".join(lines)
+    print(body)
+    write_section("memory-wide", body)
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["run", "eval", "all"], default="all")
+    parser.add_argument("--part", choices=["run", "eval", "wide", "all"], default="all")
     part = parser.parse_args().part
     smol = build()
+    if part in ("wide", "all"):
+        measure_wide(smol)
+    if part == "wide":
+        return
     if part in ("eval", "all"):
         measure_eval(smol)
     if part == "eval":

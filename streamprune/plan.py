@@ -174,7 +174,8 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
             "runtime (python, torch, transformers)": s.runtime_bytes,
             "tokenizer and calibration ids": tokenizer + tokens * 8,
             "activation buffer": buffer if s.offload == "cpu" else 0,
-            "layers in flight (prefetched, current, pruned, masks)": ram_loop - (buffer if s.offload == "cpu" else 0),
+            "the heaviest step (layers in flight, embedding or copying)": max(ram_loop, ram_copy, ram_embed)
+            - (buffer if s.offload == "cpu" else 0),
         },
         "peak_vram_bytes": peak_vram,
         # read: every tensor once, and the embedding rows again to embed the calibration tokens

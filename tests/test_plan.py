@@ -165,3 +165,10 @@ def test_offload_dir_needs_offload_disk(tiny_llama, tmp_path):
     )
     assert result.exit_code == 2 and "--offload disk" in result.output
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_peak_ram_is_the_sum_of_its_parts(offload, device):
+    plan = estimate(LLAMA2_70B, Settings(device=device, offload=offload, runtime_bytes=300 * 2**20))
+    assert sum(plan["peak_ram_parts"].values()) == plan["peak_ram_bytes"]
