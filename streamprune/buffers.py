@@ -19,6 +19,10 @@ import torch
 
 _PAGE_BYTES = mmap.PAGESIZE
 _MADV_DONTNEED = 4  # linux/mman.h; on a shared file mapping the data stays in the file
+# pipeline.embed reads the embedding in slices of this many bytes and copies runs of tokens of at
+# most this size (fewer into an offloaded buffer, whose rows a run touches all over the file)
+EMBEDDING_SLICE_BYTES = 64 * 1024 * 1024
+OFFLOADED_TOKENS_PER_COPY = 2048
 _M_MMAP_THRESHOLD = -3  # glibc malloc.h
 _MMAP_THRESHOLD_BYTES = 4 << 20
 

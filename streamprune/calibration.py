@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInputError, ResourceError
+from .source import first_line
 
 C4_REPO = "allenai/c4"
 C4_SHARD = "en/c4-train.00000-of-01024.json.gz"  # the shard the Wanda paper calibrates on
@@ -32,7 +33,7 @@ def fetch_c4() -> Path:
     except Exception as err:  # network, auth and offline errors all end the same way for the user
         raise ResourceError(
             f"cannot download the C4 calibration shard ({C4_REPO}/{C4_SHARD}) from the Hugging Face hub: "
-            f"{_first_line(err)}. Offline, pass local text instead: --calib PATH (.txt, .jsonl or .jsonl.gz "
+            f"{first_line(err)}. Offline, pass local text instead: --calib PATH (.txt, .jsonl or .jsonl.gz "
             'with a "text" field, e.g. a C4 .json.gz shard).'
         ) from err
 
@@ -133,7 +134,3 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -205,22 +205,18 @@ def plan_command(
     """What a run will need, from config.json alone, before you start it: peak RAM and GPU memory,
     disk, bytes read and written, FLOPs and a time estimate; whether it fits, and which flag would
     make it fit. Example: streamprune plan llama-70b --device rtx4090 --max-ram 32GB"""
-    from .config import METHODS, OFFLOAD, parse_limit
+    from types import SimpleNamespace
+
+    from .config import METHODS, OFFLOAD, check_choice, check_positive, parse_limit
     from .plan import plan_model
 
     with user_errors(on_interrupt="interrupted", on_gpu_oom="Use --device cpu."):
-        if method not in METHODS:
-            raise UsageError(f"--method {method!r} is not one of: {', '.join(METHODS)}")
-        if offload not in OFFLOAD:
-            raise UsageError(f"--offload {offload!r} is not one of: {', '.join(OFFLOAD)}")
-        for name, value in (
-            ("--nsamples", nsamples),
-            ("--seqlen", seqlen),
-            ("--batch-size", batch_size),
-            ("--checkpoint-every", checkpoint_every),
-        ):
-            if value <= 0:
-                raise UsageError(f"{name} must be positive, got {value}")
+        check_choice("--method", method, METHODS)
+        check_choice("--offload", offload, OFFLOAD)
+        counts = SimpleNamespace(
+            nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, checkpoint_every=checkpoint_every
+        )
+        check_positive(counts, "nsamples", "seqlen", "batch_size", "checkpoint_every")
         text, numbers = plan_model(
             model,
             method=method,

@@ -45,10 +45,8 @@ class PruneConfig:
 
     def __post_init__(self):
         self.out = Path(self.out)
-        if self.method not in METHODS:
-            raise UsageError(f"--method {self.method!r} is not one of: {', '.join(METHODS)}")
-        if self.propagate not in PROPAGATE:
-            raise UsageError(f"--propagate {self.propagate!r} is not one of: {', '.join(PROPAGATE)}")
+        check_choice("--method", self.method, METHODS)
+        check_choice("--propagate", self.propagate, PROPAGATE)
         if self.pattern is not None:
             if self.sparsity is not None:
                 raise UsageError("give either --sparsity or --pattern, not both (N:M fixes the sparsity at (M-N)/M)")
@@ -61,14 +59,9 @@ class PruneConfig:
                     f"--sparsity {self.sparsity} is outside (0, 1): it is the fraction of weights zeroed in "
                     "each Linear, e.g. --sparsity 0.5"
                 )
-        if self.checkpoint_minutes is not None and self.checkpoint_minutes <= 0:
-            raise UsageError(f"--checkpoint-minutes must be positive, got {self.checkpoint_minutes}")
-        for name in ("nsamples", "seqlen", "batch_size", "checkpoint_every"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check_positive(self, "checkpoint_minutes", "nsamples", "seqlen", "batch_size", "checkpoint_every")
         check_dtype(self.dtype)
-        if self.offload not in OFFLOAD:
-            raise UsageError(f"--offload {self.offload!r} is not one of: {', '.join(OFFLOAD)}")
+        check_choice("--offload", self.offload, OFFLOAD)
         if self.offload_dir is not None and self.offload == "cpu":
             raise UsageError("--offload-dir is where --offload disk keeps the buffer; drop it, or use --offload disk")
         self.max_shard_bytes = parse_shard_size(self.max_shard_size)
@@ -133,5 +126,17 @@ def parse_limit(flag: str, text: str | None) -> int | None:
 
 
 def check_dtype(dtype: str) -> None:
-    if dtype != "auto" and dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r} is not one of: auto, {', '.join(DTYPES)}")
+    check_choice("--dtype", dtype, ("auto", *DTYPES))
+
+
+def check_choice(flag: str, value: str, choices) -> None:
+    if value not in choices:
+        raise UsageError(f"{flag} {value!r} is not one of: {', '.join(choices)}")
+
+
+def check_positive(settings, *names: str) -> None:
+    """Each named field of `settings` positive or None; the error names the flag."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")

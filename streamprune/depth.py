@@ -32,7 +32,7 @@ from . import buffers
 from .buffers import available_ram_bytes
 from .calibration import file_sha256
 from .checkpoint import Checkpoint
-from .config import check_dtype, parse_device, parse_shard_size
+from .config import check_choice, check_dtype, check_positive, parse_device, parse_shard_size
 from .errors import BadInputError, UsageError
 from .evaluate import load_head, token_logprobs
 from .families import LAYER_PREFIX, PRUNABLE_LINEARS, LayerStack, family_of
@@ -83,16 +83,12 @@ class DepthConfig:
 
     def __post_init__(self):
         self.out = Path(self.out)
-        if self.criterion not in CRITERIA:
-            raise UsageError(f"--criterion {self.criterion!r} is not one of: {', '.join(CRITERIA)}")
+        check_choice("--criterion", self.criterion, CRITERIA)
         if not self.scores_only and (self.remove is None) == (self.ratio is None):
             raise UsageError("give --remove K (blocks) or --ratio R (fraction of blocks), or --scores-only")
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise UsageError(f"--ratio {self.ratio} is outside (0, 1): it is the fraction of blocks removed, e.g. 0.2")
-        for name in ("remove", "nsamples", "seqlen", "batch_size", "max_streams"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        check_positive(self, "remove", "nsamples", "seqlen", "batch_size", "max_streams")
         for name in ("keep_first", "keep_last"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import buffers
 from .buffers import available_ram_bytes
 from .checkpoint import Checkpoint
-from .config import check_dtype, parse_device
+from .config import check_dtype, check_positive, parse_device
 from .errors import BadInputError, ResourceError, UsageError
 from .families import EMBEDDING, LayerStack, family_of
 from .pipeline import check_activations_finite, check_weights_finite, compute_dtype, embed, layout
@@ -54,11 +54,7 @@ class EvalConfig:
                 raise UsageError(f"unknown task {task!r}; choose from: {', '.join(TASKS)}")
         if self.tasks and self.data_dir is None:
             raise UsageError("--tasks needs --data-dir, the directory holding the task files (zeroshot layout)")
-        for name in ("seqlen", "batch_tokens"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.limit is not None and self.limit <= 0:
-            raise UsageError(f"--limit must be positive, got {self.limit}")
+        check_positive(self, "seqlen", "batch_tokens", "limit")
         check_dtype(self.dtype)
         self.torch_device = parse_device(self.device)
 

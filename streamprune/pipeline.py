@@ -35,8 +35,6 @@ from .writer import CheckpointWriter, write_atomic
 
 RECORD_FILE = "streamprune.json"
 CALIBRATION_FILE = "streamprune_calibration.json"
-_EMBEDDING_SLICE_BYTES = 64 * 1024 * 1024
-OFFLOADED_TOKENS_PER_COPY = 2048
 _FINITE_CHECK_ELEMENTS = 1 << 20  # isfinite makes float temporaries of a slice: keep them ~4 MB
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
 
@@ -347,12 +345,9 @@ def plan_run(config: PruneConfig, checkpoint: Checkpoint, dtype: torch.dtype, se
         checkpoint_every=config.checkpoint_every,
         runtime_bytes=plan.current_rss_bytes(),
     )
-    max_ram = config.max_ram_bytes
-    if max_ram is None and buffers.available_ram_bytes() is not None:
-        max_ram = settings.runtime_bytes + buffers.available_ram_bytes()
-    max_vram = config.max_gpu_bytes
-    if max_vram is None and device.type == "cuda":
-        max_vram = torch.cuda.mem_get_info(device)[0]
+    default_ram, default_vram = plan.default_limits(settings.runtime_bytes, device)
+    max_ram = default_ram if config.max_ram_bytes is None else config.max_ram_bytes
+    max_vram = default_vram if config.max_gpu_bytes is None else config.max_gpu_bytes
     if config.batch_size is None:
         config.batch_size = settings.batch_size = plan.largest_batch(geometry, settings, max_vram)
     estimate, problems = plan.fit(geometry, settings, max_ram, max_vram)
@@ -672,10 +667,10 @@ def embed(
     vocab, width = info.shape
     hidden = torch.empty(*input_ids.shape, width, dtype=dtype) if out is None else out
     flat_ids, flat_hidden = input_ids.reshape(-1), hidden.view(-1, width)  # [tokens], [tokens, width]
-    rows_per_slice = max(1, _EMBEDDING_SLICE_BYTES // max(1, info.nbytes // vocab))
-    tokens_per_copy = max(1, _EMBEDDING_SLICE_BYTES // (width * hidden.element_size()))
+    rows_per_slice = max(1, buffers.EMBEDDING_SLICE_BYTES // max(1, info.nbytes // vocab))
+    tokens_per_copy = max(1, buffers.EMBEDDING_SLICE_BYTES // (width * hidden.element_size()))
     if buffers.is_offloaded(hidden):  # a run's rows lie all over the buffer: touch few pages at a time
-        tokens_per_copy = min(tokens_per_copy, OFFLOADED_TOKENS_PER_COPY)
+        tokens_per_copy = min(tokens_per_copy, buffers.OFFLOADED_TOKENS_PER_COPY)
     for first in range(0, vocab, rows_per_slice):
         positions = ((flat_ids >= first) & (flat_ids < first + rows_per_slice)).nonzero().squeeze(1)
         if positions.numel():

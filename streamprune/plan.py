@@ -2,7 +2,7 @@
 
 `estimate()` is pure arithmetic over the model's geometry and the run's settings; it mirrors
 what pipeline.prune holds at its peaks (the terms are named after its steps), so that a change
-there that moves a peak must move a term here, and benchmarks/plan.py checks the two against
+there that moves a peak must move a term here, and benchmarks/memory.py checks the two against
 each other by measurement.
 """
 
@@ -14,13 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .buffers import EMBEDDING_SLICE_BYTES, OFFLOADED_TOKENS_PER_COPY, available_ram_bytes
+from .sparsity import _SORT_SLICE_ELEMENTS
 from .writer import format_size
 
-_SORT_SLICE_ELEMENTS = 1 << 26  # sparsity.row_prune_mask sorts at most this many scores at once
-_EMBEDDING_SLICE_BYTES = 64 * 1024 * 1024  # pipeline.embed reads the embedding in slices this big
 # Dense bf16 tensor-core peaks (vendor datasheets, TFLOP/s); a run reaches a fraction of this.
 GPU_PEAK_TFLOPS = {"h200": 989, "h100": 989, "a100": 312, "l40s": 362, "rtx4090": 165, "rtx3090": 71, "a10": 125}
 GPU_EFFICIENCY = 0.4  # fraction of peak that batch-1 layer forwards typically reach
+GPU_MEMORY_GB = {"h200": 141, "h100": 80, "a100": 80, "l40s": 48, "rtx4090": 24, "rtx3090": 24, "a10": 24}
 TOKENIZER_BYTES_PER_VOCAB_ENTRY = 1024  # a loaded fast tokenizer, measured: ~48 MB for 49k entries
 
 
@@ -111,7 +112,8 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     # attention scores of every head; and Wanda's float32 copy of one sample's input to down_proj.
     forward = micro * s.compute_bytes * (4 * g.hidden + 2 * (g.heads + g.kv_heads) * g.head_dim)
     forward += micro * 4 * g.hidden + micro * s.compute_bytes * 4 * g.intermediate
-    if s.device == "cpu":
+    on_cpu = s.device == "cpu"
+    if on_cpu:
         forward += 2 * s.batch_size * g.heads * s.seqlen * s.seqlen * s.compute_bytes
     forward += s.seqlen * g.intermediate * 4 if wanda else 0
     forward = forward if wanda else 0  # magnitude runs no forward at all
@@ -123,7 +125,6 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     compute_copy = g.layer_params * s.compute_bytes  # the layer built in the compute dtype
     pruned_compute = linears * s.compute_bytes  # 8c replaces each Linear's weight by its pruned copy
     pruned_stored = linears * s.stored_bytes  # 8d: the pruned tensors handed to the writer
-    on_cpu = s.device == "cpu"
     shares_storage = on_cpu and s.stored_bytes == s.compute_bytes  # the built layer reuses the read tensors
 
     # RAM in the layer loop: the layer being prefetched (pinned, so rounded up to powers of two, on a
@@ -143,11 +144,11 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     # RAM while embedding the calibration tokens (7): a slice of the embedding's rows (and its
     # compute-dtype copy), the gathered rows of a run of tokens, and the buffer (or, on disk, the
     # pages the run touches: up to two per token)
-    slice_rows = min(g.vocab, max(1, _EMBEDDING_SLICE_BYTES // (g.hidden * s.stored_bytes)))
+    slice_rows = min(g.vocab, max(1, EMBEDDING_SLICE_BYTES // (g.hidden * s.stored_bytes)))
     table = slice_rows * g.hidden * (s.stored_bytes + (s.compute_bytes if s.compute_bytes != s.stored_bytes else 0))
-    run_tokens = min(tokens, max(1, _EMBEDDING_SLICE_BYTES // (g.hidden * s.compute_bytes)))
+    run_tokens = min(tokens, max(1, EMBEDDING_SLICE_BYTES // (g.hidden * s.compute_bytes)))
     if s.offload == "disk":
-        run_tokens = min(run_tokens, 2048)  # pipeline.OFFLOADED_TOKENS_PER_COPY
+        run_tokens = min(run_tokens, OFFLOADED_TOKENS_PER_COPY)
     gathered = run_tokens * g.hidden * s.compute_bytes
     ram_embed = table + gathered + (buffer if s.offload == "cpu" else run_tokens * 2 * 4096) if wanda else 0
     tokenizer = g.vocab * TOKENIZER_BYTES_PER_VOCAB_ENTRY if wanda else 0
@@ -221,9 +222,6 @@ def gpu_flops(name: str) -> float | None:
     return None
 
 
-GPU_MEMORY_GB = {"h200": 141, "h100": 80, "a100": 80, "l40s": 48, "rtx4090": 24, "rtx3090": 24, "a10": 24}
-
-
 def current_rss_bytes() -> int:
     """This process's resident set now (Linux /proc; 0 where unknown)."""
     try:
@@ -233,6 +231,15 @@ def current_rss_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+def default_limits(runtime_bytes: int, device: torch.device | None) -> tuple[int | None, int | None]:
+    """The limits a run on this machine has unless told otherwise: RAM, what is resident now plus what
+    is available; GPU memory, what is free on `device` (None on a CPU or where unknown)."""
+    available = available_ram_bytes()
+    max_ram = None if available is None else runtime_bytes + available
+    max_vram = torch.cuda.mem_get_info(device)[0] if device is not None and device.type == "cuda" else None
+    return max_ram, max_vram
 
 
 def fit(geometry: Geometry, settings: Settings, max_ram: int | None, max_vram: int | None) -> tuple[dict, list[str]]:
@@ -344,7 +351,6 @@ def plan_model(
 ) -> tuple[str, dict]:
     """`streamprune plan`: the report and the numbers for MODEL (a directory, hub id or alias;
     only its config.json is read). `device` is auto, cpu, cuda or a GPU name from GPU_PEAK_TFLOPS."""
-    from .buffers import available_ram_bytes
     from .config import DTYPES, check_dtype
     from .errors import UsageError
     from .families import family_of
@@ -371,7 +377,7 @@ def plan_model(
             raise UsageError(f"--device {device}: torch sees no GPU here; name one instead, e.g. --device rtx4090")
         device_name = torch.cuda.get_device_name(torch.device(device))
         flops, kind = gpu_flops(device_name), "cuda"
-        max_gpu_memory = max_gpu_memory or torch.cuda.mem_get_info(torch.device(device))[0]
+        max_gpu_memory = max_gpu_memory or default_limits(0, torch.device(device))[1]
     elif device == "cpu":
         device_name, flops, kind = "this CPU (measured)", measure_cpu_flops(compute), "cpu"
     else:
@@ -389,8 +395,8 @@ def plan_model(
         checkpoint_every=checkpoint_every,
         runtime_bytes=current_rss_bytes(),
     )
-    if max_ram is None and available_ram_bytes() is not None:
-        max_ram = settings.runtime_bytes + available_ram_bytes()
+    if max_ram is None:
+        max_ram = default_limits(settings.runtime_bytes, None)[0]
     plan, problems = fit(geometry, settings, max_ram, max_gpu_memory)
     times = None
     if flops is not None:

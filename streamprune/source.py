@@ -69,14 +69,23 @@ def resolve_model(model: str) -> Path:
         return path
     if path.exists():
         raise BadInputError(f"MODEL {model} is a file; pass the directory that holds config.json")
-    repo_id = ALIASES.get(model.lower(), model)
+    return download(hub_id(model), model)
+
+
+def hub_id(model: str) -> str:
+    """The hub id MODEL names (itself, or the id of an alias); refused when it is neither."""
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") != 1
     if looks_like_path and model.lower() not in ALIASES:
         raise BadInputError(
             f"no model directory {model}, and it is neither a hub id (owner/name) nor an alias. "
             f"Aliases: {', '.join(sorted(ALIASES))}."
         )
-    return download(repo_id, model)
+    return ALIASES.get(model.lower(), model)
+
+
+def first_line(err: Exception) -> str:
+    """An exception's message cut to its first line (hub errors run to many), or its type's name."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def download(repo_id: str, asked: str) -> Path:
@@ -86,7 +95,7 @@ def download(repo_id: str, asked: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception as err:  # offline, unknown repo, gated repo: each ends the same way for the user
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         offline = isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled))
         where = f"{asked} (hub id {repo_id})" if asked != repo_id else repo_id
         if offline:
@@ -116,13 +125,7 @@ def fetch_config(model: str) -> tuple[dict, str]:
         repo_id = ALIASES[model.lower()]
         return ALIAS_CONFIGS[repo_id], f"the sizes of {repo_id} built into streamprune"
     else:
-        repo_id = ALIASES.get(model.lower(), model)
-        if model.lower() not in ALIASES and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-            raise BadInputError(
-                f"no model directory {model}, and it is neither a hub id (owner/name) nor an alias. "
-                f"Aliases: {', '.join(sorted(ALIASES))}."
-            )
-        config_path = download_file(repo_id, "config.json", model)
+        config_path = download_file(hub_id(model), "config.json", model)
     try:
         return parse_json(config_path.read_bytes(), str(config_path)), str(config_path)
     except OSError as err:
@@ -135,7 +138,7 @@ def download_file(repo_id: str, filename: str, asked: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, filename))
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         raise ResourceError(
             f"cannot download {filename} of {asked} (hub id {repo_id}): {reason}. Without network, pass a local "
             f"directory or its config.json: streamprune plan /path/to/model ..."

@@ -156,8 +156,8 @@ def test_embedding_in_slices_equals_a_lookup(tiny_llama, monkeypatch, tmp_path):
     checkpoint = Checkpoint(tiny_llama)
     ids = torch.randint(0, 512, (3, 17), generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.embedding(ids, checkpoint.read("model.embed_tokens.weight"))
-    monkeypatch.setattr(pipeline, "_EMBEDDING_SLICE_BYTES", 64 * 4 * 37)  # 37 rows per slice
+    monkeypatch.setattr(buffers, "EMBEDDING_SLICE_BYTES", 64 * 4 * 37)  # 37 rows per slice
     assert torch.equal(pipeline.embed(checkpoint, ids, torch.float32), expected)
-    monkeypatch.setattr(pipeline, "OFFLOADED_TOKENS_PER_COPY", 5)  # runs of 5 tokens into a file-backed buffer
+    monkeypatch.setattr(buffers, "OFFLOADED_TOKENS_PER_COPY", 5)  # runs of 5 tokens into a file-backed buffer
     offloaded = buffers.activation_buffer((3, 17, 64), torch.float32, tmp_path)
     assert torch.equal(pipeline.embed(checkpoint, ids, torch.float32, out=offloaded), expected)
