@@ -255,7 +255,9 @@ def test_resume_with_checkpoints_every_two_layers(model, crasher, reference, tmp
 def test_checkpoint_minutes_saves_by_time(model, crasher, tmp_path):
     out = tmp_path / "out"
     extra = ("--checkpoint-every", "100", "--checkpoint-minutes", "0.000001")  # every layer is due by time
-    ended, log, _ = crasher.run(model, out, *extra, event="forward", n=26, action="kill")  # inside layer 3
+    # killed in layer 3's pruned forward (calls 29-32): by then layer 2's resume point, written on the
+    # `saves` thread while layer 3's dense forward runs, has been waited for
+    ended, log, _ = crasher.run(model, out, *extra, event="forward", n=30, action="kill")
     assert ended == {"signal": signal.SIGKILL}, log
     assert json.loads((out / STATE_DIR / "state.json").read_text())["next_layer"] == 3
 
