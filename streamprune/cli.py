@@ -318,6 +318,11 @@ def depth(
     device: str = typer.Option("auto", help="Compute device: auto (cuda if available), cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16."),
     max_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
+    checkpoint_minutes: float = typer.Option(
+        5.0,
+        help="Save the scoring's progress in --out this often (0: after every block); a stopped run, "
+        "run again with the same command, goes on from the last save.",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace the checkpoint in a non-empty --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -332,8 +337,8 @@ def depth(
     from .depth import depth as run_depth
 
     with user_errors(
-        on_interrupt="interrupted; no loadable checkpoint was left in --out (block scores, once written, are "
-        f"reused). Run again: {resume_command()}",
+        on_interrupt="interrupted; no loadable checkpoint was left in --out. The scoring's last save (every "
+        f"--checkpoint-minutes) and finished block scores are reused: run again to go on: {resume_command()}",
         on_gpu_oom=f"Lower --batch-size (now {batch_size}) or use --device cpu.",
     ):
         config = DepthConfig(
@@ -355,6 +360,7 @@ def depth(
             device=device,
             dtype=dtype,
             max_shard_size=max_shard_size,
+            checkpoint_minutes=checkpoint_minutes,
             force=force,
             quiet=quiet,
         )

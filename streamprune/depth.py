@@ -50,7 +50,7 @@ from .pipeline import (
     prepare_output_dir,
     sample_calibration,
 )
-from .runstate import check_free_space, source_fingerprint
+from .runstate import ScoringState, check_free_space, check_same_structure, source_fingerprint
 from .source import resolve_model
 from .writer import CheckpointWriter, format_size, write_atomic
 
@@ -78,6 +78,7 @@ class DepthConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_shard_size: str = "5GB"
+    checkpoint_minutes: float = 5.0  # save the scoring's progress this often (0: after every block)
     force: bool = False
     quiet: bool = False
 
@@ -89,7 +90,7 @@ class DepthConfig:
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise UsageError(f"--ratio {self.ratio} is outside (0, 1): it is the fraction of blocks removed, e.g. 0.2")
         check_positive(self, "remove", "nsamples", "seqlen", "batch_size", "max_streams")
-        for name in ("keep_first", "keep_last"):
+        for name in ("keep_first", "keep_last", "checkpoint_minutes"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         check_dtype(self.dtype)
@@ -176,22 +177,86 @@ class Blocks:
             x = hidden[start : start + self.batch_size].to(self.stack.device)
             hidden[start : start + self.batch_size] = self.stack.forward(layer, index, x).to("cpu")
 
-    def progress(self, iterable, desc: str):
-        return tqdm(iterable, desc=desc, unit="block", disable=self.quiet, dynamic_ncols=True)
+    def progress(self, start: int, stop: int, desc: str):
+        """Positions start..stop-1, with a bar that counts from 0 (a resumed phase starts part done)."""
+        return tqdm(range(start, stop), desc=desc, initial=start, total=stop, unit="block", disable=self.quiet,
+                    dynamic_ncols=True)  # fmt: skip
 
 
-def magnitude_scores(blocks: Blocks, model: list[int]) -> dict[int, float]:
-    scores = {}
-    for index in blocks.progress(model, "magnitude"):
+class Progress:
+    """Where the scoring is, saved in OUT/.streamprune so that a killed run goes on from its last
+    save: after a block when `minutes` have passed since the last save (0: after every block), and
+    at the end of every pass and round. A save holds the phase, the next position in it, the partial
+    scores, and the tensors the rest needs, so resumed scores are bit-identical to uninterrupted ones.
+
+    Phases: "magnitude", "bi", "ppl" (one per pass), "taylor forward", "taylor backward"."""
+
+    def __init__(self, state: ScoringState, minutes: float, checkpoint: Checkpoint, started: float):
+        self.state, self.minutes, self.checkpoint, self.started = state, minutes, checkpoint, started
+        saved = state.progress or {}
+        self.rounds = [{**r, "scores": int_keys(r["scores"])} for r in saved.get("rounds", [])]  # finished rounds
+        self.seconds_before = saved.get("seconds", 0.0)  # scoring time of earlier sessions
+        checkpoint.bytes_read = saved.get("bytes_read", 0)  # the reads that made the saved results
+        self.last_save = time.perf_counter()
+
+    def resume(self, phase: str) -> tuple[int, dict]:
+        """(next position, saved data) when the last save is inside `phase` of this round, else (0, {})."""
+        saved = self.state.progress
+        if saved is None or saved["phase"] != phase or len(saved["rounds"]) != len(self.rounds):
+            return 0, {}
+        data = dict(saved["data"])
+        if "scores" in data:
+            data["scores"] = int_keys(data["scores"])
+        return saved["position"], data
+
+    def tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.state.tensor(name, out)
+
+    def after_block(self, phase: str, position: int, data: dict, tensors: dict, unchanged=()) -> None:
+        """The blocks before `position` in `phase` are done: save when `minutes` have passed."""
+        if time.perf_counter() - self.last_save >= self.minutes * 60:
+            self.save(phase, position, data, tensors, unchanged)
+
+    def save(self, phase: str | None, position: int, data: dict, tensors: dict, unchanged=()) -> None:
+        progress = {
+            "rounds": self.rounds,
+            "phase": phase,
+            "position": position,
+            "data": data,
+            "bytes_read": self.checkpoint.bytes_read,
+            "seconds": self.seconds(),
+        }
+        self.state.save(progress, tensors, unchanged)
+        self.last_save = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+
+def int_keys(scores: dict) -> dict[int, float]:
+    """Block numbers back from JSON's string keys."""
+    return {int(block): score for block, score in scores.items()}
+
+
+def magnitude_scores(blocks: Blocks, model: list[int], progress: Progress) -> dict[int, float]:
+    position, saved = progress.resume("magnitude")
+    scores = saved.get("scores", {})
+    for position in blocks.progress(position, len(model), "magnitude"):
+        index = model[position]
         stored = blocks.tensors(index)
         scores[index] = sum(float(stored[f"{local}.weight"].double().abs().sum()) for local in PRUNABLE_LINEARS)
+        progress.after_block("magnitude", position + 1, {"scores": scores}, {})
     return scores
 
 
-def bi_scores(blocks: Blocks, model: list[int], hidden: torch.Tensor) -> dict[int, float]:
+def bi_scores(blocks: Blocks, model: list[int], hidden: torch.Tensor, progress: Progress) -> dict[int, float]:
     """hidden: the embedded calibration tokens [n, seqlen, hidden]; consumed."""
-    scores = {}
-    for index in blocks.progress(model, "block influence"):
+    position, saved = progress.resume("bi")
+    scores = saved.get("scores", {})
+    if position:
+        progress.tensor("hidden", out=hidden)  # the input of block model[position]
+    for position in blocks.progress(position, len(model), "block influence"):
+        index = model[position]
         layer = blocks.build(index)
         total = count = 0
         with torch.no_grad():
@@ -203,26 +268,40 @@ def bi_scores(blocks: Blocks, model: list[int], hidden: torch.Tensor) -> dict[in
                 hidden[start : start + blocks.batch_size] = y.to("cpu")
         check_activations_finite(hidden, index, "")
         scores[index] = total / count
+        progress.after_block("bi", position + 1, {"scores": scores}, {"hidden": hidden})
     return scores
 
 
 def ppl_scores(
-    blocks: Blocks, model: list[int], embedded: torch.Tensor, input_ids: torch.Tensor, streams_per_pass: int
+    blocks: Blocks,
+    model: list[int],
+    embedded: torch.Tensor,
+    input_ids: torch.Tensor,
+    streams_per_pass: int,
+    progress: Progress,
 ) -> tuple[dict[int, float], int]:
     """Perplexity with each block of `model` skipped; returns (scores, passes over the weights).
 
     At block i the main stream (no block skipped) is copied into block i's skip stream, which then
     skips block i; every skip stream started earlier goes through block i like the main one.
     """
-    scores, passes = {}, 0
+    position, saved = progress.resume("ppl")
+    scores, passes = saved.get("scores", {}), saved.get("passes", 0)
+    first = saved.get("first", 0)  # the first of the blocks whose skip streams this pass carries
+    streams_per_pass = saved.get("streams_per_pass", streams_per_pass)  # a resumed pass keeps its group
     norm_weight, head = load_head(blocks.checkpoint, blocks.stack.device, blocks.stack.dtype)
     eps = getattr(blocks.stack.config, "rms_norm_eps", 1e-6)
-    for first in range(0, len(model), streams_per_pass):
-        group = model[first : first + streams_per_pass]  # blocks whose skip streams this pass carries
-        passes += 1
-        main = embedded.clone()  # [n, seqlen, hidden]
-        streams: dict[int, torch.Tensor] = {}
-        for index in blocks.progress(model, f"ppl pass {passes}"):
+    while first < len(model):
+        group = model[first : first + streams_per_pass]
+        if position:  # resumed inside this pass
+            main = progress.tensor("main")  # [n, seqlen, hidden]
+            streams = {i: progress.tensor(f"stream-{i}") for i in saved["streams"]}
+        else:
+            passes += 1
+            main = embedded.clone()
+            streams = {}
+        for position in blocks.progress(position, len(model), f"ppl pass {passes}"):
+            index = model[position]
             if index in group:
                 streams[index] = main.clone()
             layer = blocks.build(index)
@@ -232,10 +311,17 @@ def ppl_scores(
                     check_activations_finite(stream, index, "")
             if index < group[-1]:  # the main stream is only needed until the group's last block
                 blocks.forward(layer, index, main)
+            data = {"first": first, "passes": passes, "streams_per_pass": streams_per_pass, "scores": scores,
+                    "streams": list(streams)}  # fmt: skip
+            tensors = {"main": main, **{f"stream-{i}": stream for i, stream in streams.items()}}
+            progress.after_block("ppl", position + 1, data, tensors)
         del main
         for skipped, stream in streams.items():
             scores[skipped] = math.exp(mean_nll(stream, input_ids, norm_weight, head, eps))
         del streams
+        first, position = first + streams_per_pass, 0
+        data = {"first": first, "passes": passes, "streams_per_pass": streams_per_pass, "scores": scores}
+        progress.save("ppl", 0, data, {})
     return scores, passes
 
 
@@ -247,7 +333,9 @@ def mean_nll(hidden: torch.Tensor, input_ids: torch.Tensor, norm_weight, head, e
     return total / (input_ids.shape[0] * (input_ids.shape[1] - 1))
 
 
-def taylor_scores(blocks: Blocks, model: list[int], hidden: torch.Tensor, input_ids: torch.Tensor) -> dict[int, float]:
+def taylor_scores(
+    blocks: Blocks, model: list[int], hidden: torch.Tensor, input_ids: torch.Tensor, progress: Progress
+) -> dict[int, float]:
     """Sum over each block's Linear weights of |W * dL/dW|, L the mean next-token loss.
 
     Forward: every block's input is kept (len(model) x n x seqlen x hidden on the CPU). Then the
@@ -255,26 +343,42 @@ def taylor_scores(blocks: Blocks, model: list[int], hidden: torch.Tensor, input_
     backward the carried gradient; dL/dW accumulates over micro-batches; dL/dx is carried on.
     """
     stack, device = blocks.stack, blocks.stack.device
-    inputs = {}
-    for index in blocks.progress(model, "taylor forward"):
-        inputs[index] = hidden.clone()
-        blocks.forward(blocks.build(index), index, hidden)
-        check_activations_finite(hidden, index, "")
+    backward_from, saved = progress.resume("taylor backward")
+    if saved:  # resumed in the reverse pass: the inputs of the blocks not yet done, and dL/dh
+        later = list(reversed(model))[backward_from:]
+        inputs = {index: progress.tensor(f"input-{index}") for index in later}
+        grad, scores = progress.tensor("grad"), saved["scores"]
+    else:
+        position, _ = progress.resume("taylor forward")
+        inputs = {index: progress.tensor(f"input-{index}") for index in model[:position]}
+        if position:
+            progress.tensor("hidden", out=hidden)
+        for position in blocks.progress(position, len(model), "taylor forward"):
+            index = model[position]
+            inputs[index] = hidden.clone()
+            blocks.forward(blocks.build(index), index, hidden)
+            check_activations_finite(hidden, index, "")
+            names = [f"input-{i}" for i in inputs]
+            tensors = {"hidden": hidden, **{f"input-{i}": x for i, x in inputs.items()}}
+            progress.after_block("taylor forward", position + 1, {}, tensors, unchanged=names)
 
-    # dL/dh of the last block's output; L = sum of token losses / tokens, so chunks add up
-    norm_weight, head = load_head(blocks.checkpoint, device, stack.dtype)
-    eps = getattr(stack.config, "rms_norm_eps", 1e-6)
-    tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
-    grad = torch.zeros_like(hidden)
-    for k in range(hidden.shape[0]):
-        h = hidden[k, :-1].to(device).requires_grad_(True)
-        loss = -token_logprobs(h, input_ids[k, 1:], norm_weight, head, eps).sum() / tokens
-        loss.backward()
-        grad[k, :-1] = h.grad.to("cpu", grad.dtype)
-    del hidden, head
+        # dL/dh of the last block's output; L = sum of token losses / tokens, so chunks add up
+        norm_weight, head = load_head(blocks.checkpoint, device, stack.dtype)
+        eps = getattr(stack.config, "rms_norm_eps", 1e-6)
+        tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+        grad = torch.zeros_like(hidden)
+        for k in range(hidden.shape[0]):
+            h = hidden[k, :-1].to(device).requires_grad_(True)
+            loss = -token_logprobs(h, input_ids[k, 1:], norm_weight, head, eps).sum() / tokens
+            loss.backward()
+            grad[k, :-1] = h.grad.to("cpu", grad.dtype)
+        del hidden, head
+        scores = {}
+        save_backward(progress, 0, scores, grad, inputs, always=True)
 
-    scores = {}
-    for index in blocks.progress(list(reversed(model)), "taylor backward"):
+    reverse = list(reversed(model))
+    for position in blocks.progress(backward_from, len(reverse), "taylor backward"):
+        index = reverse[position]
         layer = blocks.build(index)
         x_all = inputs.pop(index)
         for start in range(0, x_all.shape[0], blocks.batch_size):
@@ -292,19 +396,31 @@ def taylor_scores(blocks: Blocks, model: list[int], hidden: torch.Tensor, input_
             for local in PRUNABLE_LINEARS
         )
         del layer, x_all
+        save_backward(progress, position + 1, scores, grad, inputs)
     return scores
 
 
-def score_blocks(config: DepthConfig, blocks: Blocks, model: list[int], input_ids, dtype) -> tuple[dict, int]:
+def save_backward(progress: Progress, position: int, scores: dict, grad: torch.Tensor, inputs: dict, always=False):
+    """The reverse pass's resume point: the scores so far, dL/dh, the inputs still to be used."""
+    names = [f"input-{i}" for i in inputs]
+    tensors = {"grad": grad, **{f"input-{i}": x for i, x in inputs.items()}}
+    save = progress.save if always else progress.after_block
+    save("taylor backward", position, {"scores": scores}, tensors, unchanged=names)
+
+
+def score_blocks(
+    config: DepthConfig, blocks: Blocks, model: list[int], input_ids, dtype, progress: Progress
+) -> tuple[dict, int]:
     """(score per block of `model`, passes over the weights) for config.criterion."""
     if config.criterion == "magnitude":
-        return magnitude_scores(blocks, model), 1
+        return magnitude_scores(blocks, model, progress), 1
     hidden = embed(blocks.checkpoint, input_ids, dtype)  # [n, seqlen, hidden]
     if config.criterion == "bi":
-        return bi_scores(blocks, model, hidden), 1
+        return bi_scores(blocks, model, hidden, progress), 1
     if config.criterion == "taylor":
-        return taylor_scores(blocks, model, hidden, input_ids), 2
-    return ppl_scores(blocks, model, hidden, input_ids, streams_per_pass(config, hidden, len(model)))
+        return taylor_scores(blocks, model, hidden, input_ids, progress), 2
+    per_pass = streams_per_pass(config, hidden, len(model))
+    return ppl_scores(blocks, model, hidden, input_ids, per_pass, progress)
 
 
 def streams_per_pass(config: DepthConfig, hidden: torch.Tensor, blocks: int) -> int:
@@ -355,7 +471,9 @@ def depth(config: DepthConfig) -> dict:
         "batch_size": config.batch_size,
     }  # fmt: skip
     allowed = candidates(num_layers, config.keep_first, config.keep_last)
-    earlier = None if config.force else earlier_scores(config.out, structure)
+    # an unfinished scoring in --out goes on from its last save; finished scores are reused
+    state = None if config.force else ScoringState.load(config.out)
+    earlier = None if config.force or state is not None else earlier_scores(config.out, structure)
 
     if earlier is not None:
         # 2-3. an earlier run into --out (stopped while writing, or --scores-only) scored with these
@@ -366,7 +484,15 @@ def depth(config: DepthConfig) -> dict:
         if not config.quiet:
             print(f"reusing the block scores in {config.out / SCORES_JSON} (same model and settings)", file=sys.stderr)
     else:
-        check_output_dir(config.out, config.force)
+        if state is None:
+            check_output_dir(config.out, config.force)
+            prepare_output_dir(config.out, config.force)
+            state = ScoringState(config.out, structure)
+        else:
+            check_same_structure(state.structure, structure, config.out, "an unfinished depth scoring")
+            if not config.quiet:
+                at = f"{state.progress['phase'] or 'a new round'} from position {state.progress['position']}"
+                print(f"continuing the block scoring saved in {config.out} ({at})", file=sys.stderr)
         # 2. calibration token ids (every criterion but magnitude)
         calibration = None
         if calib_path is not None:
@@ -376,17 +502,20 @@ def depth(config: DepthConfig) -> dict:
                 raise BadInputError(f"the tokenizer in {source_dir} produced ids beyond the embedding's {vocab} rows")
         input_ids = None if calibration is None else calibration.pop("input_ids")
 
-        # 3. score; --iterative removes one block per round and rescores the shorter model
+        # 3. score; --iterative removes one block per round and rescores the shorter model; progress
+        # is saved in --out as it goes (a resumed run starts from the last save)
         blocks = Blocks(checkpoint, stack, layer_names, config.batch_size, config.quiet)
-        model, rounds = list(range(num_layers)), []
-        for _ in range(count if config.iterative and count else 1):
-            scores, passes = score_blocks(config, blocks, model, input_ids, dtype)
+        progress = Progress(state, config.checkpoint_minutes, checkpoint, started)
+        rounds = progress.rounds
+        while len(rounds) < (count if config.iterative and count else 1):
+            model = [i for i in range(num_layers) if not any(i in r["removed"] for r in rounds)]
+            scores, passes = score_blocks(config, blocks, model, input_ids, dtype, progress)
             take = 0 if count is None else 1 if config.iterative else count
             chosen = lowest(scores, [i for i in allowed if i in model], take)
-            rounds.append({"blocks": list(model), "scores": scores, "removed": chosen, "passes": passes,
+            rounds.append({"blocks": model, "scores": scores, "removed": chosen, "passes": passes,
                            "bytes_read": checkpoint.bytes_read})  # fmt: skip
-            model = [i for i in model if i not in chosen]
-        scoring_seconds = time.perf_counter() - started
+            progress.save(None, 0, {}, {})
+        scoring_seconds = progress.seconds()
     removed = sorted(i for r in rounds for i in r["removed"])
     model = [i for i in range(num_layers) if i not in removed]
 
@@ -415,12 +544,14 @@ def depth(config: DepthConfig) -> dict:
         "device": str(stack.device),
         "compute_dtype": str(dtype).removeprefix("torch."),
     }
-    prepare_output_dir(config.out, config.force or earlier is not None)  # no weights of an earlier try stay
     write_atomic(config.out / SCORES_JSON, (json.dumps(report, indent=2) + "\n").encode())
     write_atomic(config.out / SCORES_CSV, scores_csv(report).encode())
     from .chart import block_chart_png
 
     write_atomic(config.out / SCORES_PNG, block_chart_png(report))
+    # the scores are durable: the scoring state goes, and so do the weights of an earlier try to
+    # write the checkpoint (only our own files can be there: --out was empty or held this run)
+    prepare_output_dir(config.out, force=True)
     if config.scores_only:
         return report
 

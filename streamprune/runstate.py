@@ -1,10 +1,12 @@
-"""The run state that makes a pruning run resumable: `OUT/.streamprune/`.
+"""The run states that make a pruning run and a depth scoring resumable: `OUT/.streamprune/`.
 
-`state.json` says what the run is (the settings that shape its result and a fingerprint of the
+For `run`, `state.json` says what the run is (the settings that shape its result and a fingerprint of the
 source), how far it got (the first layer not yet done, the writer's resume point, the per-layer
 records) and which activation checkpoint holds the inputs of that layer. It is replaced atomically
 only after everything it names is durable on disk, so whatever instant a run dies at, the state on
 disk describes a consistent point to go on from. The directory is removed when the run completes.
+For `depth`, `depth.json` (ScoringState) does the same for the scoring: the phase and block it got
+to, the partial scores, and the tensor files the rest of the scoring needs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ from .writer import format_size, write_atomic
 
 STATE_DIR = ".streamprune"
 STATE_FILE = "state.json"
+DEPTH_STATE_FILE = "depth.json"
 OFFLOAD_DIR = "offload"  # --offload disk's buffer file, by default (kept apart from the checkpoints)
 STATE_VERSION = 1
 _SAMPLE_BYTES = 1024 * 1024
@@ -43,6 +47,11 @@ FLAGS = {
     "dtype": "--dtype",
     "batch_size": "--batch-size",
     "max_shard_bytes": "--max-shard-size",
+    "criterion": "--criterion",
+    "remove": "--remove",
+    "keep_first": "--keep-first",
+    "keep_last": "--keep-last",
+    "iterative": "--iterative",
 }
 
 
@@ -102,27 +111,7 @@ class RunState:
         return state
 
     def check_same_run(self, structure: dict, out: Path) -> None:
-        """Refuse to resume with settings that would change the result."""
-        changed = [
-            key for key in sorted(set(self.structure) | set(structure)) if self.structure.get(key) != structure.get(key)
-        ]
-        if not changed:
-            return
-        lines = []
-        for key in changed:
-            old, new = self.structure.get(key), structure.get(key)
-            if isinstance(old, dict) and isinstance(new, dict):  # show only the entries that differ
-                differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-                old, new = {k: old.get(k) for k in differ}, {k: new.get(k) for k in differ}
-            lines.append(
-                f"  {FLAGS.get(key, key)}: the run in {out} used {_show(old)}, this command asks for {_show(new)}"
-            )
-        raise UsageError(
-            f"{out} holds an unfinished run with different settings, so it cannot be resumed:\n"
-            + "\n".join(lines)
-            + "\nRun the original command to resume it, choose a new --out, or add --force to discard it and "
-            "start over."
-        )
+        check_same_structure(self.structure, structure, out, "an unfinished run")
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -142,38 +131,11 @@ class RunState:
         """Write `hidden` (the inputs of `layer`) to a new file, durable before it gets its name;
         returns the description to put in the state. The older file stays until `drop_stale`."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        name = f"activations-layer{layer:05d}.bin"
-        temp = self.dir / f".{name}.partial"
-        with open(temp, "wb") as f:
-            for row in range(hidden.shape[0]):  # a row at a time: an offloaded buffer stays unmapped
-                f.write(memoryview(hidden[row].contiguous().view(-1).view(torch.uint8).numpy()))
-                buffers.release(hidden, slice(row, row + 1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, self.dir / name)
-        return {"file": name, "layer": layer, "dtype": DTYPE_NAMES[hidden.dtype], "shape": list(hidden.shape)}
+        return {**write_tensor_file(self.dir / f"activations-layer{layer:05d}.bin", hidden), "layer": layer}
 
     def load_activations(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The saved activations, into `out` (a buffer of their shape and dtype) when given."""
-        info = self.activations
-        path = self.dir / info["file"]
-        hidden = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if out is None else out
-        if list(hidden.shape) != info["shape"] or DTYPE_NAMES[hidden.dtype] != info["dtype"]:
-            raise BadInputError(f"the activation checkpoint {path} does not fit this run; start over with --force")
-        got, expected = 0, hidden.numel() * hidden.element_size()
-        try:
-            with open(path, "rb") as f:
-                for row in range(hidden.shape[0]):
-                    got += f.readinto(memoryview(hidden[row].view(-1).view(torch.uint8).numpy()))
-                    buffers.release(hidden, slice(row, row + 1))
-                extra = f.read(1)
-        except OSError as err:
-            raise BadInputError(
-                f"cannot read the activation checkpoint {path}: {err}; start over with --force"
-            ) from err
-        if got != expected or extra:
-            raise BadInputError(f"the activation checkpoint {path} has the wrong size; start over with --force")
-        return hidden
+        return read_tensor_file(self.dir, self.activations, out)
 
     def drop_stale(self) -> None:
         """Delete activation files and temporaries the state does not name (older checkpoints,
@@ -197,6 +159,117 @@ class RunState:
             if path.name != STATE_FILE:
                 path.unlink()
         shutil.rmtree(self.dir)
+
+
+class ScoringState:
+    """The state directory of a depth scoring. Each `save` writes the tensors that changed to new
+    files, then replaces depth.json (naming every live tensor's file) atomically, then deletes the
+    files it no longer names: a kill at any instant leaves one consistent save to go on from."""
+
+    def __init__(self, out: Path, structure: dict):
+        self.dir = Path(out) / STATE_DIR
+        self.structure = structure
+        self.progress: dict | None = None  # what the scoring recorded at its last save
+        self.files: dict[str, dict] = {}  # tensor name -> write_tensor_file's description
+        self.saves = 0  # numbers the files, so a save never overwrites a file the last one names
+
+    @classmethod
+    def load(cls, out: Path) -> ScoringState | None:
+        """The state of an unfinished depth scoring in `out`, or None when there is none."""
+        path = Path(out) / STATE_DIR / DEPTH_STATE_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            if data["version"] != STATE_VERSION:
+                raise ValueError(f"state version {data['version']}, this streamprune writes {STATE_VERSION}")
+            state = cls(out, data["structure"])
+            state.progress, state.files, state.saves = data["progress"], data["files"], data["saves"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise BadInputError(
+                f"{path} (the state of an interrupted depth scoring) cannot be read ({err}); start over with --force"
+            ) from err
+        return state
+
+    def tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return read_tensor_file(self.dir, self.files[name], out)
+
+    def save(self, progress: dict, tensors: dict[str, torch.Tensor], unchanged: Iterable[str] = ()) -> None:
+        """`tensors` are every tensor the rest of the scoring needs; those named in `unchanged` are
+        not written again when an earlier save already holds them."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.saves += 1
+        unchanged = set(unchanged)
+        files = {}
+        for name, tensor in tensors.items():
+            if name in unchanged and name in self.files:
+                files[name] = self.files[name]
+            else:
+                files[name] = write_tensor_file(self.dir / f"{name}.save{self.saves:06d}.bin", tensor)
+        data = {"version": STATE_VERSION, "structure": self.structure, "progress": progress, "files": files,
+                "saves": self.saves}  # fmt: skip
+        write_atomic(self.dir / DEPTH_STATE_FILE, (json.dumps(data) + "\n").encode())
+        self.progress, self.files = progress, files
+        named = {info["file"] for info in files.values()}
+        for path in self.dir.iterdir():
+            if path.is_file() and path.name not in named and path.name != DEPTH_STATE_FILE:
+                path.unlink()
+
+
+def check_same_structure(old: dict, new: dict, out: Path, holds: str) -> None:
+    """Refuse to go on from what `out` holds (`holds`, made with settings `old`) when settings that
+    change the result differ; the message names each flag with both values."""
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    if not changed:
+        return
+    lines = []
+    for key in changed:
+        was, asked = old.get(key), new.get(key)
+        if isinstance(was, dict) and isinstance(asked, dict):  # show only the entries that differ
+            differ = [k for k in sorted(set(was) | set(asked)) if was.get(k) != asked.get(k)]
+            was, asked = {k: was.get(k) for k in differ}, {k: asked.get(k) for k in differ}
+        flag = FLAGS.get(key, key)
+        lines.append(f"  {flag}: the run in {out} used {_show(was)}, this command asks for {_show(asked)}")
+    raise UsageError(
+        f"{out} holds {holds} with different settings, so it cannot be resumed:\n"
+        + "\n".join(lines)
+        + "\nRun the original command to resume it, choose a new --out, or add --force to discard it and "
+        "start over."
+    )
+
+
+def write_tensor_file(path: Path, tensor: torch.Tensor) -> dict:
+    """Write `tensor`'s bytes to `path`, durable before it gets that name; returns what a state file
+    records to read it back. Row by row, releasing each: an offloaded buffer stays unmapped."""
+    temp = path.with_name(f".{path.name}.partial")
+    with open(temp, "wb") as f:
+        for row in range(tensor.shape[0]):
+            f.write(memoryview(tensor[row].contiguous().view(-1).view(torch.uint8).numpy()))
+            buffers.release(tensor, slice(row, row + 1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+    return {"file": path.name, "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
+
+
+def read_tensor_file(directory: Path, info: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor `write_tensor_file` described as `info`, into `out` (of its shape and dtype) when given."""
+    path = directory / info["file"]
+    tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if out is None else out
+    if list(tensor.shape) != info["shape"] or DTYPE_NAMES[tensor.dtype] != info["dtype"]:
+        raise BadInputError(f"the activation checkpoint {path} does not fit this run; start over with --force")
+    got, expected = 0, tensor.numel() * tensor.element_size()
+    try:
+        with open(path, "rb") as f:
+            for row in range(tensor.shape[0]):
+                got += f.readinto(memoryview(tensor[row].view(-1).view(torch.uint8).numpy()))
+                buffers.release(tensor, slice(row, row + 1))
+            extra = f.read(1)
+    except OSError as err:
+        raise BadInputError(f"cannot read the activation checkpoint {path}: {err}; start over with --force") from err
+    if got != expected or extra:
+        raise BadInputError(f"the activation checkpoint {path} has the wrong size; start over with --force")
+    return tensor
 
 
 def check_free_space(out: Path, needed: dict[str, int]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -370,3 +371,153 @@ def test_scores_from_other_settings_are_refused(tiny6, tmp_path):
         run_depth(tiny6["llama"], tmp_path / "out", criterion="bi")
     report = run_depth(tiny6["llama"], tmp_path / "out", criterion="bi", force=True)
     assert report["criterion"] == "bi"
+
+
+# -- stopping inside the scoring -------------------------------------------------------------------
+
+
+def count_block_reads(monkeypatch, stop_at: int | None = None) -> list[int]:
+    """Count Blocks.tensors calls (one per block read); raise KeyboardInterrupt at call `stop_at`."""
+    import streamprune.depth as depth_module
+
+    real, calls = depth_module.Blocks.tensors, []
+
+    def tensors(self, index):
+        calls.append(index)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(self, index)
+
+    monkeypatch.setattr(depth_module.Blocks, "tensors", tensors)
+    return calls
+
+
+def scores_of(report: dict) -> list[dict[int, float]]:
+    return [r["scores"] for r in report["rounds"]]
+
+
+@pytest.mark.parametrize(
+    "criterion, extra, blocks_read, stop_at",
+    [
+        ("magnitude", {}, 6, 4),
+        ("bi", {}, 6, 4),
+        ("ppl", {"max_streams": 2}, 18, 9),  # 3 passes of 6 blocks: stopped at block 2 of the second
+        ("taylor", {}, 12, 3),  # 6 blocks forward, then 6 backward: stopped in the forward pass
+        ("taylor", {}, 12, 9),  # ... and in the backward pass
+        ("bi", {"iterative": True}, 11, 9),  # rounds of 6 and 5 blocks: stopped in the second round
+    ],
+)
+def test_a_run_stopped_while_scoring_goes_on_from_its_last_block(
+    tiny6, tmp_path, monkeypatch, criterion, extra, blocks_read, stop_at
+):
+    """Saved after every block (--checkpoint-minutes 0), a run stopped before reading block `stop_at`
+    rereads only the blocks after the last save, and its scores are bit-identical."""
+    model, settings = tiny6["llama"], dict(criterion=criterion, **extra)
+    calls = count_block_reads(monkeypatch)
+    reference = run_depth(model, tmp_path / "reference", **settings)  # default: no save inside a pass
+    assert len(calls) == blocks_read
+    calls = count_block_reads(monkeypatch, stop_at=stop_at)
+    with pytest.raises(KeyboardInterrupt):
+        run_depth(model, tmp_path / "out", checkpoint_minutes=0, **settings)
+    state = json.loads((tmp_path / "out" / ".streamprune" / "depth.json").read_text())
+    assert state["structure"]["criterion"] == criterion and state["progress"]["phase"] is not None
+
+    calls = count_block_reads(monkeypatch)
+    resumed = run_depth(model, tmp_path / "out", checkpoint_minutes=0, **settings)
+    assert len(calls) == blocks_read - (stop_at - 1)  # every block read before the stop was saved
+    assert scores_of(resumed) == scores_of(reference)  # exact floats
+    assert resumed["removed"] == reference["removed"] and resumed["passes"] == reference["passes"]
+    assert weights_digest(tmp_path / "out") == weights_digest(tmp_path / "reference")
+    assert not (tmp_path / "out" / ".streamprune").exists()
+
+
+def test_without_a_due_save_a_stopped_pass_starts_over(tiny6, tmp_path, monkeypatch):
+    """With --checkpoint-minutes 5 nothing inside a 6-block pass is saved: the resumed run reads all 6 again."""
+    count_block_reads(monkeypatch, stop_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_depth(tiny6["llama"], tmp_path / "out", criterion="bi")
+    assert not (tmp_path / "out" / ".streamprune" / "depth.json").exists()
+    calls = count_block_reads(monkeypatch)
+    run_depth(tiny6["llama"], tmp_path / "out", criterion="bi")
+    assert len(calls) == 6
+
+
+KILLER = """
+import os, signal, sys
+
+import streamprune.depth
+import streamprune.runstate
+
+event, n = sys.argv[1], int(sys.argv[2])
+calls = []
+
+
+def count_and_maybe_die():
+    calls.append(1)
+    if len(calls) == n:
+        os.kill(os.getpid(), signal.SIGKILL)  # no except, no finally: as if the power went
+
+
+if event == "block":  # before the n-th block read
+    real_tensors = streamprune.depth.Blocks.tensors
+
+    def tensors(self, index):
+        count_and_maybe_die()
+        return real_tensors(self, index)
+
+    streamprune.depth.Blocks.tensors = tensors
+else:  # "save": the n-th save's tensor files are written, depth.json does not name them yet
+    real_write_atomic = streamprune.runstate.write_atomic
+
+    def write_atomic(path, data):
+        if path.name == "depth.json":
+            count_and_maybe_die()
+        return real_write_atomic(path, data)
+
+    streamprune.runstate.write_atomic = write_atomic
+
+from streamprune.cli import app
+
+app(sys.argv[3:], prog_name="streamprune")
+"""
+
+
+@pytest.mark.parametrize("event, n, blocks_left", [("block", 10, 9), ("save", 10, 10)])
+def test_a_killed_scoring_resumes_from_its_last_save(tiny6, tmp_path, monkeypatch, event, n, blocks_left):
+    """SIGKILL in a ppl scoring (3 passes x 6 blocks), before a block read or in the middle of a save:
+    the resumed run reads only what the last complete save had not done, and scores the same."""
+    import subprocess
+    import sys
+
+    model = tiny6["llama"]
+    settings = dict(criterion="ppl", max_streams=2, checkpoint_minutes=0)
+    reference = run_depth(model, tmp_path / "reference", **settings)
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    args = ["depth", str(model), "--out", str(tmp_path / "out"), "--calib", str(WIKITEXT), "--nsamples", "4",
+            "--seqlen", "32", "--remove", "2", "--keep-first", "1", "--keep-last", "1", "--criterion", "ppl",
+            "--max-streams", "2", "--checkpoint-minutes", "0", "--quiet"]  # fmt: skip
+    killed = subprocess.run([sys.executable, str(killer), event, str(n), *args], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # a save killed halfway leaves tensor files no state names; they never count as saved
+    calls = count_block_reads(monkeypatch)
+    resumed = run_depth(model, tmp_path / "out", **settings)
+    # "block": 9 blocks were read and saved, 18 - 9 are left. "save": the 10th save (after block 2 of
+    # pass 2; pass 1 ends with a save of its own) never completed, so block 2 is read again: 18 - 8
+    assert len(calls) == blocks_left
+    assert scores_of(resumed) == scores_of(reference)
+    assert weights_digest(tmp_path / "out") == weights_digest(tmp_path / "reference")
+    assert not (tmp_path / "out" / ".streamprune").exists()
+
+
+def test_a_stopped_scoring_with_other_settings_is_refused(tiny6, tmp_path, monkeypatch):
+    count_block_reads(monkeypatch, stop_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_depth(tiny6["llama"], tmp_path / "out", criterion="bi", checkpoint_minutes=0)
+    state_before = (tmp_path / "out" / ".streamprune" / "depth.json").read_bytes()
+    count_block_reads(monkeypatch)
+    with pytest.raises(UsageError, match=r'--criterion: the run in .* used "bi", this command asks for "ppl"'):
+        run_depth(tiny6["llama"], tmp_path / "out", criterion="ppl")
+    assert (tmp_path / "out" / ".streamprune" / "depth.json").read_bytes() == state_before
+    report = run_depth(tiny6["llama"], tmp_path / "out", criterion="ppl", force=True)
+    assert report["criterion"] == "ppl" and not (tmp_path / "out" / ".streamprune").exists()
