@@ -9,7 +9,7 @@ Every figure is the peak resident set size of a separate process, read from /usr
             tokens) and `streamprune eval` (16 x 256 WikiText-2 tokens)
   SmolLM2   SmolLM2-135M (float32, 538 MB of safetensors), Wanda 50%, 128 x 512 C4 tokens, with the
             activation buffer in RAM and with --offload disk
-  wide      2 layers of Llama-2-7B's geometry (float32, 0.81 GB a layer), 4 x 128 C4 tokens: the
+  wide      3 layers of Llama-2-7B's geometry (float32, 0.81 GB a layer), 4 x 128 C4 tokens: the
             plan where the layers, not the runtime, make the peak
 
 Beside each run's measured peak, the peak its plan predicted (the run record's plan, computed before
@@ -131,14 +131,15 @@ def measure_eval(smol: Path, repeats: int = 2) -> None:
 
 
 def measure_wide(smol: Path) -> None:
-    """The plan where the layers, not the runtime, make the peak: 2 layers of Llama-2-7B's geometry."""
-    model = synthetic_model(2, smol, WIDE, "7b-geometry")
+    """The plan where the layers, not the runtime, make the peak: 3 layers of Llama-2-7B's geometry
+    (the middle one is the steady state: the next layer is being read and the previous one written)."""
+    model = synthetic_model(3, smol, WIDE, "7b-geometry")
     rows = []
     for label, extra in [("activations in RAM", ()), ("--offload disk", ("--offload", "disk"))]:
         print(f"measuring 7B-geometry layers, {label} ...", flush=True)
         rows.append((label, *run_rss(model, 4, 128, *extra)))
     lines = [
-        "## Peak memory where the layers make the peak: 2 layers of Llama-2-7B's geometry (float32)",
+        "## Peak memory where the layers make the peak: 3 layers of Llama-2-7B's geometry (float32)",
         "",
         "Command: `python benchmarks/memory.py --part wide`. A random float32 Llama with hidden 4096, "
         "intermediate 11008, 32 heads (one layer 0.81 GB), Wanda 50%, 4 x 128 C4 tokens, CPU; peak RSS from "

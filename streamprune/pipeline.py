@@ -213,10 +213,15 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                         collect=True,
                         write_back=config.propagate == "dense",
                     )
-                # 8c. all seven Linears pruned together, from the dense statistics
-                masks = {}
+                # 8c. all seven Linears pruned together, from the dense statistics. The previous
+                # layer's writes are waited for first, so they never coexist with the mask scratch.
+                # Where the layer computes on the CPU in the stored dtype, each pruned weight is the
+                # tensor to write and replaces the read one (freed here); elsewhere 8d applies the
+                # masks to the read tensors.
+                saves.wait()
+                masks, pruned = {}, set()
                 for local in PRUNABLE_LINEARS:
-                    module = layer.get_submodule(local)
+                    module, key = layer.get_submodule(local), local + ".weight"
                     mask = prune_mask(
                         module.weight,
                         config.method,
@@ -225,15 +230,18 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                         None if sq_norms is None else sq_norms[local],
                     )
                     module.weight.data = apply_mask(module.weight.data, mask)
-                    masks[local + ".weight"] = mask.cpu()
-                # 8d. the pruned layer in its original dtype, zeros as +0.0, to the `saves` thread;
-                # waiting first bounds what is in flight there to one layer
-                saves.wait()
+                    if module.weight.device.type == "cpu" and module.weight.dtype == stored[key].dtype:
+                        stored[key] = module.weight.data
+                        pruned.add(key)
+                    else:
+                        masks[key] = mask.cpu()
+                # 8d. the pruned layer in its original dtype, zeros as +0.0, to the `saves` thread
                 zeros = total = 0
                 for name, local in names.items():
                     tensor = stored[local]
                     if local in masks:
                         tensor = apply_mask(tensor, masks[local])
+                    if local in masks or local in pruned:
                         zeros += int((tensor == 0).sum())
                         total += tensor.numel()
                     saves.submit(writer.write, name, tensor)

@@ -118,25 +118,31 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     forward += s.seqlen * g.intermediate * 4 if wanda else 0
     forward = forward if wanda else 0  # magnitude runs no forward at all
     # Masks (8c): float32 scores of the largest Linear, a sort of up to _SORT_SLICE_ELEMENTS of them
-    # (values + int64 indices), and the bool masks of all seven Linears, kept until written.
+    # (values + int64 indices) and its bool mask; off the CPU path the masks of all seven Linears
+    # are kept on the CPU until 8d applies them.
     sort_slice = min(largest_linear, _SORT_SLICE_ELEMENTS)
-    mask_scratch = largest_linear * 4 + sort_slice * (4 + 8)
+    mask_scratch = largest_linear * 4 + sort_slice * (4 + 8) + largest_linear
     masks = linears  # one byte per weight
     compute_copy = g.layer_params * s.compute_bytes  # the layer built in the compute dtype
-    pruned_compute = linears * s.compute_bytes  # 8c replaces each Linear's weight by its pruned copy
-    pruned_stored = linears * s.stored_bytes  # 8d: the pruned tensors handed to the writer
-    shares_storage = on_cpu and s.stored_bytes == s.compute_bytes  # the built layer reuses the read tensors
+    pruned_stored = linears * s.stored_bytes  # 8d: pruned copies of the read tensors, for the writer
+    # On a CPU in the stored dtype the built layer is the read tensors, and each pruned weight
+    # replaces its dense one and is itself what gets written: no masks kept, no copies for the writer.
+    shares_storage = on_cpu and s.stored_bytes == s.compute_bytes
 
-    # RAM in the layer loop: the layer being prefetched (pinned, so rounded up to powers of two, on a
-    # GPU machine), this layer as read, the masks and the pruned copies for the writer, and on a CPU
-    # the compute copy and its pruned Linears; then either the mask scratch (8c, while the previous
-    # layer's pruned copies may still be being written) or a micro-batch's forward (8e); and the
-    # activation buffer, or about a micro-batch of it when it lives on disk.
+    # RAM in the layer loop, by step, beside the next layer being read (with overlap; pinned, so
+    # rounded up to powers of two, on a GPU machine) and the activation buffer (or about a
+    # micro-batch of it when it lives on disk).
     read = stored_layer if on_cpu else _pinned_bytes(g, s.stored_bytes)
-    ram_loop = (read if s.overlap else 0) + read + pruned_stored + masks
-    if on_cpu:
-        ram_loop += (0 if shares_storage else compute_copy) + pruned_compute
-        ram_loop += max(forward, mask_scratch + pruned_stored)
+    this_layer = read + (0 if shares_storage or not on_cpu else compute_copy)
+    cpu_forward = forward if on_cpu else 0
+    kept_masks = 0 if shares_storage else masks
+    # 8b: the dense forward, while the previous layer's tensors may still be being written
+    step_b = this_layer + cpu_forward + (stored_layer if s.overlap else 0)
+    # 8c: on a CPU the mask scratch and one Linear's pruned copy before it replaces the dense one
+    step_c = this_layer + kept_masks + (mask_scratch + largest_linear * s.compute_bytes if on_cpu else 0)
+    # 8d-8e: the pruned tensors handed to the writer, and the pruned forward
+    step_e = this_layer + kept_masks + (0 if shares_storage else pruned_stored) + cpu_forward
+    ram_loop = (read if s.overlap else 0) + max(step_b, step_c, step_e)
     ram_loop += buffer if s.offload == "cpu" else micro * g.hidden * s.compute_bytes * 2
     # RAM while copying the tensors outside the layers (6) and embedding the tokens (7)
     largest_outside = g.vocab * g.hidden * s.stored_bytes
