@@ -182,6 +182,10 @@ def plan_command(
         ..., help="A checkpoint directory, its config.json, a hub id or an alias (only config.json is fetched)."
     ),
     method: str = typer.Option("wanda", help="wanda or magnitude (magnitude needs no calibration data)."),
+    sparsity: Optional[float] = typer.Option(
+        None, help="As for run (checked; how many weights are zeroed does not change memory or time)."
+    ),
+    pattern: Optional[str] = typer.Option(None, help="N:M, as for run."),
     nsamples: int = typer.Option(128, help="Calibration sequences, as for run."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration sequence, as for run."),
     batch_size: int = typer.Option(1, help="Calibration sequences per micro-batch, as for run."),
@@ -204,14 +208,15 @@ def plan_command(
 ) -> None:
     """What a run will need, from config.json alone, before you start it: peak RAM and GPU memory,
     disk, bytes read and written, FLOPs and a time estimate; whether it fits, and which flag would
-    make it fit. Example: streamprune plan llama-70b --device rtx4090 --max-ram 32GB"""
+    make it fit. Example: streamprune plan llama-70b --sparsity 0.5 --device rtx4090 --max-ram 32GB"""
     from types import SimpleNamespace
 
-    from .config import METHODS, OFFLOAD, check_choice, check_positive, parse_limit
+    from .config import METHODS, OFFLOAD, check_choice, check_positive, check_sparsity, parse_limit
     from .plan import plan_model
 
     with user_errors(on_interrupt="interrupted", on_gpu_oom="Use --device cpu."):
         check_choice("--method", method, METHODS)
+        check_sparsity(sparsity, pattern)
         check_choice("--offload", offload, OFFLOAD)
         counts = SimpleNamespace(
             nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, checkpoint_every=checkpoint_every
@@ -220,6 +225,7 @@ def plan_command(
         text, numbers = plan_model(
             model,
             method=method,
+            pattern=pattern,
             nsamples=nsamples,
             seqlen=seqlen,
             batch_size=batch_size,

@@ -47,18 +47,7 @@ class PruneConfig:
         self.out = Path(self.out)
         check_choice("--method", self.method, METHODS)
         check_choice("--propagate", self.propagate, PROPAGATE)
-        if self.pattern is not None:
-            if self.sparsity is not None:
-                raise UsageError("give either --sparsity or --pattern, not both (N:M fixes the sparsity at (M-N)/M)")
-            self.keep_block()  # validates
-        else:
-            if self.sparsity is None:
-                self.sparsity = 0.5
-            if not 0 < self.sparsity < 1:
-                raise UsageError(
-                    f"--sparsity {self.sparsity} is outside (0, 1): it is the fraction of weights zeroed in "
-                    "each Linear, e.g. --sparsity 0.5"
-                )
+        self.sparsity = check_sparsity(self.sparsity, self.pattern)
         check_positive(self, "checkpoint_minutes", "nsamples", "seqlen", "batch_size", "checkpoint_every")
         check_dtype(self.dtype)
         check_choice("--offload", self.offload, OFFLOAD)
@@ -71,18 +60,7 @@ class PruneConfig:
 
     def keep_block(self) -> tuple[int, int] | None:
         """(keep_n, block_m) of --pattern, or None for unstructured sparsity."""
-        if self.pattern is None:
-            return None
-        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", self.pattern)
-        if not match:
-            raise UsageError(f"--pattern {self.pattern!r} is not N:M; write it like 2:4 (keep 2 of every 4)")
-        keep_n, block_m = int(match[1]), int(match[2])
-        if not 0 < keep_n < block_m:
-            raise UsageError(
-                f"--pattern {self.pattern}: N must be at least 1 and less than M (N is how many of every M "
-                "weights are kept), e.g. 2:4 or 4:8"
-            )
-        return keep_n, block_m
+        return keep_block(self.pattern)
 
     @property
     def target_sparsity(self) -> float:
@@ -93,6 +71,39 @@ class PruneConfig:
         record = asdict(self)
         record["out"] = str(self.out)
         return record
+
+
+def check_sparsity(sparsity: float | None, pattern: str | None) -> float | None:
+    """--sparsity and --pattern, checked; returns the sparsity (0.5 when neither is given, None with a pattern)."""
+    if pattern is not None:
+        if sparsity is not None:
+            raise UsageError("give either --sparsity or --pattern, not both (N:M fixes the sparsity at (M-N)/M)")
+        keep_block(pattern)  # validates
+        return None
+    if sparsity is None:
+        return 0.5
+    if not 0 < sparsity < 1:
+        raise UsageError(
+            f"--sparsity {sparsity} is outside (0, 1): it is the fraction of weights zeroed in each Linear, "
+            "e.g. --sparsity 0.5"
+        )
+    return sparsity
+
+
+def keep_block(pattern: str | None) -> tuple[int, int] | None:
+    """(keep_n, block_m) of --pattern "N:M", or None for unstructured sparsity."""
+    if pattern is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
+    if not match:
+        raise UsageError(f"--pattern {pattern!r} is not N:M; write it like 2:4 (keep 2 of every 4)")
+    keep_n, block_m = int(match[1]), int(match[2])
+    if not 0 < keep_n < block_m:
+        raise UsageError(
+            f"--pattern {pattern}: N must be at least 1 and less than M (N is how many of every M "
+            "weights are kept), e.g. 2:4 or 4:8"
+        )
+    return keep_n, block_m
 
 
 def parse_device(text: str) -> torch.device:

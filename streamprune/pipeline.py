@@ -342,6 +342,7 @@ def plan_run(config: PruneConfig, checkpoint: Checkpoint, dtype: torch.dtype, se
     layer_dtype = checkpoint.tensors[f"{LAYER_PREFIX.format(index=0)}{PRUNABLE_LINEARS[0]}.weight"].torch_dtype
     settings = plan.Settings(
         method=config.method,
+        pattern=config.pattern,
         nsamples=config.nsamples,
         seqlen=seqlen,
         batch_size=config.batch_size or 1,

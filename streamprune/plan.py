@@ -84,6 +84,7 @@ def _pinned_bytes(g: Geometry, stored_bytes: int) -> int:
 @dataclass
 class Settings:
     method: str = "wanda"
+    pattern: str | None = None  # "N:M", or None for unstructured sparsity
     nsamples: int = 128
     seqlen: int = 2048
     batch_size: int = 1
@@ -120,7 +121,9 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     # Masks (8c): float32 scores of the largest Linear, a sort of up to _SORT_SLICE_ELEMENTS of them
     # (values + int64 indices) and its bool mask; off the CPU path the masks of all seven Linears
     # are kept on the CPU until 8d applies them.
-    sort_slice = min(largest_linear, _SORT_SLICE_ELEMENTS)
+    # (layer-wise magnitude without a pattern sorts each Linear whole)
+    whole_matrix = s.method == "magnitude" and s.pattern is None
+    sort_slice = largest_linear if whole_matrix else min(largest_linear, _SORT_SLICE_ELEMENTS)
     mask_scratch = largest_linear * 4 + sort_slice * (4 + 8) + largest_linear
     masks = linears  # one byte per weight
     compute_copy = g.layer_params * s.compute_bytes  # the layer built in the compute dtype
@@ -342,6 +345,7 @@ def _duration(seconds: float) -> str:
 def plan_model(
     model: str,
     method: str = "wanda",
+    pattern: str | None = None,
     nsamples: int = 128,
     seqlen: int = 2048,
     batch_size: int = 1,
@@ -390,6 +394,7 @@ def plan_model(
         raise UsageError(f"--device {device!r}: use auto, cpu, cuda, or one of {', '.join(GPU_PEAK_TFLOPS)}")
     settings = Settings(
         method=method,
+        pattern=pattern,
         nsamples=nsamples,
         seqlen=seqlen,
         batch_size=batch_size,

@@ -106,6 +106,31 @@ def test_plan_command(tiny_llama, monkeypatch):
     assert result.exit_code == 4 and "cannot download config.json" in result.output, result.output
 
 
+def test_plan_takes_the_run_flags():
+    """The issue's own command, `plan llama-70b --sparsity 0.5 ...`, works; its flags are checked as for run."""
+    runner = CliRunner()
+    base = ["plan", "llama-70b", "--nsamples", "128", "--seqlen", "2048", "--device", "rtx4090", "--json"]
+    plain = json.loads(runner.invoke(app, base).output)
+    result = runner.invoke(app, [*base, "--sparsity", "0.5"])
+    assert result.exit_code == 0, result.output
+    with_sparsity = json.loads(result.output)
+    for key in ("peak_vram_bytes", "disk_bytes", "bytes_written", "flops"):  # peak RAM includes the RSS of the moment
+        assert with_sparsity[key] == plain[key], key
+    result = runner.invoke(app, [*base, "--sparsity", "1.5"])
+    assert result.exit_code == 2 and "--sparsity 1.5 is outside (0, 1)" in result.output, result.output
+    result = runner.invoke(app, [*base, "--pattern", "2:4", "--sparsity", "0.5"])
+    assert result.exit_code == 2 and "either --sparsity or --pattern" in result.output, result.output
+
+
+def test_magnitude_plans_its_whole_matrix_sort():
+    """Layer-wise magnitude sorts each Linear whole (float32 values + int64 indices); with a pattern,
+    and for Wanda, the sort goes in slices of 2**26 scores. On a CPU the mask step makes the peak."""
+    largest = 8192 * 28672  # gate/up/down of Llama-2-70B
+    whole = estimate(LLAMA2_70B, Settings(method="magnitude"))["peak_ram_bytes"]
+    sliced = estimate(LLAMA2_70B, Settings(method="magnitude", pattern="2:4"))["peak_ram_bytes"]
+    assert whole - sliced == (largest - 2**26) * (4 + 8) == 2_013_265_920
+
+
 def test_run_that_cannot_fit_is_refused_before_writing(tiny_llama, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["run", str(tiny_llama), "--out", str(out), "--max-ram", "1MB", *FAST])
