@@ -213,12 +213,10 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                         collect=True,
                         write_back=config.propagate == "dense",
                     )
-                # 8c. all seven Linears pruned together, from the dense statistics. The previous
-                # layer's writes are waited for first, so they never coexist with the mask scratch.
-                # Where the layer computes on the CPU in the stored dtype, each pruned weight is the
-                # tensor to write and replaces the read one (freed here); elsewhere 8d applies the
-                # masks to the read tensors.
-                saves.wait()
+                # 8c. all seven Linears pruned together, from the dense statistics. Where the layer
+                # computes on the CPU in the stored dtype, each pruned weight is the tensor to write
+                # and replaces the read one (freed here); elsewhere 8d applies the masks to the read
+                # tensors.
                 masks, pruned = {}, set()
                 for local in PRUNABLE_LINEARS:
                     module, key = layer.get_submodule(local), local + ".weight"
@@ -235,7 +233,11 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                         pruned.add(key)
                     else:
                         masks[key] = mask.cpu()
-                # 8d. the pruned layer in its original dtype, zeros as +0.0, to the `saves` thread
+                # 8d. the pruned layer in its original dtype, zeros as +0.0, to the `saves` thread;
+                # waiting first bounds what is in flight there to one layer (waiting before 8c
+                # instead saves that layer's RAM during the masks but, with a resume point per
+                # layer, cost 10% of SmolLM2's wall time: benchmarks/walltime.py)
+                saves.wait()
                 zeros = total = 0
                 for name, local in names.items():
                     tensor = stored[local]

@@ -139,10 +139,12 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     this_layer = read + (0 if shares_storage or not on_cpu else compute_copy)
     cpu_forward = forward if on_cpu else 0
     kept_masks = 0 if shares_storage else masks
-    # 8b: the dense forward, while the previous layer's tensors may still be being written
-    step_b = this_layer + cpu_forward + (stored_layer if s.overlap else 0)
+    previous_writes = stored_layer if s.overlap else 0  # the previous layer's tensors, until 8d
+    # 8b: the dense forward
+    step_b = this_layer + cpu_forward + previous_writes
     # 8c: on a CPU the mask scratch and one Linear's pruned copy before it replaces the dense one
-    step_c = this_layer + kept_masks + (mask_scratch + largest_linear * s.compute_bytes if on_cpu else 0)
+    step_c = this_layer + kept_masks + previous_writes
+    step_c += mask_scratch + largest_linear * s.compute_bytes if on_cpu else 0
     # 8d-8e: the pruned tensors handed to the writer, and the pruned forward
     step_e = this_layer + kept_masks + (0 if shares_storage else pruned_stored) + cpu_forward
     ram_loop = (read if s.overlap else 0) + max(step_b, step_c, step_e)
