@@ -54,7 +54,9 @@ def dir_bytes(directory: Path, pattern: str = "*.safetensors") -> int:
 
 
 def write_section(name: str, body: str) -> None:
-    """Replace the section `name` of RESULTS.md (between markers), keeping every other section."""
+    """Print `body` and make it the section `name` of RESULTS.md (between markers), keeping every
+    other section."""
+    print(body)
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = (
         RESULTS.read_text()

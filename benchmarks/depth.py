@@ -127,7 +127,6 @@ def main() -> None:
             f"| {NEW_TOKENS / seconds:.1f} | {dense_seconds / seconds:.2f}x | {scoring} | {reads} |"
         )
     body = "\n".join(lines)
-    print(body)
     write_section("depth", body)
 
 

@@ -53,7 +53,6 @@ def main() -> None:
                 "plus the runtime.",
             ]
         )
-        print(body)
         write_section("gpu-layer", body)
         return
 
@@ -94,7 +93,6 @@ def main() -> None:
             "arithmetic; the masks mean nothing.",
         ]
     )
-    print(body)
     write_section("gpu-layer", body)
 
 

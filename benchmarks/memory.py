@@ -126,7 +126,6 @@ def measure_eval(smol: Path, repeats: int = 2) -> None:
     spread = max(median.values()) / min(median.values())
     lines += ["", f"Depth: 8 to 64 layers, largest / smallest median peak **{spread:.3f}** (bar: within 1.10)."]
     body = "\n".join(lines)
-    print(body)
     write_section("memory-eval", body)
 
 
@@ -153,7 +152,6 @@ def measure_wide(smol: Path) -> None:
     for label, measured, planned in rows:
         lines.append(f"| {label} | {measured / MIB:.0f} MiB | {planned / MIB:.0f} MiB | {planned / measured:.3f} |")
     body = "\n".join(lines)
-    print(body)
     write_section("memory-wide", body)
 
 
@@ -220,7 +218,6 @@ def main() -> None:
         f"- Plan: largest error against the measured peak **{100 * worst:.1f}%** (bar: 15%).",
     ]
     body = "\n".join(lines)
-    print(body)
     write_section("memory", body)
 
 

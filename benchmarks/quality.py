@@ -84,7 +84,6 @@ def main() -> None:
         took = "-" if seconds is None else f"{seconds:.0f} s"
         lines.append(f"| {label} | {ppl:.2f} | {accs} | {100 * tasks['average_acc']:.1f} | {took} |")
     body = "\n".join(lines)
-    print(body)
     write_section("quality", body)
 
 

@@ -144,7 +144,6 @@ def main() -> None:
         f"{record['plan']['bytes_written'] / 2**20:.0f} MiB written (checkpoint + activation checkpoints)",
     ]
     body = "\n".join(lines)
-    print(body)
     write_section("walltime", body)
 
 

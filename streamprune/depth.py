@@ -358,9 +358,7 @@ def taylor_scores(
             inputs[index] = hidden.clone()
             blocks.forward(blocks.build(index), index, hidden)
             check_activations_finite(hidden, index, "")
-            names = [f"input-{i}" for i in inputs]
-            tensors = {"hidden": hidden, **{f"input-{i}": x for i, x in inputs.items()}}
-            progress.after_block("taylor forward", position + 1, {}, tensors, unchanged=names)
+            save_taylor(progress, "taylor forward", position + 1, {}, {"hidden": hidden}, inputs)
 
         # dL/dh of the last block's output; L = sum of token losses / tokens, so chunks add up
         norm_weight, head = load_head(blocks.checkpoint, device, stack.dtype)
@@ -374,7 +372,7 @@ def taylor_scores(
             grad[k, :-1] = h.grad.to("cpu", grad.dtype)
         del hidden, head
         scores = {}
-        save_backward(progress, 0, scores, grad, inputs, always=True)
+        save_taylor(progress, "taylor backward", 0, {"scores": scores}, {"grad": grad}, inputs, always=True)
 
     reverse = list(reversed(model))
     for position in blocks.progress(backward_from, len(reverse), "taylor backward"):
@@ -396,16 +394,18 @@ def taylor_scores(
             for local in PRUNABLE_LINEARS
         )
         del layer, x_all
-        save_backward(progress, position + 1, scores, grad, inputs)
+        save_taylor(progress, "taylor backward", position + 1, {"scores": scores}, {"grad": grad}, inputs)
     return scores
 
 
-def save_backward(progress: Progress, position: int, scores: dict, grad: torch.Tensor, inputs: dict, always=False):
-    """The reverse pass's resume point: the scores so far, dL/dh, the inputs still to be used."""
+def save_taylor(
+    progress: Progress, phase: str, position: int, data: dict, carried: dict, inputs: dict, always=False
+) -> None:
+    """A taylor resume point: the carried tensor (hidden forward, dL/dh backward) and the kept block
+    inputs still to be used, each input written once however many saves name it."""
     names = [f"input-{i}" for i in inputs]
-    tensors = {"grad": grad, **{f"input-{i}": x for i, x in inputs.items()}}
     save = progress.save if always else progress.after_block
-    save("taylor backward", position, {"scores": scores}, tensors, unchanged=names)
+    save(phase, position, data, {**carried, **dict(zip(names, inputs.values()))}, unchanged=names)
 
 
 def score_blocks(

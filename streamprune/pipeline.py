@@ -217,7 +217,7 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                 # computes on the CPU in the stored dtype, each pruned weight is the tensor to write
                 # and replaces the read one (freed here); elsewhere 8d applies the masks to the read
                 # tensors.
-                masks, pruned = {}, set()
+                masks = {}
                 for local in PRUNABLE_LINEARS:
                     module, key = layer.get_submodule(local), local + ".weight"
                     mask = prune_mask(
@@ -230,7 +230,6 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                     module.weight.data = apply_mask(module.weight.data, mask)
                     if module.weight.device.type == "cpu" and module.weight.dtype == stored[key].dtype:
                         stored[key] = module.weight.data
-                        pruned.add(key)
                     else:
                         masks[key] = mask.cpu()
                 # 8d. the pruned layer in its original dtype, zeros as +0.0, to the `saves` thread;
@@ -243,7 +242,7 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
                     tensor = stored[local]
                     if local in masks:
                         tensor = apply_mask(tensor, masks[local])
-                    if local in masks or local in pruned:
+                    if local.removesuffix(".weight") in PRUNABLE_LINEARS:
                         zeros += int((tensor == 0).sum())
                         total += tensor.numel()
                     saves.submit(writer.write, name, tensor)
