@@ -36,8 +36,18 @@ def conditions() -> str:
             f"- CPU: {cpu}, {os.cpu_count()} cores; RAM {ram_gib:.0f} GiB; GPU: {gpu}",
             f"- Python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()}",
+            f"- streamprune at commit {code_version()}",
         ]
     )
+
+
+def code_version() -> str:
+    """The commit the measured code is at ("+ changes" when the tree differs from it)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" + uncommitted changes" if git("status", "--porcelain", "--", "streamprune") else "")
 
 
 def max_rss_bytes(command: list[str]) -> int:

@@ -1,6 +1,6 @@
 """One decoder layer of Llama-2-70B's geometry (hidden 8192, intermediate 28672, 64 heads, 8 KV
 heads, random bf16 weights) pruned with Wanda on a GPU with 128 x 2048 calibration tokens, exactly as
-the layer loop does it (streamprune's forward_all, prune_mask, apply_mask; the activation buffer
+the layer loop does it (the run's collect_statistics, prune_linears and forward_batches; the activation buffer
 128 x 2048 x 8192 bf16 = 4 GiB in CPU RAM): peak VRAM and seconds per layer, extrapolated to 80
 layers, beside `streamprune plan llama-70b`'s estimate for the same settings.
 
@@ -22,11 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import conditions, write_section  # noqa: E402
 
-from streamprune.families import FAMILIES, PRUNABLE_LINEARS, LayerStack  # noqa: E402
-from streamprune.pipeline import forward_all  # noqa: E402
+from streamprune.families import FAMILIES, LayerRunner  # noqa: E402
+from streamprune.methods import Target, method_named  # noqa: E402
+from streamprune.pipeline import collect_statistics, prune_linears  # noqa: E402
 from streamprune.plan import Geometry, Settings, estimate  # noqa: E402
 from streamprune.source import ALIAS_CONFIGS  # noqa: E402
-from streamprune.sparsity import apply_mask, prune_mask  # noqa: E402
+from streamprune.stream import forward_batches  # noqa: E402
 
 CONFIG = ALIAS_CONFIGS["meta-llama/Llama-2-70b-hf"]
 NSAMPLES, SEQLEN = 128, 2048
@@ -59,24 +60,23 @@ def main() -> None:
     device = torch.device("cuda")
     config_dir = Path(tempfile.mkdtemp())
     (config_dir / "config.json").write_text(json.dumps({**CONFIG, "rms_norm_eps": 1e-5}))
-    stack = LayerStack(config_dir, FAMILIES["llama"], device, torch.bfloat16)
+    runner = LayerRunner(config_dir, FAMILIES["llama"], device, torch.bfloat16)
     torch.manual_seed(0)
     tensors = {
         name: (torch.randn(p.shape, dtype=torch.bfloat16) * 0.02 if p.dim() == 2 else torch.ones(p.shape))
-        for name, p in stack.skeleton(0).state_dict().items()
+        for name, p in runner.skeleton(0).state_dict().items()
     }
     hidden = torch.randn(NSAMPLES, SEQLEN, CONFIG["hidden_size"], dtype=torch.bfloat16).pin_memory()
     torch.cuda.reset_peak_memory_stats(device)
     torch.cuda.synchronize()
     started = time.perf_counter()
+    method = method_named("wanda")
     with torch.no_grad():
-        layer = stack.build(0, tensors)  # 8a
-        sq_norms = forward_all(stack, layer, 0, hidden, 1, collect=True, write_back=False)  # 8b
-        for local in PRUNABLE_LINEARS:  # 8c
-            module = layer.get_submodule(local)
-            mask = prune_mask(module.weight, "wanda", 0.5, None, sq_norms[local])
-            module.weight.data = apply_mask(module.weight.data, mask)
-        forward_all(stack, layer, 0, hidden, 1, collect=False, write_back=True)  # 8e
+        layer = runner.build(0, tensors)
+        statistics = collect_statistics(method, runner, layer, 0, hidden, 1, write_back=False)  # dense forward
+        for _ in prune_linears(method, layer, statistics, Target(sparsity=0.5)):  # prune
+            pass
+        forward_batches(runner, layer, 0, hidden, 1, write_back=True)  # pruned forward
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device)

@@ -1,8 +1,11 @@
-"""What pruning costs SmolLM2-135M: perplexity and zero-shot accuracy of six variants, streamed.
+"""What pruning costs SmolLM2-135M: perplexity and zero-shot accuracy of each variant, streamed.
 
     python benchmarks/quality.py [--limit 100] [--ppl-windows 40]     # about an hour on 2 CPU cores
+    python benchmarks/quality.py --variants "Wanda 4:8"             # only these, in a section of their own
 
-Variants: dense | magnitude 50% | Wanda 50% | Wanda 2:4 | Wanda 4:8 | magnitude 2:4. Calibration:
+Variants: dense | magnitude 50% | Wanda 50% | Wanda 2:4 | Wanda 4:8 | magnitude 2:4. With --variants, the table of those rows goes to its own section ("quality-added"), under
+the same conditions as the main table, so that a new method gets its rows without re-measuring
+the others (whose outputs the golden test keeps byte-identical). Calibration:
 128 x 512 tokens of the C4 documents in ../shared/data, seed 0. Perplexity: WikiText-2 test
 (wiki.test.raw) at seqlen 512, the first --ppl-windows windows. Zero-shot: the seven tasks, the
 first --limit examples of each (the full sets take days on a CPU). Every number comes from
@@ -36,12 +39,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=100, help="examples per zero-shot task")
     parser.add_argument("--ppl-windows", type=int, default=40, help="WikiText-2 windows of 512 tokens")
+    parser.add_argument("--variants", help="comma-separated labels: measure only these (own section)")
     args = parser.parse_args()
+    chosen = VARIANTS
+    if args.variants:
+        wanted = [label.strip() for label in args.variants.split(",")]
+        unknown = [label for label in wanted if label not in dict(VARIANTS)]
+        if unknown:
+            sys.exit(f"unknown variants {unknown}; choose from: {', '.join(label for label, _ in VARIANTS)}")
+        chosen = [(label, flags) for label, flags in VARIANTS if label in wanted]
     model = build()
     work = Path(tempfile.mkdtemp())
     rows = []
     try:
-        for label, flags in VARIANTS:
+        for label, flags in chosen:
             print(f"{label} ...", flush=True)
             target, seconds = model, None
             if flags is not None:
@@ -57,15 +68,13 @@ def main() -> None:
     finally:
         shutil.rmtree(work)
 
+    options = f" --limit {args.limit} --ppl-windows {args.ppl_windows}" if (args.limit, args.ppl_windows) != (100, 40) else ""
+    options += f' --variants "{args.variants}"' if args.variants else ""
     lines = [
-        "## Quality of pruned SmolLM2-135M (streamed evaluation)",
+        "## Quality of pruned SmolLM2-135M (streamed evaluation)"
+        + (": variants measured on their own, as for the quality table" if args.variants else ""),
         "",
-        "Command: `python benchmarks/quality.py"
-        + (
-            f" --limit {args.limit} --ppl-windows {args.ppl_windows}`."
-            if args.limit != 100 or args.ppl_windows != 40
-            else "`."
-        )  # fmt: skip
+        f"Command: `python benchmarks/quality.py{options}`."
         + " Pruning: calibration 128 x 512 tokens of `c4/c4_validation_2k.jsonl.gz`, seed 0, CPU, float32, "
         "micro-batch 1; pruning time is the run record's total_seconds. Perplexity: WikiText-2 test "
         "(`wiki.test.raw`), non-overlapping 512-token windows, the "
@@ -84,7 +93,7 @@ def main() -> None:
         took = "-" if seconds is None else f"{seconds:.0f} s"
         lines.append(f"| {label} | {ppl:.2f} | {accs} | {100 * tasks['average_acc']:.1f} | {took} |")
     body = "\n".join(lines)
-    write_section("quality", body)
+    write_section("quality-added" if args.variants else "quality", body)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 
 _PAGE_BYTES = mmap.PAGESIZE
 _MADV_DONTNEED = 4  # linux/mman.h; on a shared file mapping the data stays in the file
-# pipeline.embed reads the embedding in slices of this many bytes and copies runs of tokens of at
+# stream.embed reads the embedding in slices of this many bytes and copies runs of tokens of at
 # most this size (fewer into an offloaded buffer, whose rows a run touches all over the file)
 EMBEDDING_SLICE_BYTES = 64 * 1024 * 1024
 OFFLOADED_TOKENS_PER_COPY = 2048
@@ -69,12 +69,13 @@ def activation_buffer(shape: tuple[int, ...], dtype: torch.dtype, offload_dir: P
     finally:
         os.close(fd)
         os.unlink(name)  # the mapping keeps the blocks; the file is gone however the process ends
-    buffer._streamprune_offloaded = True
     return buffer
 
 
 def is_offloaded(buffer: torch.Tensor) -> bool:
-    return getattr(buffer, "_streamprune_offloaded", False)
+    """Whether `buffer` (or the buffer it is a view of) lives in a mapped file. Asked of the storage,
+    which every view shares: a mark on the tensor object would be lost on `hidden.unsqueeze(0)`."""
+    return buffer.untyped_storage().filename is not None
 
 
 def release(buffer: torch.Tensor, rows: slice = slice(0, None)) -> None:

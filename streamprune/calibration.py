@@ -19,9 +19,63 @@ import torch
 from .errors import BadInputError, ResourceError
 from .source import first_line
 
+CALIBRATION_FILE = "streamprune_calibration.json"  # beside a run's output: the exact token ids it used
 C4_REPO = "allenai/c4"
 C4_SHARD = "en/c4-train.00000-of-01024.json.gz"  # the shard the Wanda paper calibrates on
 _TOKENIZE_BATCH = 256  # documents per tokenizer call while counting tokens
+
+
+def calibration_path(calib: str) -> Path:
+    """--calib: the C4 shard (downloaded) or a local file."""
+    path = fetch_c4() if calib == "c4" else Path(calib).expanduser()
+    if not path.is_file():
+        raise BadInputError(f"--calib {calib}: no such file; pass a .txt, .jsonl or .jsonl.gz file, or c4")
+    return path
+
+
+def sample_calibration(settings, path: Path, sha256: str, source_dir: Path, seqlen: int) -> dict:
+    """The calibration record of a run: `settings.nsamples` windows of `seqlen` token ids
+    (`input_ids`, [nsamples, seqlen]) drawn with `settings.seed` from `path`, tokenized by the
+    source's own tokenizer, and where they came from."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    except Exception as err:
+        raise BadInputError(f"cannot load the tokenizer from {source_dir}: {err}") from err
+    documents = read_documents(path)
+    input_ids = sample_windows(documents, tokenizer, settings.nsamples, seqlen, settings.seed)
+    return {
+        "source": settings.calib if settings.calib == "c4" else str(path),
+        "file": str(path),
+        "sha256": sha256,
+        "documents": len(documents),
+        "nsamples": settings.nsamples,
+        "seqlen": seqlen,
+        "seed": settings.seed,
+        "input_ids": input_ids,
+    }
+
+
+def calibration_json(calibration: dict) -> bytes:
+    ids = {key: value for key, value in calibration.items() if key != "input_ids"}
+    ids["input_ids"] = calibration["input_ids"].tolist()
+    return json.dumps(ids).encode()
+
+
+def load_saved_calibration(out: Path, nsamples: int, seqlen: int) -> dict:
+    """The calibration ids an interrupted run saved: resuming must not depend on resampling."""
+    path = out / CALIBRATION_FILE
+    try:
+        calibration = json.loads(path.read_text())
+        calibration["input_ids"] = torch.tensor(calibration["input_ids"], dtype=torch.int64)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BadInputError(
+            f"cannot read {path}, the calibration ids of the interrupted run ({err}); start over with --force"
+        ) from err
+    if tuple(calibration["input_ids"].shape) != (nsamples, seqlen):
+        raise BadInputError(f"{path} does not hold {nsamples} x {seqlen} token ids; start over with --force")
+    return calibration
 
 
 def fetch_c4() -> Path:

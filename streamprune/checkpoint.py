@@ -36,6 +36,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U64": torch.uint64,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+# the weight dtypes streamprune prunes and computes in (--dtype), by their torch names
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -161,9 +163,10 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
 
-    def read(self, name: str, rows: slice | None = None, pin: bool = False) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None, pin: bool = False, count: bool = True) -> torch.Tensor:
         """One tensor, or rows [start, stop) of its first dimension, freshly read into CPU memory
-        in its stored dtype (page-locked with `pin`, for fast copies to a GPU)."""
+        in its stored dtype (page-locked with `pin`, for fast copies to a GPU). `count`: add its
+        bytes to `bytes_read` now (a prefetching reader counts them when it hands them over)."""
         info = self.tensors[name]
         shape, start, nbytes = info.shape, info.start, info.nbytes
         if rows is not None:
@@ -175,7 +178,8 @@ class Checkpoint:
         with open(info.file, "rb") as f:
             f.seek(start)
             got = f.readinto(memoryview(data.numpy()))
-        self.bytes_read += got
+        if count:
+            self.bytes_read += got
         if got != nbytes:
             raise BadInputError(f"{info.file}: tensor {name!r} is truncated ({got} of {nbytes} bytes)")
         return data.view(info.torch_dtype).reshape(shape)

@@ -13,8 +13,9 @@ from typing import Optional
 import torch
 import typer
 
-from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, StreamPruneError, UsageError
+from .methods import methods_help
+from .version import __version__
 
 app = typer.Typer(
     add_completion=False,
@@ -24,13 +25,19 @@ app = typer.Typer(
 )
 
 
-@app.callback()
-def main(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    if version:
+def print_version(asked: bool) -> None:
+    if asked:
         typer.echo(f"streamprune {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", is_eager=True, callback=print_version
+    ),
+) -> None:
+    """Prune large language models one decoder layer at a time, on the hardware you have."""
 
 
 @app.command()
@@ -49,9 +56,7 @@ def run(
         help="N:M semi-structured sparsity: keep N of every M consecutive input weights in each row "
         "(2:4 keeps 2 of 4, NVIDIA's meaning). Replaces --sparsity.",
     ),
-    method: str = typer.Option(
-        "wanda", help="wanda (|W| x input norm, per output row) or magnitude (|W|, per matrix)."
-    ),
+    method: str = typer.Option("wanda", help=f"Pruning method. {methods_help()}."),
     propagate: str = typer.Option(
         "pruned", help="Next block's calibration inputs come from the pruned block (pruned) or the dense one (dense)."
     ),
@@ -111,7 +116,7 @@ def run(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Prune MODEL with Wanda (or magnitude) and write a checkpoint that transformers loads as is.
+    """Prune MODEL (Wanda by default; see --method) and write a checkpoint that transformers loads as is.
 
     Layers are read one at a time from the safetensors shards, pruned and written straight to
     --out; the source is only ever read. Beside the checkpoint: streamprune.json (the run record)
@@ -161,14 +166,13 @@ def run(
         record = prune(config)
         if eval_ppl is not None:
             from .evaluate import EvalConfig, evaluate
-            from .pipeline import RECORD_FILE
-            from .writer import write_atomic
+            from .outdir import RECORD_FILE, write_json
 
             results = evaluate(
                 EvalConfig(model=str(out), ppl=str(eval_ppl), seqlen=eval_seqlen, device=device, quiet=quiet)
             )
             record["evaluation"] = results
-            write_atomic(out / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode())
+            write_json(out / RECORD_FILE, record)
     typer.echo(summary(record))
     if "evaluation" in record:
         from .evaluate import results_table
@@ -181,7 +185,7 @@ def plan_command(
     model: str = typer.Argument(
         ..., help="A checkpoint directory, its config.json, a hub id or an alias (only config.json is fetched)."
     ),
-    method: str = typer.Option("wanda", help="wanda or magnitude (magnitude needs no calibration data)."),
+    method: str = typer.Option("wanda", help=f"As for run. {methods_help()}."),
     sparsity: Optional[float] = typer.Option(
         None, help="As for run (checked; how many weights are zeroed does not change memory or time)."
     ),
@@ -211,7 +215,8 @@ def plan_command(
     make it fit. Example: streamprune plan llama-70b --sparsity 0.5 --device rtx4090 --max-ram 32GB"""
     from types import SimpleNamespace
 
-    from .config import METHODS, OFFLOAD, check_choice, check_positive, check_sparsity, parse_limit
+    from .config import OFFLOAD, check_choice, check_positive, check_sparsity, parse_limit
+    from .methods import METHODS
     from .plan import plan_model
 
     with user_errors(on_interrupt="interrupted", on_gpu_oom="Use --device cpu."):
@@ -267,6 +272,9 @@ def eval_command(
         None, help="Keep the activation buffer (tokens x hidden) in a temporary file here instead of RAM."
     ),
     output: Optional[Path] = typer.Option(None, help="Write the results (with per-example predictions) as JSON."),
+    overlap: bool = typer.Option(
+        True, "--overlap/--no-overlap", help="Read the next layer while this one computes."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Measure perplexity and zero-shot accuracy without loading the model: every evaluation token
@@ -288,6 +296,7 @@ def eval_command(
             dtype=dtype,
             batch_tokens=batch_tokens,
             offload_dir=None if offload_dir is None else str(offload_dir),
+            overlap=overlap,
             quiet=quiet,
         )
         results = evaluate(config)
@@ -329,6 +338,9 @@ def depth(
         help="Save the scoring's progress in --out this often (0: after every block); a stopped run, "
         "run again with the same command, goes on from the last save.",
     ),
+    overlap: bool = typer.Option(
+        True, "--overlap/--no-overlap", help="Read the next block while this one computes."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace the checkpoint in a non-empty --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -367,6 +379,7 @@ def depth(
             dtype=dtype,
             max_shard_size=max_shard_size,
             checkpoint_minutes=checkpoint_minutes,
+            overlap=overlap,
             force=force,
             quiet=quiet,
         )

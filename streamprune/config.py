@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import FLOAT_DTYPES as DTYPES
 from .errors import UsageError
-from .writer import parse_size
+from .methods import METHODS, Target
+from .sizes import parse_size
 
-METHODS = ("wanda", "magnitude")
 PROPAGATE = ("pruned", "dense")
 OFFLOAD = ("auto", "cpu", "disk")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -61,6 +61,11 @@ class PruneConfig:
     def keep_block(self) -> tuple[int, int] | None:
         """(keep_n, block_m) of --pattern, or None for unstructured sparsity."""
         return keep_block(self.pattern)
+
+    @property
+    def target(self) -> Target:
+        """What every pruned Linear loses."""
+        return Target(sparsity=self.sparsity, keep_block=self.keep_block())
 
     @property
     def target_sparsity(self) -> float:

@@ -21,38 +21,42 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from . import __version__
 from . import buffers
 from .buffers import available_ram_bytes
-from .calibration import file_sha256
-from .checkpoint import Checkpoint
+from .calibration import calibration_path, file_sha256, sample_calibration
 from .config import check_choice, check_dtype, check_positive, parse_device, parse_shard_size
-from .errors import BadInputError, UsageError
-from .evaluate import load_head, token_logprobs
-from .families import LAYER_PREFIX, PRUNABLE_LINEARS, LayerStack, family_of
-from .pipeline import (
+from .errors import UsageError
+from .families import LAYER_PREFIX, PRUNABLE_LINEARS
+from .outdir import (
     RECORD_FILE,
-    calibration_path,
-    check_activations_finite,
     check_not_source,
     check_output_dir,
-    check_weights_finite,
-    compute_dtype,
     copy_support_files,
-    embed,
-    layout,
     prepare_output_dir,
-    sample_calibration,
+    write_json,
 )
 from .runstate import ScoringState, check_free_space, check_same_structure, source_fingerprint
-from .source import resolve_model
-from .writer import CheckpointWriter, format_size, write_atomic
+from .sizes import format_size
+from .stream import (
+    LayerReader,
+    Source,
+    check_activations_finite,
+    check_weights_finite,
+    embed,
+    forward_batches,
+    load_head,
+    open_source,
+    token_logprobs,
+)
+from .version import __version__
+from .writer import CheckpointWriter, write_atomic
 
 CRITERIA = ("ppl", "taylor", "magnitude", "bi")
 SCORES_JSON, SCORES_CSV, SCORES_PNG = "depth_scores.json", "depth_scores.csv", "depth_scores.png"
@@ -79,6 +83,7 @@ class DepthConfig:
     dtype: str = "auto"
     max_shard_size: str = "5GB"
     checkpoint_minutes: float = 5.0  # save the scoring's progress this often (0: after every block)
+    overlap: bool = True  # read the next block while this one computes
     force: bool = False
     quiet: bool = False
 
@@ -154,36 +159,40 @@ def shortened_config(config: dict, kept: list[int]) -> dict:
 
 
 class Blocks:
-    """The source's decoder blocks, built one at a time on the device."""
+    """The source's decoder blocks, streamed in a given order (the next one read in the background
+    while this one computes) and built one at a time on the device."""
 
-    def __init__(self, checkpoint: Checkpoint, stack: LayerStack, layer_names: dict, batch_size: int, quiet: bool):
-        self.checkpoint, self.stack, self.layer_names = checkpoint, stack, layer_names
-        self.batch_size, self.quiet = batch_size, quiet
+    def __init__(self, source: Source, batch_size: int, overlap: bool, quiet: bool):
+        self.source, self.runner = source, source.runner
+        self.batch_size, self.overlap, self.quiet = batch_size, overlap, quiet
 
     def tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """Block `index`'s tensors, checked (on the reading thread)."""
         stored = {}
-        for name, local in self.layer_names[index].items():
-            stored[local] = self.checkpoint.read(name)
+        for name, local in self.source.layer_names[index].items():
+            stored[local] = self.source.checkpoint.read(name, count=False)
             check_weights_finite(stored[local], name)
         return stored
 
-    def build(self, index: int) -> torch.nn.Module:
-        return self.stack.build(index, self.tensors(index))
+    def stream(self, order: list[int], start: int, desc: str) -> Iterator[tuple[int, int, dict]]:
+        """(position, block index, its tensors) for order[start:], with a progress bar that counts
+        from 0 (a resumed phase starts part done)."""
+        bar = tqdm(desc=desc, initial=start, total=len(order), unit="block", disable=self.quiet, dynamic_ncols=True)
+        with LayerReader(self.source, self.overlap, read=self.tensors) as reader:
+            for position, (index, stored) in enumerate(reader.layers(order[start:]), start):
+                yield position, index, stored
+                bar.update()
+        bar.close()
 
-    @torch.no_grad()
-    def forward(self, layer: torch.nn.Module, index: int, hidden: torch.Tensor) -> None:
+    def build(self, index: int, stored: dict[str, torch.Tensor]) -> torch.nn.Module:
+        return self.runner.build(index, stored)
+
+    def forward(self, layer: torch.nn.Module, index: int, hidden: torch.Tensor, on_output=None) -> None:
         """hidden [n, seqlen, hidden] on the CPU, replaced in place by the layer's output."""
-        for start in range(0, hidden.shape[0], self.batch_size):
-            x = hidden[start : start + self.batch_size].to(self.stack.device)
-            hidden[start : start + self.batch_size] = self.stack.forward(layer, index, x).to("cpu")
-
-    def progress(self, start: int, stop: int, desc: str):
-        """Positions start..stop-1, with a bar that counts from 0 (a resumed phase starts part done)."""
-        return tqdm(range(start, stop), desc=desc, initial=start, total=stop, unit="block", disable=self.quiet,
-                    dynamic_ncols=True)  # fmt: skip
+        forward_batches(self.runner, layer, index, hidden, self.batch_size, write_back=True, on_output=on_output)
 
 
-class Progress:
+class ScoringSaves:
     """Where the scoring is, saved in OUT/.streamprune so that a killed run goes on from its last
     save: after a block when `minutes` have passed since the last save (0: after every block), and
     at the end of every pass and round. A save holds the phase, the next position in it, the partial
@@ -191,7 +200,7 @@ class Progress:
 
     Phases: "magnitude", "bi", "ppl" (one per pass), "taylor forward", "taylor backward"."""
 
-    def __init__(self, state: ScoringState, minutes: float, checkpoint: Checkpoint, started: float):
+    def __init__(self, state: ScoringState, minutes: float, checkpoint, started: float):
         self.state, self.minutes, self.checkpoint, self.started = state, minutes, checkpoint, started
         saved = state.progress or {}
         self.rounds = [{**r, "scores": int_keys(r["scores"])} for r in saved.get("rounds", [])]  # finished rounds
@@ -238,37 +247,35 @@ def int_keys(scores: dict) -> dict[int, float]:
     return {int(block): score for block, score in scores.items()}
 
 
-def magnitude_scores(blocks: Blocks, model: list[int], progress: Progress) -> dict[int, float]:
-    position, saved = progress.resume("magnitude")
+def block_magnitude_scores(blocks: Blocks, model: list[int], saves: ScoringSaves) -> dict[int, float]:
+    """Sum of |W| over each block's Linear weights."""
+    position, saved = saves.resume("magnitude")
     scores = saved.get("scores", {})
-    for position in blocks.progress(position, len(model), "magnitude"):
-        index = model[position]
-        stored = blocks.tensors(index)
+    for position, index, stored in blocks.stream(model, position, "magnitude"):
         scores[index] = sum(float(stored[f"{local}.weight"].double().abs().sum()) for local in PRUNABLE_LINEARS)
-        progress.after_block("magnitude", position + 1, {"scores": scores}, {})
+        del stored
+        saves.after_block("magnitude", position + 1, {"scores": scores}, {})
     return scores
 
 
-def bi_scores(blocks: Blocks, model: list[int], hidden: torch.Tensor, progress: Progress) -> dict[int, float]:
+def bi_scores(blocks: Blocks, model: list[int], hidden: torch.Tensor, saves: ScoringSaves) -> dict[int, float]:
     """hidden: the embedded calibration tokens [n, seqlen, hidden]; consumed."""
-    position, saved = progress.resume("bi")
+    position, saved = saves.resume("bi")
     scores = saved.get("scores", {})
     if position:
-        progress.tensor("hidden", out=hidden)  # the input of block model[position]
-    for position in blocks.progress(position, len(model), "block influence"):
-        index = model[position]
-        layer = blocks.build(index)
-        total = count = 0
-        with torch.no_grad():
-            for start in range(0, hidden.shape[0], blocks.batch_size):
-                x = hidden[start : start + blocks.batch_size].to(blocks.stack.device)
-                y = blocks.stack.forward(layer, index, x)
-                part, tokens = block_influence(x, y)
-                total, count = total + part, count + tokens
-                hidden[start : start + blocks.batch_size] = y.to("cpu")
-        check_activations_finite(hidden, index, "")
-        scores[index] = total / count
-        progress.after_block("bi", position + 1, {"scores": scores}, {"hidden": hidden})
+        saves.tensor("hidden", out=hidden)  # the input of block model[position]
+    for position, index, stored in blocks.stream(model, position, "block influence"):
+        sums = [0.0, 0]  # sum of 1 - cos over tokens, tokens
+
+        def add(x: torch.Tensor, y: torch.Tensor) -> None:
+            part, tokens = block_influence(x, y)
+            sums[0], sums[1] = sums[0] + part, sums[1] + tokens
+
+        blocks.forward(blocks.build(index, stored), index, hidden, on_output=add)
+        del stored
+        check_activations_finite(hidden, index)
+        scores[index] = sums[0] / sums[1]
+        saves.after_block("bi", position + 1, {"scores": scores}, {"hidden": hidden})
     return scores
 
 
@@ -278,50 +285,51 @@ def ppl_scores(
     embedded: torch.Tensor,
     input_ids: torch.Tensor,
     streams_per_pass: int,
-    progress: Progress,
+    saves: ScoringSaves,
 ) -> tuple[dict[int, float], int]:
     """Perplexity with each block of `model` skipped; returns (scores, passes over the weights).
 
     At block i the main stream (no block skipped) is copied into block i's skip stream, which then
     skips block i; every skip stream started earlier goes through block i like the main one.
     """
-    position, saved = progress.resume("ppl")
+    position, saved = saves.resume("ppl")
     scores, passes = saved.get("scores", {}), saved.get("passes", 0)
     first = saved.get("first", 0)  # the first of the blocks whose skip streams this pass carries
     streams_per_pass = saved.get("streams_per_pass", streams_per_pass)  # a resumed pass keeps its group
-    norm_weight, head = load_head(blocks.checkpoint, blocks.stack.device, blocks.stack.dtype)
-    eps = getattr(blocks.stack.config, "rms_norm_eps", 1e-6)
+    norm_weight, head = load_head(blocks.source)
+    eps = getattr(blocks.runner.config, "rms_norm_eps", 1e-6)
     while first < len(model):
         group = model[first : first + streams_per_pass]
         if position:  # resumed inside this pass
-            main = progress.tensor("main")  # [n, seqlen, hidden]
-            streams = {i: progress.tensor(f"stream-{i}") for i in saved["streams"]}
+            main = saves.tensor("main")  # [n, seqlen, hidden]
+            streams = {i: saves.tensor(f"stream-{i}") for i in saved["streams"]}
         else:
             passes += 1
             main = embedded.clone()
             streams = {}
-        for position in blocks.progress(position, len(model), f"ppl pass {passes}"):
-            index = model[position]
+        for position, index, stored in blocks.stream(model, position, f"ppl pass {passes}"):
             if index in group:
                 streams[index] = main.clone()
-            layer = blocks.build(index)
+            layer = blocks.build(index, stored)
+            del stored
             for skipped, stream in streams.items():
                 if skipped != index:
                     blocks.forward(layer, index, stream)
-                    check_activations_finite(stream, index, "")
+                    check_activations_finite(stream, index)
             if index < group[-1]:  # the main stream is only needed until the group's last block
                 blocks.forward(layer, index, main)
+            del layer
             data = {"first": first, "passes": passes, "streams_per_pass": streams_per_pass, "scores": scores,
                     "streams": list(streams)}  # fmt: skip
             tensors = {"main": main, **{f"stream-{i}": stream for i, stream in streams.items()}}
-            progress.after_block("ppl", position + 1, data, tensors)
+            saves.after_block("ppl", position + 1, data, tensors)
         del main
         for skipped, stream in streams.items():
             scores[skipped] = math.exp(mean_nll(stream, input_ids, norm_weight, head, eps))
         del streams
         first, position = first + streams_per_pass, 0
         data = {"first": first, "passes": passes, "streams_per_pass": streams_per_pass, "scores": scores}
-        progress.save("ppl", 0, data, {})
+        saves.save("ppl", 0, data, {})
     return scores, passes
 
 
@@ -334,7 +342,7 @@ def mean_nll(hidden: torch.Tensor, input_ids: torch.Tensor, norm_weight, head, e
 
 
 def taylor_scores(
-    blocks: Blocks, model: list[int], hidden: torch.Tensor, input_ids: torch.Tensor, progress: Progress
+    blocks: Blocks, model: list[int], hidden: torch.Tensor, input_ids: torch.Tensor, saves: ScoringSaves
 ) -> dict[int, float]:
     """Sum over each block's Linear weights of |W * dL/dW|, L the mean next-token loss.
 
@@ -342,85 +350,98 @@ def taylor_scores(
     head's gradient dL/dh, and blocks last to first: rebuild, forward the kept input with autograd,
     backward the carried gradient; dL/dW accumulates over micro-batches; dL/dx is carried on.
     """
-    stack, device = blocks.stack, blocks.stack.device
-    backward_from, saved = progress.resume("taylor backward")
+    backward_from, saved = saves.resume("taylor backward")
     if saved:  # resumed in the reverse pass: the inputs of the blocks not yet done, and dL/dh
         later = list(reversed(model))[backward_from:]
-        inputs = {index: progress.tensor(f"input-{index}") for index in later}
-        grad, scores = progress.tensor("grad"), saved["scores"]
+        inputs = {index: saves.tensor(f"input-{index}") for index in later}
+        grad, scores = saves.tensor("grad"), saved["scores"]
     else:
-        position, _ = progress.resume("taylor forward")
-        inputs = {index: progress.tensor(f"input-{index}") for index in model[:position]}
-        if position:
-            progress.tensor("hidden", out=hidden)
-        for position in blocks.progress(position, len(model), "taylor forward"):
-            index = model[position]
-            inputs[index] = hidden.clone()
-            blocks.forward(blocks.build(index), index, hidden)
-            check_activations_finite(hidden, index, "")
-            save_taylor(progress, "taylor forward", position + 1, {}, {"hidden": hidden}, inputs)
-
-        # dL/dh of the last block's output; L = sum of token losses / tokens, so chunks add up
-        norm_weight, head = load_head(blocks.checkpoint, device, stack.dtype)
-        eps = getattr(stack.config, "rms_norm_eps", 1e-6)
-        tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
-        grad = torch.zeros_like(hidden)
-        for k in range(hidden.shape[0]):
-            h = hidden[k, :-1].to(device).requires_grad_(True)
-            loss = -token_logprobs(h, input_ids[k, 1:], norm_weight, head, eps).sum() / tokens
-            loss.backward()
-            grad[k, :-1] = h.grad.to("cpu", grad.dtype)
-        del hidden, head
+        inputs = taylor_forward(blocks, model, hidden, saves)
+        grad = head_gradient(blocks, hidden, input_ids)
+        del hidden
         scores = {}
-        save_taylor(progress, "taylor backward", 0, {"scores": scores}, {"grad": grad}, inputs, always=True)
+        save_taylor(saves, "taylor backward", 0, {"scores": scores}, {"grad": grad}, inputs, always=True)
 
     reverse = list(reversed(model))
-    for position in blocks.progress(backward_from, len(reverse), "taylor backward"):
-        index = reverse[position]
-        layer = blocks.build(index)
-        x_all = inputs.pop(index)
-        for start in range(0, x_all.shape[0], blocks.batch_size):
-            x = x_all[start : start + blocks.batch_size].to(device).requires_grad_(True)
-            y = stack.forward(layer, index, x)
-            y.backward(grad[start : start + blocks.batch_size].to(device))
-            grad[start : start + blocks.batch_size] = x.grad.to("cpu")
-        scores[index] = sum(
-            float(
-                (layer.get_submodule(local).weight.detach() * layer.get_submodule(local).weight.grad)
-                .double()
-                .abs()
-                .sum()
-            )
-            for local in PRUNABLE_LINEARS
-        )
-        del layer, x_all
-        save_taylor(progress, "taylor backward", position + 1, {"scores": scores}, {"grad": grad}, inputs)
+    for position, index, stored in blocks.stream(reverse, backward_from, "taylor backward"):
+        layer = blocks.build(index, stored)
+        del stored
+        scores[index] = block_taylor_score(blocks, layer, index, inputs.pop(index), grad)
+        del layer
+        save_taylor(saves, "taylor backward", position + 1, {"scores": scores}, {"grad": grad}, inputs)
     return scores
 
 
+def taylor_forward(blocks: Blocks, model: list[int], hidden: torch.Tensor, saves: ScoringSaves) -> dict:
+    """Every block's input kept, {block: [n, seqlen, hidden]}; `hidden` ends as the last block's output."""
+    position, _ = saves.resume("taylor forward")
+    inputs = {index: saves.tensor(f"input-{index}") for index in model[:position]}
+    if position:
+        saves.tensor("hidden", out=hidden)
+    for position, index, stored in blocks.stream(model, position, "taylor forward"):
+        inputs[index] = hidden.clone()
+        blocks.forward(blocks.build(index, stored), index, hidden)
+        del stored
+        check_activations_finite(hidden, index)
+        save_taylor(saves, "taylor forward", position + 1, {}, {"hidden": hidden}, inputs)
+    return inputs
+
+
+def head_gradient(blocks: Blocks, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """dL/dh of the last block's output [n, seqlen, hidden]; L = sum of token losses / tokens, so
+    samples add up."""
+    device = blocks.runner.device
+    norm_weight, head = load_head(blocks.source)
+    eps = getattr(blocks.runner.config, "rms_norm_eps", 1e-6)
+    tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    grad = torch.zeros_like(hidden)
+    for k in range(hidden.shape[0]):
+        h = hidden[k, :-1].to(device).requires_grad_(True)
+        loss = -token_logprobs(h, input_ids[k, 1:], norm_weight, head, eps).sum() / tokens
+        loss.backward()
+        grad[k, :-1] = h.grad.to("cpu", grad.dtype)
+    return grad
+
+
+def block_taylor_score(blocks: Blocks, layer, index: int, x_all: torch.Tensor, grad: torch.Tensor) -> float:
+    """Sum of |W * dL/dW| over the block's Linears, given its kept input x_all [n, seqlen, hidden] and
+    dL/d(its output) `grad`, which becomes dL/d(its input) in place."""
+    device, size = blocks.runner.device, blocks.batch_size
+    for start in range(0, x_all.shape[0], size):
+        x = x_all[start : start + size].to(device).requires_grad_(True)
+        y = blocks.runner.forward(layer, index, x)
+        y.backward(grad[start : start + size].to(device))
+        grad[start : start + size] = x.grad.to("cpu")
+    total = 0.0
+    for local in PRUNABLE_LINEARS:
+        weight = layer.get_submodule(local).weight
+        total += float((weight.detach() * weight.grad).double().abs().sum())
+    return total
+
+
 def save_taylor(
-    progress: Progress, phase: str, position: int, data: dict, carried: dict, inputs: dict, always=False
+    saves: ScoringSaves, phase: str, position: int, data: dict, carried: dict, inputs: dict, always=False
 ) -> None:
     """A taylor resume point: the carried tensor (hidden forward, dL/dh backward) and the kept block
     inputs still to be used, each input written once however many saves name it."""
     names = [f"input-{i}" for i in inputs]
-    save = progress.save if always else progress.after_block
+    save = saves.save if always else saves.after_block
     save(phase, position, data, {**carried, **dict(zip(names, inputs.values()))}, unchanged=names)
 
 
 def score_blocks(
-    config: DepthConfig, blocks: Blocks, model: list[int], input_ids, dtype, progress: Progress
+    config: DepthConfig, blocks: Blocks, model: list[int], input_ids, saves: ScoringSaves
 ) -> tuple[dict, int]:
     """(score per block of `model`, passes over the weights) for config.criterion."""
     if config.criterion == "magnitude":
-        return magnitude_scores(blocks, model, progress), 1
-    hidden = embed(blocks.checkpoint, input_ids, dtype)  # [n, seqlen, hidden]
+        return block_magnitude_scores(blocks, model, saves), 1
+    hidden = embed(blocks.source.checkpoint, input_ids, blocks.source.dtype)  # [n, seqlen, hidden]
     if config.criterion == "bi":
-        return bi_scores(blocks, model, hidden, progress), 1
+        return bi_scores(blocks, model, hidden, saves), 1
     if config.criterion == "taylor":
-        return taylor_scores(blocks, model, hidden, input_ids, progress), 2
+        return taylor_scores(blocks, model, hidden, input_ids, saves), 2
     per_pass = streams_per_pass(config, hidden, len(model))
-    return ppl_scores(blocks, model, hidden, input_ids, per_pass, progress)
+    return ppl_scores(blocks, model, hidden, input_ids, per_pass, saves)
 
 
 def streams_per_pass(config: DepthConfig, hidden: torch.Tensor, blocks: int) -> int:
@@ -445,106 +466,31 @@ def depth(config: DepthConfig) -> dict:
     buffers.return_freed_memory_to_the_system()
 
     # 1. the source and the settings, all checked before anything is written
-    source_dir = resolve_model(config.model)
-    checkpoint = Checkpoint(source_dir)
-    family = family_of(checkpoint.config)
-    num_layers = checkpoint.config["num_hidden_layers"]
-    check_not_source(config.out, source_dir)
+    source = open_source(config.model, config.torch_device, config.dtype)
+    check_not_source(config.out, source.directory)
     count = None
     if not config.scores_only:
-        count = removal_count(num_layers, config.remove, config.ratio, config.keep_first, config.keep_last)
-    dtype = compute_dtype(config, checkpoint)
-    stack = LayerStack(source_dir, family, config.torch_device, dtype)
-    layer_names = layout(checkpoint, stack, num_layers)
-    seqlen = min(config.seqlen, getattr(stack.config, "max_position_embeddings", None) or config.seqlen)
-    calib_path = None if config.criterion == "magnitude" else calibration_path(config)
-    structure = {  # everything the scores depend on: the same scores may be reused only when these match
-        "source": source_fingerprint(checkpoint),
-        "criterion": config.criterion,
-        "remove": count if config.iterative else None,  # one-shot scores do not depend on how many go
-        "keep_first": config.keep_first,
-        "keep_last": config.keep_last,
-        "iterative": config.iterative,
-        "calibration": None if calib_path is None else {"sha256": file_sha256(calib_path), "nsamples": config.nsamples,
-                                                        "seqlen": seqlen, "seed": config.seed},
-        "dtype": str(dtype).removeprefix("torch."),
-        "batch_size": config.batch_size,
-    }  # fmt: skip
-    allowed = candidates(num_layers, config.keep_first, config.keep_last)
-    # an unfinished scoring in --out goes on from its last save; finished scores are reused
+        count = removal_count(source.num_layers, config.remove, config.ratio, config.keep_first, config.keep_last)
+    calib_path = None if config.criterion == "magnitude" else calibration_path(config.calib)
+    structure = scoring_identity(config, source, count, calib_path)
+
+    # 2-3. the scores: reused from an earlier run into --out with these exact settings (stopped
+    # while writing, or --scores-only), else computed, going on from a stopped scoring's last save
+    allowed = candidates(source.num_layers, config.keep_first, config.keep_last)
     state = None if config.force else ScoringState.load(config.out)
     earlier = None if config.force or state is not None else earlier_scores(config.out, structure)
-
     if earlier is not None:
-        # 2-3. an earlier run into --out (stopped while writing, or --scores-only) scored with these
-        # exact settings: its scores are reused, the expensive part is not redone
         rounds, calibration, scoring_seconds = earlier["rounds"], earlier["calibration"], earlier["scoring_seconds"]
         if not config.iterative:
             rounds[0]["removed"] = lowest(rounds[0]["scores"], allowed, count or 0)
         if not config.quiet:
             print(f"reusing the block scores in {config.out / SCORES_JSON} (same model and settings)", file=sys.stderr)
     else:
-        if state is None:
-            check_output_dir(config.out, config.force)
-            prepare_output_dir(config.out, config.force)
-            state = ScoringState(config.out, structure)
-        else:
-            check_same_structure(state.structure, structure, config.out, "an unfinished depth scoring")
-            if not config.quiet:
-                at = f"{state.progress['phase'] or 'a new round'} from position {state.progress['position']}"
-                print(f"continuing the block scoring saved in {config.out} ({at})", file=sys.stderr)
-        # 2. calibration token ids (every criterion but magnitude)
-        calibration = None
-        if calib_path is not None:
-            calibration = sample_calibration(config, calib_path, structure["calibration"]["sha256"], source_dir, seqlen)
-            vocab = checkpoint.tensors["model.embed_tokens.weight"].shape[0]
-            if int(calibration["input_ids"].max()) >= vocab:
-                raise BadInputError(f"the tokenizer in {source_dir} produced ids beyond the embedding's {vocab} rows")
-        input_ids = None if calibration is None else calibration.pop("input_ids")
-
-        # 3. score; --iterative removes one block per round and rescores the shorter model; progress
-        # is saved in --out as it goes (a resumed run starts from the last save)
-        blocks = Blocks(checkpoint, stack, layer_names, config.batch_size, config.quiet)
-        progress = Progress(state, config.checkpoint_minutes, checkpoint, started)
-        rounds = progress.rounds
-        while len(rounds) < (count if config.iterative and count else 1):
-            model = [i for i in range(num_layers) if not any(i in r["removed"] for r in rounds)]
-            scores, passes = score_blocks(config, blocks, model, input_ids, dtype, progress)
-            take = 0 if count is None else 1 if config.iterative else count
-            chosen = lowest(scores, [i for i in allowed if i in model], take)
-            rounds.append({"blocks": model, "scores": scores, "removed": chosen, "passes": passes,
-                           "bytes_read": checkpoint.bytes_read})  # fmt: skip
-            progress.save(None, 0, {}, {})
-        scoring_seconds = progress.seconds()
-    removed = sorted(i for r in rounds for i in r["removed"])
-    model = [i for i in range(num_layers) if i not in removed]
+        rounds, calibration, scoring_seconds = score(config, source, structure, state, count, calib_path, started)
 
     # 4. the report: scores per block (JSON, CSV) and the chart, written before the checkpoint
-    report = {
-        "streamprune": __version__,
-        "model": config.model,
-        "directory": str(source_dir),
-        "criterion": config.criterion,
-        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-        "num_hidden_layers": num_layers,
-        "protected": [i for i in range(num_layers) if i not in allowed],
-        "removed": removed,
-        "kept": model,
-        "blocks": [
-            {"block": i, "score": rounds[0]["scores"][i], "protected": i not in allowed, "removed": i in removed}
-            for i in range(num_layers)
-        ],
-        "rounds": rounds,
-        "calibration": calibration,
-        "structure": structure,
-        "bytes_read": rounds[-1]["bytes_read"],
-        "checkpoint_bytes": checkpoint.total_bytes,
-        "passes": sum(r["passes"] for r in rounds),
-        "scoring_seconds": scoring_seconds,
-        "device": str(stack.device),
-        "compute_dtype": str(dtype).removeprefix("torch."),
-    }
-    write_atomic(config.out / SCORES_JSON, (json.dumps(report, indent=2) + "\n").encode())
+    report = depth_report(config, source, structure, rounds, calibration, scoring_seconds)
+    write_json(config.out / SCORES_JSON, report)
     write_atomic(config.out / SCORES_CSV, scores_csv(report).encode())
     from .chart import block_chart_png
 
@@ -556,31 +502,117 @@ def depth(config: DepthConfig) -> dict:
         return report
 
     # 5. the shortened checkpoint: kept blocks renumbered 0..K-1, everything else as it was
-    info = checkpoint.tensors
-    renamed = [(name, name) for name in layer_names[None]]
-    for new, old in enumerate(model):
-        renamed += [(name, LAYER_PREFIX.format(index=new) + local) for name, local in layer_names[old].items()]
+    report["output_files"], report["output_bytes"] = write_shortened(config, source, report["kept"])
+    report["total_seconds"] = time.perf_counter() - started
+    write_json(config.out / RECORD_FILE, report)
+    return report
+
+
+def scoring_identity(config: DepthConfig, source: Source, count: int | None, calib_path: Path | None) -> dict:
+    """Everything the scores depend on: the same scores may be reused only when these match."""
+    seqlen = source.capped_seqlen(config.seqlen)
+    return {
+        "source": source_fingerprint(source.checkpoint),
+        "criterion": config.criterion,
+        "remove": count if config.iterative else None,  # one-shot scores do not depend on how many go
+        "keep_first": config.keep_first,
+        "keep_last": config.keep_last,
+        "iterative": config.iterative,
+        "calibration": None if calib_path is None else {"sha256": file_sha256(calib_path), "nsamples": config.nsamples,
+                                                        "seqlen": seqlen, "seed": config.seed},
+        "dtype": str(source.dtype).removeprefix("torch."),
+        "batch_size": config.batch_size,
+    }  # fmt: skip
+
+
+def score(config: DepthConfig, source: Source, structure: dict, state, count, calib_path, started) -> tuple:
+    """(rounds, calibration record, scoring seconds): score the blocks, going on from `state` (the
+    last save of a stopped scoring in --out) when there is one. --iterative removes one block per
+    round and rescores the shorter model."""
+    if state is None:
+        check_output_dir(config.out, config.force)
+        prepare_output_dir(config.out, config.force)
+        state = ScoringState(config.out, structure)
+    else:
+        check_same_structure(state.structure, structure, config.out, "an unfinished depth scoring")
+        if not config.quiet:
+            at = f"{state.progress['phase'] or 'a new round'} from position {state.progress['position']}"
+            print(f"continuing the block scoring saved in {config.out} ({at})", file=sys.stderr)
+    calibration = None
+    if calib_path is not None:  # every criterion but magnitude
+        seqlen, sha256 = structure["calibration"]["seqlen"], structure["calibration"]["sha256"]
+        calibration = sample_calibration(config, calib_path, sha256, source.directory, seqlen)
+        source.check_token_ids(calibration["input_ids"])
+    input_ids = None if calibration is None else calibration.pop("input_ids")
+
+    blocks = Blocks(source, config.batch_size, config.overlap, config.quiet)
+    saves = ScoringSaves(state, config.checkpoint_minutes, source.checkpoint, started)
+    rounds = saves.rounds
+    allowed = candidates(source.num_layers, config.keep_first, config.keep_last)
+    while len(rounds) < (count if config.iterative and count else 1):
+        model = [i for i in range(source.num_layers) if not any(i in r["removed"] for r in rounds)]
+        scores, passes = score_blocks(config, blocks, model, input_ids, saves)
+        take = 0 if count is None else 1 if config.iterative else count
+        chosen = lowest(scores, [i for i in allowed if i in model], take)
+        rounds.append({"blocks": model, "scores": scores, "removed": chosen, "passes": passes,
+                       "bytes_read": source.checkpoint.bytes_read})  # fmt: skip
+        saves.save(None, 0, {}, {})
+    return rounds, calibration, saves.seconds()
+
+
+def depth_report(config: DepthConfig, source: Source, structure, rounds, calibration, scoring_seconds) -> dict:
+    num_layers = source.num_layers
+    allowed = candidates(num_layers, config.keep_first, config.keep_last)
+    removed = sorted(i for r in rounds for i in r["removed"])
+    return {
+        "streamprune": __version__,
+        "model": config.model,
+        "directory": str(source.directory),
+        "criterion": config.criterion,
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "num_hidden_layers": num_layers,
+        "protected": [i for i in range(num_layers) if i not in allowed],
+        "removed": removed,
+        "kept": [i for i in range(num_layers) if i not in removed],
+        "blocks": [
+            {"block": i, "score": rounds[0]["scores"][i], "protected": i not in allowed, "removed": i in removed}
+            for i in range(num_layers)
+        ],
+        "rounds": rounds,
+        "calibration": calibration,
+        "structure": structure,
+        "bytes_read": rounds[-1]["bytes_read"],
+        "checkpoint_bytes": source.checkpoint.total_bytes,
+        "passes": sum(r["passes"] for r in rounds),
+        "scoring_seconds": scoring_seconds,
+        "device": str(source.runner.device),
+        "compute_dtype": str(source.dtype).removeprefix("torch."),
+    }
+
+
+def write_shortened(config: DepthConfig, source: Source, kept: list[int]) -> tuple[list[str], int]:
+    """The checkpoint of blocks `kept` (renumbered 0..K-1), everything else byte for byte, and its
+    config.json made consistent; returns (shard files, bytes)."""
+    info, names = source.checkpoint.tensors, source.layer_names
+    renamed = [(name, name) for name in names[None]]
+    for new, old in enumerate(kept):
+        renamed += [(name, LAYER_PREFIX.format(index=new) + local) for name, local in names[old].items()]
     writer = CheckpointWriter(
         config.out, [(to, info[src].dtype, info[src].shape) for src, to in renamed], config.max_shard_bytes
     )
     check_free_space(config.out, {"output checkpoint": writer.total_bytes})
     try:
         for source_name, out_name in tqdm(renamed, desc="writing", unit="tensor", disable=config.quiet):
-            tensor = checkpoint.read(source_name)
+            tensor = source.checkpoint.read(source_name)
             check_weights_finite(tensor, source_name)
             writer.write(out_name, tensor)
         writer.finish()
     except BaseException:
         writer.abort()
         raise
-    copy_support_files(source_dir, config.out)
-    shortened = shortened_config(checkpoint.config, model)
-    write_atomic(config.out / "config.json", (json.dumps(shortened, indent=2) + "\n").encode())
-    report["output_files"] = writer.files
-    report["output_bytes"] = writer.total_bytes
-    report["total_seconds"] = time.perf_counter() - started
-    write_atomic(config.out / RECORD_FILE, (json.dumps(report, indent=2) + "\n").encode())
-    return report
+    copy_support_files(source.directory, config.out)
+    write_json(config.out / "config.json", shortened_config(source.checkpoint.config, kept))
+    return writer.files, writer.total_bytes
 
 
 def earlier_scores(out: Path, structure: dict) -> dict | None:

@@ -9,7 +9,6 @@ never materialises logits for the whole set.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,16 +19,12 @@ from tqdm import tqdm
 
 from . import buffers
 from .buffers import available_ram_bytes
-from .checkpoint import Checkpoint
 from .config import check_dtype, check_positive, parse_device
 from .errors import BadInputError, ResourceError, UsageError
-from .families import EMBEDDING, LayerStack, family_of
-from .pipeline import check_activations_finite, check_weights_finite, compute_dtype, embed, layout
-from .source import resolve_model
+from .outdir import write_json
+from .sizes import format_size
+from .stream import LayerReader, Source, check_activations_finite, embed, load_head, open_source, token_logprobs
 from .tasks import TASKS, load_task
-from .writer import format_size
-
-_HEAD_CHUNK_BYTES = 256 * 1024 * 1024  # logits of one chunk of tokens, float32
 
 
 @dataclass
@@ -44,6 +39,7 @@ class EvalConfig:
     dtype: str = "auto"
     batch_tokens: int = 8192  # tokens per micro-batch (padding included)
     offload_dir: str | None = None  # keep the activation buffer in a file there instead of RAM
+    overlap: bool = True  # read the next layer while this one computes
     quiet: bool = False
 
     def __post_init__(self):
@@ -108,18 +104,12 @@ def evaluate(config: EvalConfig) -> dict:
     started = time.perf_counter()
     buffers.return_freed_memory_to_the_system()
     # 1. the model: checked as for pruning; nothing is loaded whole
-    source_dir = resolve_model(config.model)
-    checkpoint = Checkpoint(source_dir)
-    family = family_of(checkpoint.config)
-    num_layers = checkpoint.config["num_hidden_layers"]
-    dtype = compute_dtype(config, checkpoint)
-    stack = LayerStack(source_dir, family, config.torch_device, dtype)
-    layer_names = layout(checkpoint, stack, num_layers)
-    seqlen = min(config.seqlen, getattr(stack.config, "max_position_embeddings", None) or config.seqlen)
+    source = open_source(config.model, config.torch_device, config.dtype)
+    seqlen = source.capped_seqlen(config.seqlen)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source_dir)
+        tokenizer = AutoTokenizer.from_pretrained(source.directory)
     except Exception as err:
-        raise BadInputError(f"cannot load the tokenizer from {source_dir}: {err}") from err
+        raise BadInputError(f"cannot load the tokenizer from {source.directory}: {err}") from err
 
     # 2. every sequence to score: perplexity windows, then one per (example, choice)
     sequences: list[Sequence] = []
@@ -142,10 +132,10 @@ def evaluate(config: EvalConfig) -> dict:
         task_examples[task] = (examples, first)
 
     # 3. stream: all sequences through each layer in turn; then the head
-    logprobs = stream_logprobs(checkpoint, stack, layer_names, sequences, config, dtype)
+    logprobs = stream_logprobs(source, sequences, config)
 
     # 4. metrics
-    results: dict = {"model": config.model, "directory": str(source_dir), "seqlen": seqlen}
+    results: dict = {"model": config.model, "directory": str(source.directory), "seqlen": seqlen}
     if ppl_range is not None:
         nll = -sum(float(logprobs[i].double().sum()) for i in range(*ppl_range))
         scored = sum(logprobs[i].numel() for i in range(*ppl_range))
@@ -205,99 +195,75 @@ def activation_buffer(tokens: int, width: int, dtype: torch.dtype, offload_dir: 
 
 
 @torch.no_grad()
-def stream_logprobs(checkpoint, stack, layer_names, sequences, config, dtype) -> list[torch.Tensor]:
+def stream_logprobs(source: Source, sequences: list[Sequence], config: EvalConfig) -> list[torch.Tensor]:
     """Log-probabilities (float32, CPU) of each sequence's scored tokens."""
-    device = stack.device
     lengths = [len(s.inputs) for s in sequences]
     offsets = [0]
     for length in lengths:
         offsets.append(offsets[-1] + length)
     flat_ids = torch.tensor([t for s in sequences for t in s.inputs], dtype=torch.int64)
-    vocab, width = checkpoint.tensors[EMBEDDING].shape
-    if int(flat_ids.max()) >= vocab:
-        raise BadInputError(f"the tokenizer produced token id {int(flat_ids.max())}; the embedding has {vocab} rows")
-    hidden = activation_buffer(len(flat_ids), width, dtype, config.offload_dir)  # [tokens, hidden]
-    embed(checkpoint, flat_ids.unsqueeze(0), dtype, out=hidden.unsqueeze(0))
+    source.check_token_ids(flat_ids)
+    width = source.runner.config.hidden_size
+    hidden = activation_buffer(len(flat_ids), width, source.dtype, config.offload_dir)  # [tokens, hidden]
+    embed(source.checkpoint, flat_ids.unsqueeze(0), source.dtype, out=hidden.unsqueeze(0))
+    batches = length_batches(lengths, config.batch_tokens)
 
-    # micro-batches of similar lengths, right-padded: under a causal mask a padded position is
-    # never attended to by the real ones before it, so their outputs are those of the unpadded sequence.
-    # Sorted by length, a batch's last sequence is its longest; a new batch starts when padding to it
-    # would exceed batch_tokens or waste more than a fifth of the batch.
-    order = sorted(range(len(sequences)), key=lambda i: lengths[i])
+    bar = tqdm(desc="evaluating", unit="layer", total=source.num_layers, disable=config.quiet, dynamic_ncols=True)
+    with LayerReader(source, config.overlap) as reader:
+        for index, stored in reader.layers(list(range(source.num_layers))):
+            source.check_layer_finite(index, stored)
+            layer = source.runner.build(index, stored)
+            del stored
+            forward_padded(source, layer, index, hidden, batches, lengths, offsets)
+            check_activations_finite(hidden, index)
+            del layer
+            bar.update()
+    bar.close()
+
+    norm_weight, head = load_head(source)
+    eps = getattr(source.runner.config, "rms_norm_eps", 1e-6)
+    results = []
+    for i, sequence in enumerate(sequences):
+        start = offsets[i] + sequence.target_start - 1  # the position that predicts the first target
+        targets = torch.tensor(sequence.tokens[sequence.target_start :], dtype=torch.int64)
+        results.append(token_logprobs(hidden[start : start + len(targets)], targets, norm_weight, head, eps))
+        buffers.release(hidden, slice(start, start + len(targets)))
+    return results
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Micro-batches of sequences of similar lengths, to be right-padded: under a causal mask a
+    padded position is never attended to by the real ones before it, so their outputs are those of
+    the unpadded sequence. Sorted by length, a batch's last sequence is its longest; a new batch
+    starts when padding to it would exceed batch_tokens or waste more than a fifth of the batch."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches, current, current_tokens = [], [], 0
     for i in order:
         padded = (len(current) + 1) * lengths[i]
         real = current_tokens + lengths[i]
-        if current and (padded > config.batch_tokens or padded - real > max(64, padded // 5)):
+        if current and (padded > batch_tokens or padded - real > max(64, padded // 5)):
             batches.append(current)
             current, current_tokens = [], 0
         current.append(i)
         current_tokens += lengths[i]
     if current:
         batches.append(current)
-
-    num_layers = len(layer_names) - 1
-    progress = tqdm(range(num_layers), desc="evaluating", unit="layer", disable=config.quiet, dynamic_ncols=True)
-    for index in progress:
-        stored = {local: checkpoint.read(name) for name, local in layer_names[index].items()}
-        for name, local in layer_names[index].items():
-            check_weights_finite(stored[local], name)
-        layer = stack.build(index, stored)
-        del stored
-        for batch in batches:
-            longest = max(lengths[i] for i in batch)
-            x = torch.zeros(len(batch), longest, width, dtype=dtype, device=device)  # [b, longest, hidden]
-            for row, i in enumerate(batch):
-                x[row, : lengths[i]] = hidden[offsets[i] : offsets[i + 1]].to(device)
-            y = stack.forward(layer, index, x)
-            for row, i in enumerate(batch):
-                hidden[offsets[i] : offsets[i + 1]] = y[row, : lengths[i]].to("cpu")
-                buffers.release(hidden, slice(offsets[i], offsets[i + 1]))
-        check_activations_finite(hidden, index, "")
-        del layer
-    progress.close()
-
-    norm_weight, head = load_head(checkpoint, device, dtype)
-    eps = getattr(stack.config, "rms_norm_eps", 1e-6)
-    results = []
-    for i, sequence in enumerate(sequences):
-        start = offsets[i] + sequence.target_start - 1  # the position that predicts the first target
-        targets = torch.tensor(sequence.tokens[sequence.target_start :], dtype=torch.int64)
-        results.append(token_logprobs(hidden[start : start + len(targets)], targets, norm_weight, head, eps))
-    return results
+    return batches
 
 
-def load_head(checkpoint, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The final RMSNorm weight [hidden] and lm_head [vocab, hidden] (the embedding when tied)."""
-    head_name = "lm_head.weight" if "lm_head.weight" in checkpoint.tensors else EMBEDDING
-    norm_weight, head = checkpoint.read("model.norm.weight"), checkpoint.read(head_name)
-    check_weights_finite(norm_weight, "model.norm.weight")
-    check_weights_finite(head, head_name)
-    return norm_weight.to(device, dtype), head.to(device, dtype)
-
-
-def token_logprobs(
-    hidden: torch.Tensor, targets: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor, eps: float
-) -> torch.Tensor:
-    """log p(targets[t] | hidden[t]) as float32 on the CPU, for the last layer's outputs hidden
-    [T, hidden_size] and targets [T]: final norm, then the head, a chunk of tokens at a time so
-    that the float32 logits [chunk, vocab] stay under _HEAD_CHUNK_BYTES."""
-    chunk = max(1, _HEAD_CHUNK_BYTES // (head.shape[0] * 4))
-    pieces = []
-    for first in range(0, len(targets), chunk):
-        h = hidden[first : first + chunk].to(head.device)
-        logits = torch.nn.functional.linear(rms_norm(h, norm_weight, eps), head).float()  # [chunk, vocab]
-        picked = targets[first : first + chunk].to(head.device)
-        pieces.append((logits.log_softmax(-1).gather(1, picked.unsqueeze(1)).squeeze(1)).cpu())
-    return torch.cat(pieces)
-
-
-def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm's arithmetic: float32 variance, then back to the input dtype before the weight."""
-    dtype = hidden.dtype
-    h = hidden.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+def forward_padded(source: Source, layer, index: int, hidden, batches, lengths, offsets) -> None:
+    """Every sequence of the flat buffer `hidden` [tokens, hidden] through `layer`, in place, a
+    right-padded micro-batch at a time."""
+    device, width = source.runner.device, hidden.shape[1]
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        x = torch.zeros(len(batch), longest, width, dtype=source.dtype, device=device)  # [b, longest, hidden]
+        for row, i in enumerate(batch):
+            x[row, : lengths[i]] = hidden[offsets[i] : offsets[i + 1]].to(device)
+        y = source.runner.forward(layer, index, x)
+        for row, i in enumerate(batch):
+            hidden[offsets[i] : offsets[i + 1]] = y[row, : lengths[i]].to("cpu")
+            buffers.release(hidden, slice(offsets[i], offsets[i + 1]))
 
 
 def results_table(results: dict) -> str:
@@ -315,6 +281,4 @@ def results_table(results: dict) -> str:
 
 
 def write_results(results: dict, path: str) -> None:
-    from .writer import write_atomic
-
-    write_atomic(Path(path), (json.dumps(results, indent=2) + "\n").encode())
+    write_json(Path(path), results)

@@ -52,6 +52,15 @@ PRUNABLE_LINEARS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
+# Input sites: Linears that read the same tensor share one site, so a statistic of their input
+# (Wanda's norms, a Hessian) is computed and held once per site, not once per Linear.
+INPUT_SITES = {
+    "attention input": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o_proj input": ("self_attn.o_proj",),
+    "mlp input": ("mlp.gate_proj", "mlp.up_proj"),
+    "down_proj input": ("mlp.down_proj",),
+}
+SITE_OF = {linear: site for site, linears in INPUT_SITES.items() for linear in linears}
 
 
 def family_of(config: dict) -> Family:
@@ -112,8 +121,8 @@ def check_config_limits(config: dict) -> None:
         )
 
 
-class LayerStack:
-    """Builds decoder layers one at a time and runs them exactly as the whole model would.
+class LayerRunner:
+    """Builds one decoder layer at a time and runs it exactly as the whole model would.
 
     The whole model computes the rotary embeddings and attention masks once, at model level, and
     hands them to every layer; this class does the same for each micro-batch shape.

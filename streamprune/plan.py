@@ -1,9 +1,10 @@
 """What a run will need, from config.json alone: peak RAM and VRAM, disk, bytes moved, FLOPs, time.
 
-`estimate()` is pure arithmetic over the model's geometry and the run's settings; it mirrors
-what pipeline.prune holds at its peaks (the terms are named after its steps), so that a change
-there that moves a peak must move a term here, and benchmarks/memory.py checks the two against
-each other by measurement.
+`estimate()` is pure arithmetic over the model's geometry and the run's settings. Its RAM is
+estimated per step of the run, under the step names below, which pipeline.PruneRun's step methods
+carry too: the run records the steps it took (and the resident size after each) under the same
+names, a test checks that the two sets agree, and benchmarks/memory.py compares them by measurement.
+What a method holds (its statistics, its scratch) the method reports itself (methods/base.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,16 @@ from dataclasses import dataclass
 import torch
 
 from .buffers import EMBEDDING_SLICE_BYTES, OFFLOADED_TOKENS_PER_COPY, available_ram_bytes
-from .sparsity import _SORT_SLICE_ELEMENTS
-from .writer import format_size
+from .config import keep_block
+from .methods import Target, method_named
+from .sizes import format_size
+
+# The steps of a run whose memory is estimated, as pipeline.PruneRun names them.
+COPY_OUTSIDE = "copy outside tensors"
+EMBED = "embed calibration tokens"
+DENSE_FORWARD = "dense forward"
+PRUNE = "prune"
+WRITE_AND_PROPAGATE = "write and propagate"
 
 # Dense bf16 tensor-core peaks (vendor datasheets, TFLOP/s); a run reaches a fraction of this.
 GPU_PEAK_TFLOPS = {"h200": 989, "h100": 989, "a100": 312, "l40s": 362, "rtx4090": 165, "rtx3090": 71, "a10": 125}
@@ -60,6 +69,12 @@ class Geometry:
         h, i = self.hidden, self.intermediate
         return {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (i, h), "up": (i, h), "down": (h, i)}
 
+    def site_widths(self) -> dict[str, int]:
+        """in_features of each input site (families.INPUT_SITES)."""
+        q = self.heads * self.head_dim
+        return {"attention input": self.hidden, "o_proj input": q, "mlp input": self.hidden,
+                "down_proj input": self.intermediate}  # fmt: skip
+
     @property
     def linear_params(self) -> int:
         return sum(rows * cols for rows, cols in self.linear_shapes().values())
@@ -98,100 +113,67 @@ class Settings:
 
 
 def estimate(geometry: Geometry, settings: Settings) -> dict:
-    """Peak RAM and VRAM (bytes), disk needed, bytes read and written, FLOPs. Every term in bytes."""
+    """Peak RAM (by step) and VRAM, disk needed, bytes read and written, FLOPs. Every term in bytes."""
     g, s = geometry, settings
-    wanda = s.method == "wanda"
+    method = method_named(s.method)
+    target = Target(sparsity=0.5, keep_block=keep_block(s.pattern))  # how many go does not change memory
+    calibrated = method.needs_calibration
     tokens = s.nsamples * s.seqlen
     stored_layer = g.layer_params * s.stored_bytes
-    linears = g.linear_params
     largest_linear = max(rows * cols for rows, cols in g.linear_shapes().values())
-    buffer = tokens * g.hidden * s.compute_bytes if wanda else 0  # [nsamples, seqlen, hidden]
+    buffer = tokens * g.hidden * s.compute_bytes if calibrated else 0  # [nsamples, seqlen, hidden]
     micro = s.batch_size * s.seqlen  # tokens in one micro-batch
+    widths = g.site_widths().values()
+    statistics = sum(method.statistic.held_bytes(w) for w in widths) if calibrated else 0
 
-    # One micro-batch through a layer (8b, 8e): its input and output, the norm's float32 copy, q/k/v
-    # and the attention output, the MLP's gate, up, act(gate) and their product; on a CPU the
-    # attention scores of every head; and Wanda's float32 copy of one sample's input to down_proj.
+    # One micro-batch through a layer (dense forward, pruned forward): its input and output, the
+    # norm's float32 copy, q/k/v and the attention output, the MLP's gate, up, act(gate) and their
+    # product; on a CPU the attention scores of every head; and the statistic's own temporaries.
     forward = micro * s.compute_bytes * (4 * g.hidden + 2 * (g.heads + g.kv_heads) * g.head_dim)
     forward += micro * 4 * g.hidden + micro * s.compute_bytes * 4 * g.intermediate
     on_cpu = s.device == "cpu"
     if on_cpu:
         forward += 2 * s.batch_size * g.heads * s.seqlen * s.seqlen * s.compute_bytes
-    forward += s.seqlen * g.intermediate * 4 if wanda else 0
-    forward = forward if wanda else 0  # magnitude runs no forward at all
-    # Masks (8c): float32 scores of the largest Linear, a sort of up to _SORT_SLICE_ELEMENTS of them
-    # (values + int64 indices) and its bool mask; off the CPU path the masks of all seven Linears
-    # are kept on the CPU until 8d applies them.
-    # (layer-wise magnitude without a pattern sorts each Linear whole)
-    whole_matrix = s.method == "magnitude" and s.pattern is None
-    sort_slice = largest_linear if whole_matrix else min(largest_linear, _SORT_SLICE_ELEMENTS)
-    mask_scratch = largest_linear * 4 + sort_slice * (4 + 8) + largest_linear
-    masks = linears  # one byte per weight
+    forward += max(method.statistic.scratch_bytes(s.seqlen, w) for w in widths) if calibrated else 0
+    forward = forward if calibrated else 0  # a method without statistics runs no forward at all
+    # Pruning one Linear: the method's own scratch (scores, sort, mask), the largest Linear's; off
+    # the CPU path the masks of all seven Linears are kept on the CPU until they are applied.
+    prune_scratch = max(method.prune_scratch_bytes(rows, cols, target) for rows, cols in g.linear_shapes().values())
     compute_copy = g.layer_params * s.compute_bytes  # the layer built in the compute dtype
-    pruned_stored = linears * s.stored_bytes  # 8d: pruned copies of the read tensors, for the writer
-    # On a CPU in the stored dtype the built layer is the read tensors, and each pruned weight
-    # replaces its dense one and is itself what gets written: no masks kept, no copies for the writer.
-    shares_storage = on_cpu and s.stored_bytes == s.compute_bytes
 
-    # RAM in the layer loop, by step, beside the next layer being read (with overlap; pinned, so
-    # rounded up to powers of two, on a GPU machine) and the activation buffer (or about a
-    # micro-batch of it when it lives on disk).
-    read = stored_layer if on_cpu else _pinned_bytes(g, s.stored_bytes)
-    this_layer = read + (0 if shares_storage or not on_cpu else compute_copy)
-    cpu_forward = forward if on_cpu else 0
-    kept_masks = 0 if shares_storage else masks
-    previous_writes = stored_layer if s.overlap else 0  # the previous layer's tensors, until 8d
-    # 8b: the dense forward
-    step_b = this_layer + cpu_forward + previous_writes
-    # 8c: on a CPU the mask scratch and one Linear's pruned copy before it replaces the dense one
-    step_c = this_layer + kept_masks + previous_writes
-    step_c += mask_scratch + largest_linear * s.compute_bytes if on_cpu else 0
-    # 8d-8e: the pruned tensors handed to the writer, and the pruned forward
-    step_e = this_layer + kept_masks + (0 if shares_storage else pruned_stored) + cpu_forward
-    ram_loop = (read if s.overlap else 0) + max(step_b, step_c, step_e)
-    ram_loop += buffer if s.offload == "cpu" else micro * g.hidden * s.compute_bytes * 2
-    # RAM while copying the tensors outside the layers (6) and embedding the tokens (7)
-    largest_outside = g.vocab * g.hidden * s.stored_bytes
-    ram_copy = largest_outside
-    # RAM while embedding the calibration tokens (7): a slice of the embedding's rows (and its
-    # compute-dtype copy), the gathered rows of a run of tokens, and the buffer (or, on disk, the
-    # pages the run touches: up to two per token)
-    slice_rows = min(g.vocab, max(1, EMBEDDING_SLICE_BYTES // (g.hidden * s.stored_bytes)))
-    table = slice_rows * g.hidden * (s.stored_bytes + (s.compute_bytes if s.compute_bytes != s.stored_bytes else 0))
-    run_tokens = min(tokens, max(1, EMBEDDING_SLICE_BYTES // (g.hidden * s.compute_bytes)))
-    if s.offload == "disk":
-        run_tokens = min(run_tokens, OFFLOADED_TOKENS_PER_COPY)
-    gathered = run_tokens * g.hidden * s.compute_bytes
-    ram_embed = table + gathered + (buffer if s.offload == "cpu" else run_tokens * 2 * 4096) if wanda else 0
-    tokenizer = g.vocab * TOKENIZER_BYTES_PER_VOCAB_ENTRY if wanda else 0
-    peak_ram = s.runtime_bytes + tokenizer + tokens * 8 + max(ram_loop, ram_copy, ram_embed)
+    ram_by_step = _ram_by_step(g, s, calibrated, buffer, forward, statistics, prune_scratch)
+    tokenizer = g.vocab * TOKENIZER_BYTES_PER_VOCAB_ENTRY if calibrated else 0
+    heaviest = max(ram_by_step, key=ram_by_step.get)
+    peak_ram = s.runtime_bytes + tokenizer + tokens * 8 + ram_by_step[heaviest]
 
     peak_vram = None
     if not on_cpu:
-        # the layer's own copy on the GPU; each Linear's pruned weight replaces (frees) its dense one,
-        # so one extra Linear at a time, beside the scores, the sort and the mask being built
+        # the layer's own copy on the GPU and the statistics; each Linear's pruned weight replaces
+        # (frees) its dense one, so one extra Linear at a time, beside the method's scratch
         largest_pruned = largest_linear * s.compute_bytes
-        peak_vram = compute_copy + max(mask_scratch + largest_linear + largest_pruned, forward)
+        peak_vram = compute_copy + statistics + max(prune_scratch + largest_linear + largest_pruned, forward)
 
     outside_bytes = g.outside_params * s.stored_bytes
     checkpoint_bytes = g.layers * stored_layer + outside_bytes
-    resume_points = math.ceil(g.layers / s.checkpoint_every) - 1 if wanda else 0
+    resume_points = math.ceil(g.layers / s.checkpoint_every) - 1 if calibrated else 0
     flops_per_forward = 2 * g.linear_params * tokens + 2 * s.nsamples * g.heads * g.head_dim * s.seqlen * s.seqlen
+    in_buffer = buffer if s.offload == "cpu" else 0
     return {
         "params": g.layers * g.layer_params + g.outside_params,
         "checkpoint_bytes": checkpoint_bytes,
         "layer_bytes": stored_layer,
         "buffer_bytes": buffer,
         "peak_ram_bytes": peak_ram,
+        "ram_by_step": ram_by_step,  # beside the runtime, the tokenizer and the calibration ids
         "peak_ram_parts": {
             "runtime (python, torch, transformers)": s.runtime_bytes,
             "tokenizer and calibration ids": tokenizer + tokens * 8,
-            "activation buffer": buffer if s.offload == "cpu" else 0,
-            "the heaviest step (layers in flight, embedding or copying)": max(ram_loop, ram_copy, ram_embed)
-            - (buffer if s.offload == "cpu" else 0),
+            "activation buffer": in_buffer,
+            f"the heaviest step ({heaviest})": ram_by_step[heaviest] - in_buffer,
         },
         "peak_vram_bytes": peak_vram,
         # read: every tensor once, and the embedding rows again to embed the calibration tokens
-        "bytes_read": checkpoint_bytes + (largest_outside if wanda else 0),
+        "bytes_read": checkpoint_bytes + (g.vocab * g.hidden * s.stored_bytes if calibrated else 0),
         # written: the output, and an activation checkpoint at every resume point but the last
         "bytes_written": checkpoint_bytes + resume_points * buffer,
         "disk_bytes": {
@@ -199,8 +181,52 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
             "activation checkpoints": 2 * buffer if g.layers > 1 else 0,
             "offloaded buffer": buffer if s.offload == "disk" else 0,
         },
-        "flops": (2 * g.layers * flops_per_forward) if wanda else 0,
+        "flops": (2 * g.layers * flops_per_forward) if calibrated else 0,
     }
+
+
+def _ram_by_step(g: Geometry, s: Settings, calibrated: bool, buffer: int, forward: int, statistics: int,
+                 prune_scratch: int) -> dict[str, int]:  # fmt: skip
+    """RAM of each step, beside the runtime, the tokenizer and the calibration ids. In the layer
+    loop: beside the next layer being read (with overlap; pinned, so rounded up to powers of two,
+    on a GPU machine) and the activation buffer (or about a micro-batch of it on disk)."""
+    on_cpu, tokens = s.device == "cpu", s.nsamples * s.seqlen
+    stored_layer = g.layer_params * s.stored_bytes
+    largest_linear = max(rows * cols for rows, cols in g.linear_shapes().values())
+    masks = g.linear_params  # one byte per weight
+    pruned_stored = g.linear_params * s.stored_bytes  # pruned copies of the read tensors, for the writer
+    # On a CPU in the stored dtype the built layer is the read tensors, and each pruned weight
+    # replaces its dense one and is itself what gets written: no masks kept, no copies for the writer.
+    shares_storage = on_cpu and s.stored_bytes == s.compute_bytes
+    read = stored_layer if on_cpu else _pinned_bytes(g, s.stored_bytes)
+    this_layer = read + (0 if shares_storage or not on_cpu else g.layer_params * s.compute_bytes)
+    cpu_forward, cpu_statistics = (forward, statistics) if on_cpu else (0, 0)
+    kept_masks = 0 if shares_storage else masks
+    previous_writes = stored_layer if s.overlap else 0  # the last layer's tensors, until its writes are waited for
+    micro_buffer = s.batch_size * s.seqlen * g.hidden * s.compute_bytes * 2  # what an offloaded buffer keeps resident
+    beside = (read if s.overlap else 0) + (buffer if s.offload == "cpu" else micro_buffer)
+    ram = {COPY_OUTSIDE: g.vocab * g.hidden * s.stored_bytes}  # the largest tensor outside the layers
+    if calibrated:
+        ram[EMBED] = _embedding_ram(g, s, tokens, buffer)
+        ram[DENSE_FORWARD] = beside + this_layer + cpu_forward + cpu_statistics + previous_writes
+    prune = beside + this_layer + kept_masks + previous_writes + cpu_statistics
+    ram[PRUNE] = prune + (prune_scratch + largest_linear * s.compute_bytes if on_cpu else 0)
+    # the pruned tensors handed to the writer, and the pruned forward
+    ram[WRITE_AND_PROPAGATE] = beside + this_layer + kept_masks + cpu_forward + (0 if shares_storage else pruned_stored)
+    return ram
+
+
+def _embedding_ram(g: Geometry, s: Settings, tokens: int, buffer: int) -> int:
+    """RAM while embedding the calibration tokens: a slice of the embedding's rows (and its
+    compute-dtype copy), the gathered rows of a run of tokens, and the buffer (or, on disk, the
+    pages the run touches: up to two per token)."""
+    slice_rows = min(g.vocab, max(1, EMBEDDING_SLICE_BYTES // (g.hidden * s.stored_bytes)))
+    table = slice_rows * g.hidden * (s.stored_bytes + (s.compute_bytes if s.compute_bytes != s.stored_bytes else 0))
+    run_tokens = min(tokens, max(1, EMBEDDING_SLICE_BYTES // (g.hidden * s.compute_bytes)))
+    if s.offload == "disk":
+        run_tokens = min(run_tokens, OFFLOADED_TOKENS_PER_COPY)
+    gathered = run_tokens * g.hidden * s.compute_bytes
+    return table + gathered + (buffer if s.offload == "cpu" else run_tokens * 2 * 4096)
 
 
 def seconds(
@@ -344,6 +370,26 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def plan_device(device: str, compute: torch.dtype, max_gpu_memory: int | None) -> tuple:
+    """(name, assumed FLOP/s or None, "cpu" or "cuda", GPU memory limit) for `plan --device`: auto,
+    cpu (its matmul rate measured), cuda[:N] (this machine's GPU) or a GPU named in GPU_PEAK_TFLOPS."""
+    from .errors import UsageError
+
+    named = device.lower().replace("-", "")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if named in GPU_PEAK_TFLOPS:
+        return device, gpu_flops(named), "cuda", max_gpu_memory or GPU_MEMORY_GB[named] * 10**9
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: torch sees no GPU here; name one instead, e.g. --device rtx4090")
+        name = torch.cuda.get_device_name(torch.device(device))
+        return name, gpu_flops(name), "cuda", max_gpu_memory or default_limits(0, torch.device(device))[1]
+    if device == "cpu":
+        return "this CPU (measured)", measure_cpu_flops(compute), "cpu", max_gpu_memory
+    raise UsageError(f"--device {device!r}: use auto, cpu, cuda, or one of {', '.join(GPU_PEAK_TFLOPS)}")
+
+
 def plan_model(
     model: str,
     method: str = "wanda",
@@ -363,37 +409,22 @@ def plan_model(
 ) -> tuple[str, dict]:
     """`streamprune plan`: the report and the numbers for MODEL (a directory, hub id or alias;
     only its config.json is read). `device` is auto, cpu, cuda or a GPU name from GPU_PEAK_TFLOPS."""
-    from .config import DTYPES, check_dtype
-    from .errors import UsageError
+    from .checkpoint import FLOAT_DTYPES as DTYPES
+    from .config import check_dtype
     from .families import family_of
     from .source import fetch_config
 
     check_dtype(dtype)
     config, where = fetch_config(model)
     family = family_of(config)
-    family.classes()  # the run's imports, so that the runtime measured below is the run's
-    import streamprune.pipeline  # noqa: F401
+    family.classes()  # the run's heavy imports, so that the runtime measured below is the run's
+    import transformers.models.auto.tokenization_auto  # noqa: F401
 
     geometry = Geometry.from_config(config)
     stored = DTYPES.get(config.get("torch_dtype") or config.get("dtype") or "float32", torch.float32)
     compute = stored if dtype == "auto" else DTYPES[dtype]
     seqlen = min(seqlen, config.get("max_position_embeddings") or seqlen)
-    named = device.lower().replace("-", "")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if named in GPU_PEAK_TFLOPS:
-        device_name, flops, max_gpu_memory = device, gpu_flops(named), max_gpu_memory or GPU_MEMORY_GB[named] * 10**9
-        kind = "cuda"
-    elif device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: torch sees no GPU here; name one instead, e.g. --device rtx4090")
-        device_name = torch.cuda.get_device_name(torch.device(device))
-        flops, kind = gpu_flops(device_name), "cuda"
-        max_gpu_memory = max_gpu_memory or default_limits(0, torch.device(device))[1]
-    elif device == "cpu":
-        device_name, flops, kind = "this CPU (measured)", measure_cpu_flops(compute), "cpu"
-    else:
-        raise UsageError(f"--device {device!r}: use auto, cpu, cuda, or one of {', '.join(GPU_PEAK_TFLOPS)}")
+    device_name, flops, kind, max_gpu_memory = plan_device(device, compute, max_gpu_memory)
     settings = Settings(
         method=method,
         pattern=pattern,

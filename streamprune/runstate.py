@@ -2,7 +2,7 @@
 
 For `run`, `state.json` says what the run is (the settings that shape its result and a fingerprint of the
 source), how far it got (the first layer not yet done, the writer's resume point, the per-layer
-records) and which activation checkpoint holds the inputs of that layer. It is replaced atomically
+records) and which saved activations file holds the inputs of that layer. It is replaced atomically
 only after everything it names is durable on disk, so whatever instant a run dies at, the state on
 disk describes a consistent point to go on from. The directory is removed when the run completes.
 For `depth`, `depth.json` (ScoringState) does the same for the scoring: the phase and block it got
@@ -24,7 +24,8 @@ from . import buffers
 from .calibration import file_sha256
 from .checkpoint import DTYPE_NAMES, SAFETENSORS_DTYPES, Checkpoint
 from .errors import BadInputError, ResourceError, UsageError
-from .writer import format_size, write_atomic
+from .sizes import format_size
+from .writer import write_atomic
 
 STATE_DIR = ".streamprune"
 STATE_FILE = "state.json"
@@ -257,7 +258,7 @@ def read_tensor_file(directory: Path, info: dict, out: torch.Tensor | None = Non
     path = directory / info["file"]
     tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if out is None else out
     if list(tensor.shape) != info["shape"] or DTYPE_NAMES[tensor.dtype] != info["dtype"]:
-        raise BadInputError(f"the activation checkpoint {path} does not fit this run; start over with --force")
+        raise BadInputError(f"the saved tensor file {path} does not fit this run; start over with --force")
     got, expected = 0, tensor.numel() * tensor.element_size()
     try:
         with open(path, "rb") as f:
@@ -266,9 +267,9 @@ def read_tensor_file(directory: Path, info: dict, out: torch.Tensor | None = Non
                 buffers.release(tensor, slice(row, row + 1))
             extra = f.read(1)
     except OSError as err:
-        raise BadInputError(f"cannot read the activation checkpoint {path}: {err}; start over with --force") from err
+        raise BadInputError(f"cannot read the saved tensor file {path}: {err}; start over with --force") from err
     if got != expected or extra:
-        raise BadInputError(f"the activation checkpoint {path} has the wrong size; start over with --force")
+        raise BadInputError(f"the saved tensor file {path} has the wrong size; start over with --force")
     return tensor
 
 

@@ -25,7 +25,7 @@ import sys
 
 import streamprune.cli
 import streamprune.pipeline  # noqa: F401  (imported before the fork, like everything heavy)
-from streamprune.families import LayerStack
+from streamprune.families import LayerRunner
 from streamprune.writer import CheckpointWriter
 from transformers.models.llama import modeling_llama  # noqa: F401
 
@@ -57,7 +57,7 @@ def crash_at(job: dict) -> dict[str, int]:
 
         return call
 
-    LayerStack.forward = patched("forward", LayerStack.forward)
+    LayerRunner.forward = patched("forward", LayerRunner.forward)
     CheckpointWriter._write_bytes = patched("write", CheckpointWriter._write_bytes, write_half=True)
     os.replace = patched("replace", os.replace)
     shutil.rmtree = patched("rmtree", shutil.rmtree)

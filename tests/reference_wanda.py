@@ -46,10 +46,18 @@ def capture_layer0_inputs(model, input_ids: torch.Tensor):
     return torch.cat(captured), kwargs
 
 
+def wanda_metric(weight: torch.Tensor, scaler_row: torch.Tensor) -> torch.Tensor:
+    """prune_wanda's W_metric."""
+    return weight.abs() * torch.sqrt(scaler_row.reshape(1, -1))
+
+
 @torch.no_grad()
-def wanda_reference(model, input_ids: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0):
+def wanda_reference(
+    model, input_ids: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0, metric=wanda_metric
+):
     """Prune `model` in place. prune_n, prune_m as in the original: prune_n of every prune_m are
-    *pruned* (for 2:4 and 4:8 that equals keeping N of M)."""
+    *pruned* (for 2:4 and 4:8 that equals keeping N of M). `metric(weight, scaler_row)` replaces
+    Wanda's score: methods that share Wanda's procedure and statistic (RIA) differ only there."""
     inps, kwargs = capture_layer0_inputs(model, input_ids)
     outs = torch.zeros_like(inps)
     for layer in model.model.layers:
@@ -72,15 +80,15 @@ def wanda_reference(model, input_ids: torch.Tensor, sparsity: float = 0.5, prune
         for h in handles:
             h.remove()
         for name, module in subset.items():
-            metric = module.weight.data.abs() * torch.sqrt(scaler[name].reshape(1, -1))
-            mask = torch.zeros_like(metric, dtype=torch.bool)
+            scores = metric(module.weight.data, scaler[name])
+            mask = torch.zeros_like(scores, dtype=torch.bool)
             if prune_n:
-                for start in range(0, metric.shape[1], prune_m):
-                    group = metric[:, start : start + prune_m].float()
+                for start in range(0, scores.shape[1], prune_m):
+                    group = scores[:, start : start + prune_m].float()
                     mask.scatter_(1, start + torch.topk(group, prune_n, dim=1, largest=False)[1], True)
             else:
-                order = torch.sort(metric, dim=-1, stable=True)[1]
-                mask.scatter_(1, order[:, : int(metric.shape[1] * sparsity)], True)
+                order = torch.sort(scores, dim=-1, stable=True)[1]
+                mask.scatter_(1, order[:, : int(scores.shape[1] * sparsity)], True)
             module.weight.data[mask] = 0
         for j in range(inps.shape[0]):
             outs[j] = layer(inps[j].unsqueeze(0), **kwargs)[0]

@@ -168,3 +168,10 @@ def test_full_disk_is_reported_with_the_command_that_resumes(model, tmp_path, mo
     result = invoke(model, "--out", tmp_path / "out", *FAST)
     expect_refusal(result, 4, "the disk is full", "up to the last saved layer is kept", "resume with: streamprune")
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_version():
+    from streamprune.version import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"streamprune {__version__}"

@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from streamprune import buffers
 from streamprune.checkpoint import DTYPE_NAMES, Checkpoint, read_safetensors_header
 from streamprune.errors import BadInputError, UsageError
-from streamprune.writer import CheckpointWriter, parse_size, plan_shards
+from streamprune.sizes import parse_size
+from streamprune.writer import CheckpointWriter, plan_shards
 
 TENSORS = {
     "a": torch.randn(3, 5),
@@ -151,13 +152,23 @@ def test_read_rows_reads_a_slice_of_the_first_dimension(tmp_path):
 
 
 def test_embedding_in_slices_equals_a_lookup(tiny_llama, monkeypatch, tmp_path):
-    import streamprune.pipeline as pipeline
+    import streamprune.stream as stream
 
     checkpoint = Checkpoint(tiny_llama)
     ids = torch.randint(0, 512, (3, 17), generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.embedding(ids, checkpoint.read("model.embed_tokens.weight"))
     monkeypatch.setattr(buffers, "EMBEDDING_SLICE_BYTES", 64 * 4 * 37)  # 37 rows per slice
-    assert torch.equal(pipeline.embed(checkpoint, ids, torch.float32), expected)
+    assert torch.equal(stream.embed(checkpoint, ids, torch.float32), expected)
     monkeypatch.setattr(buffers, "OFFLOADED_TOKENS_PER_COPY", 5)  # runs of 5 tokens into a file-backed buffer
     offloaded = buffers.activation_buffer((3, 17, 64), torch.float32, tmp_path)
-    assert torch.equal(pipeline.embed(checkpoint, ids, torch.float32, out=offloaded), expected)
+    assert torch.equal(stream.embed(checkpoint, ids, torch.float32, out=offloaded), expected)
+
+
+def test_an_offloaded_buffer_is_known_as_such_through_its_views(tmp_path):
+    """eval embeds into `hidden.unsqueeze(0)`: the view must be released like the buffer itself."""
+    buffer = buffers.activation_buffer((6, 5), torch.float32, tmp_path)
+    assert buffers.is_offloaded(buffer) and buffers.is_offloaded(buffer.unsqueeze(0))
+    assert buffers.is_offloaded(buffer[2:4]) and not buffers.is_offloaded(torch.empty(6, 5))
+    buffer.fill_(3.0)
+    buffers.release(buffer.unsqueeze(0))  # dropped from memory, not from the file
+    assert torch.equal(buffer, torch.full((6, 5), 3.0))

@@ -197,3 +197,14 @@ def test_offload_dir_needs_offload_disk(tiny_llama, tmp_path):
 def test_peak_ram_is_the_sum_of_its_parts(offload, device):
     plan = estimate(LLAMA2_70B, Settings(device=device, offload=offload, runtime_bytes=300 * 2**20))
     assert sum(plan["peak_ram_parts"].values()) == plan["peak_ram_bytes"]
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_the_run_takes_exactly_the_steps_the_plan_estimates(tiny_llama, tmp_path, method):
+    """The plan's RAM is estimated per run step, by name; a run records the steps it took under the
+    same names. A step added, renamed or dropped on one side only fails here."""
+    from test_pipeline import run
+
+    record = run(tiny_llama, tmp_path / "out", method=method)
+    assert set(record["rss_after_step_bytes"]) == set(record["plan"]["ram_by_step"])
+    assert all(rss > 0 for rss in record["rss_after_step_bytes"].values())

@@ -1,4 +1,5 @@
-"""Pruning math: scores and masks. Pure functions, tensors in and out, no I/O, no modules.
+"""Masks from scores, and applying them. Pure functions, tensors in and out, no I/O, no modules;
+every method's scores end here.
 
 Conventions: `weight` is a Linear's `[out_features, in_features]` matrix; a mask is a bool tensor
 of the same shape that is True where the weight is *zeroed*. Equal scores are rare but do occur
@@ -13,22 +14,7 @@ import torch
 
 # Sorting a [rows, cols] float matrix needs ~3x its size in scratch (values + int64 indices); rows
 # are independent, so large matrices are sorted in slices of about this many elements.
-_SORT_SLICE_ELEMENTS = 1 << 26
-
-
-def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
-    """Wanda's metric S_ij = |W_ij| * ||X_j||_2.
-
-    weight: [out, in]; input_sq_norm: [in] float32, ||X_j||^2 over every calibration token that
-    reached this Linear, or any constant multiple of it (the reference divides by nsamples).
-    Returns [out, in] float32.
-    """
-    return weight.abs().float() * input_sq_norm.float().sqrt().unsqueeze(0)
-
-
-def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
-    """|W| as float32, the magnitude baseline's metric. [out, in] -> [out, in]."""
-    return weight.abs().float()
+SORT_SLICE_ELEMENTS = 1 << 26
 
 
 def row_prune_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -38,7 +24,7 @@ def row_prune_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if prune_per_row == 0:
         return mask
-    step = max(1, _SORT_SLICE_ELEMENTS // cols)
+    step = max(1, SORT_SLICE_ELEMENTS // cols)
     for start in range(0, rows, step):
         block = scores[start : start + step]  # [step, in]
         lowest = torch.sort(block, dim=1, stable=True).indices[:, :prune_per_row]
@@ -65,7 +51,7 @@ def nm_prune_mask(scores: torch.Tensor, keep_n: int, block_m: int) -> torch.Tens
         raise ValueError(f"{keep_n}:{block_m} does not tile a row of {cols} inputs")
     blocks = scores.reshape(rows, cols // block_m, block_m)  # [out, in/M, M]
     mask = torch.zeros_like(blocks, dtype=torch.bool)
-    step = max(1, _SORT_SLICE_ELEMENTS // cols)
+    step = max(1, SORT_SLICE_ELEMENTS // cols)
     for start in range(0, rows, step):
         lowest = torch.topk(blocks[start : start + step], block_m - keep_n, dim=2, largest=False).indices
         mask[start : start + step].scatter_(2, lowest, True)
@@ -78,23 +64,3 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Never `weight * ~mask`: a negative weight times zero is -0.0, which some runtimes mishandle.
     """
     return torch.where(mask | (weight == 0), torch.zeros((), dtype=weight.dtype, device=weight.device), weight)
-
-
-def prune_mask(
-    weight: torch.Tensor,
-    method: str,
-    sparsity: float,
-    keep_block: tuple[int, int] | None = None,
-    input_sq_norm: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The mask for one Linear: Wanda per output row, or magnitude per whole matrix; N:M when
-    `keep_block` = (keep_n, block_m) is given (then `sparsity` is ignored)."""
-    if method == "wanda":
-        scores = wanda_scores(weight, input_sq_norm)
-    elif method == "magnitude":
-        scores = magnitude_scores(weight)
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    if keep_block is not None:
-        return nm_prune_mask(scores, *keep_block)
-    return row_prune_mask(scores, sparsity) if method == "wanda" else matrix_prune_mask(scores, sparsity)

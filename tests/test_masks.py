@@ -1,17 +1,13 @@
-"""Golden numbers and invariants for the pure pruning math."""
+"""Golden numbers and invariants for the pure pruning math: scores, masks, and each method's
+prune() on hand-checked weights."""
 
 import pytest
 import torch
 
-from streamprune.sparsity import (
-    apply_mask,
-    magnitude_scores,
-    matrix_prune_mask,
-    nm_prune_mask,
-    prune_mask,
-    row_prune_mask,
-    wanda_scores,
-)
+from streamprune.methods import METHODS, Target, method_named
+from streamprune.methods.magnitude import magnitude_scores
+from streamprune.methods.masks import apply_mask, matrix_prune_mask, nm_prune_mask, row_prune_mask
+from streamprune.methods.wanda import InputSqNorm, wanda_scores
 
 
 def test_wanda_scores_golden():
@@ -61,11 +57,11 @@ def test_nm_refuses_patterns_that_do_not_tile():
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.63, 0.9])
 def test_row_invariant_exact_count_per_row_also_when_sliced(monkeypatch, sparsity):
-    import streamprune.sparsity as sparsity_module
+    import streamprune.methods.masks as masks_module
 
     scores = torch.rand(50, 96, generator=torch.Generator().manual_seed(2))
     whole = row_prune_mask(scores, sparsity)
-    monkeypatch.setattr(sparsity_module, "_SORT_SLICE_ELEMENTS", 96 * 7)  # 7 rows per slice
+    monkeypatch.setattr(masks_module, "SORT_SLICE_ELEMENTS", 96 * 7)  # 7 rows per slice
     assert torch.equal(row_prune_mask(scores, sparsity), whole)
     assert (whole.sum(1) == int(96 * sparsity)).all()
 
@@ -78,12 +74,40 @@ def test_apply_mask_writes_positive_zero():
     assert pruned.dtype == weight.dtype
 
 
-def test_prune_mask_dispatch():
+def statistic_of(sq_norm: torch.Tensor) -> InputSqNorm:
+    statistic = InputSqNorm(len(sq_norm), torch.device("cpu"))
+    statistic.sq_norm, statistic.samples = sq_norm, 1
+    return statistic
+
+
+def test_methods_prune_golden():
     weight = torch.tensor([[1.0, -2.0, 3.0, -4.0], [8.0, 7.0, 6.0, 5.0]])
-    assert prune_mask(weight, "magnitude", 0.5).tolist() == [[True] * 4, [False] * 4]  # per matrix, not per row
-    sq = torch.tensor([16.0, 1.0, 1.0, 1.0])
-    assert prune_mask(weight, "wanda", 0.5, input_sq_norm=sq).tolist() == [
+    half = Target(sparsity=0.5)
+    magnitude = method_named("magnitude").prune(weight, None, half)
+    assert magnitude.mask.tolist() == [[True] * 4, [False] * 4] and magnitude.weight is None  # per matrix
+    sq = statistic_of(torch.tensor([16.0, 1.0, 1.0, 1.0]))
+    assert method_named("wanda").prune(weight, sq, half).mask.tolist() == [
         [False, True, True, False],
         [False, False, True, True],
     ]
-    assert prune_mask(weight, "wanda", 0.5, (2, 4), sq).sum(1).tolist() == [2, 2]
+    assert (~method_named("wanda").prune(weight, sq, Target(keep_block=(2, 4))).mask).sum(1).tolist() == [2, 2]
+
+
+def test_registry_names_every_method_once():
+    assert list(METHODS) == [method.name for method in METHODS.values()]
+    for method in METHODS.values():
+        assert method.summary and (method.statistic is None or hasattr(method.statistic, "merge"))
+
+
+def test_input_sq_norm_is_the_references_running_mean_and_merges():
+    x = torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(3))  # [samples, seqlen, in]
+    whole = InputSqNorm(3, torch.device("cpu"))
+    whole.add_batch(x)
+    expected = (x.reshape(-1, 3) ** 2).sum(0) / 6  # sum over every token of x_j^2, over samples
+    torch.testing.assert_close(whole.sq_norm, expected)
+    first, second = InputSqNorm(3, torch.device("cpu")), InputSqNorm(3, torch.device("cpu"))
+    first.add_batch(x[:2])
+    second.add_batch(x[2:])
+    first.merge(second)  # statistics from two processes: the same up to the order of the sums
+    assert first.samples == 6
+    torch.testing.assert_close(first.sq_norm, whole.sq_norm)

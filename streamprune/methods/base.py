@@ -1,0 +1,93 @@
+"""What a pruning method is to the layer loop: a statistic collected per input site during the
+layer's dense forward, then, per Linear, a weight plus its site's statistic plus a target in and a
+mask (or new weights) out. The loop never asks which method it runs; it asks these questions."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .masks import SORT_SLICE_ELEMENTS, nm_prune_mask, row_prune_mask
+
+
+@dataclass(frozen=True)
+class Target:
+    """How much of one Linear goes: `sparsity`, the fraction zeroed per comparison group (a row, or
+    the whole matrix), or `keep_block` = (keep_n, block_m): keep N of every M consecutive inputs."""
+
+    sparsity: float | None = None
+    keep_block: tuple[int, int] | None = None
+
+
+@dataclass
+class Pruned:
+    """One Linear's result. `mask` is True where the weight is zeroed. `weight` is None when the
+    survivors keep their values (the loop then zeroes the stored tensor through the mask, so they
+    stay bit-identical), or the new weights of a method that updates the survivors."""
+
+    mask: torch.Tensor  # [out, in] bool
+    weight: torch.Tensor | None = None  # [out, in], zero wherever mask is True
+
+
+class Statistic(ABC):
+    """What a method learns about one input site (families.INPUT_SITES) from the calibration tokens.
+
+    `add_batch` sees every micro-batch of the dense layer's forward; `merge` folds in the same
+    site's statistic collected elsewhere (another process or device, other samples), so that
+    statistics can be combined in a fixed order."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.in_features, self.device = in_features, device
+
+    @abstractmethod
+    def add_batch(self, x: torch.Tensor) -> None:  # x [batch, seqlen, in_features]
+        ...
+
+    @abstractmethod
+    def merge(self, other: Statistic) -> None: ...
+
+    @staticmethod
+    @abstractmethod
+    def held_bytes(in_features: int) -> int:
+        """Bytes held per site on the compute device while the layer is calibrated and pruned."""
+
+    @staticmethod
+    @abstractmethod
+    def scratch_bytes(seqlen: int, in_features: int) -> int:
+        """Bytes of temporaries while one micro-batch is added (beyond the forward's own)."""
+
+
+class Method(ABC):
+    """A pruning method. Subclasses set `name`, `summary` (one line of --help) and `statistic`
+    (None: the weights alone decide, no calibration data and no forward), and implement `prune`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    statistic: ClassVar[type[Statistic] | None] = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.statistic is not None
+
+    @abstractmethod
+    def prune(self, weight: torch.Tensor, statistic: Statistic | None, target: Target) -> Pruned:
+        """weight [out, in] on the compute device (the layer's own, in the compute dtype)."""
+
+    def settings(self) -> dict:
+        """The method's own settings that shape the output, for the run identity a resume checks."""
+        return {}
+
+    def prune_scratch_bytes(self, rows: int, cols: int, target: Target) -> int:
+        """Peak temporaries of `prune` for one [rows, cols] Linear. This default is a score matrix
+        masked per row or N:M group: float32 scores, a sort slice (values + int64 indices), the mask."""
+        return rows * cols * 4 + min(rows * cols, SORT_SLICE_ELEMENTS) * (4 + 8) + rows * cols
+
+
+def row_or_group_mask(scores: torch.Tensor, target: Target) -> torch.Tensor:
+    """The lowest scores of every output row zeroed, or of every N:M group."""
+    if target.keep_block is not None:
+        return nm_prune_mask(scores, *target.keep_block)
+    return row_prune_mask(scores, target.sparsity)

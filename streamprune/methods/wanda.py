@@ -1,0 +1,59 @@
+"""Wanda (Sun et al. 2023, arXiv 2306.11695; reference locuslab/wanda lib/prune.py): score
+|W_ij| * ||X_j||_2, X_j input feature j over every calibration token; the lowest scores of each
+output row (or N:M group) are zeroed; the survivors keep their values."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Method, Pruned, Statistic, Target, row_or_group_mask
+
+
+class InputSqNorm(Statistic):
+    """||X_j||^2 / samples for every input feature j, float32: the reference's `scaler_row`."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        super().__init__(in_features, device)
+        self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device)  # [in]
+        self.samples = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        # A running mean over samples, in the reference's exact arithmetic: a plain float32 sum
+        # ranks the same in exact math but rounds differently, and one flipped near-tie changes
+        # every later layer. With one sample per micro-batch the masks then match it bit for bit.
+        for sample in x:  # [seqlen, in]
+            self.samples += 1
+            n = self.samples
+            self.sq_norm *= (n - 1) / n
+            self.sq_norm += torch.norm(sample.t().float(), p=2, dim=1) ** 2 / n
+
+    def merge(self, other: InputSqNorm) -> None:
+        total = self.samples + other.samples
+        if total:
+            self.sq_norm = self.sq_norm * (self.samples / total) + other.sq_norm.to(self.device) * (
+                other.samples / total
+            )
+        self.samples = total
+
+    @staticmethod
+    def held_bytes(in_features: int) -> int:
+        return in_features * 4
+
+    @staticmethod
+    def scratch_bytes(seqlen: int, in_features: int) -> int:
+        return seqlen * in_features * 4  # one sample's input in float32
+
+
+def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
+    """S_ij = |W_ij| * ||X_j||_2. weight [out, in]; input_sq_norm [in] float32, ||X_j||^2 or any
+    constant multiple of it (the reference divides by nsamples). Returns [out, in] float32."""
+    return weight.abs().float() * input_sq_norm.float().sqrt().unsqueeze(0)
+
+
+class Wanda(Method):
+    name = "wanda"
+    summary = "|W| x input norm, lowest per output row (Sun et al. 2023)"
+    statistic = InputSqNorm
+
+    def prune(self, weight: torch.Tensor, statistic: InputSqNorm, target: Target) -> Pruned:
+        return Pruned(row_or_group_mask(wanda_scores(weight, statistic.sq_norm), target))

@@ -1,0 +1,345 @@
+"""The layer stream that run, eval and depth share: open a source (every check before any heavy
+work), embed tokens into an activation buffer, read decoder layers in order with the next one
+prefetched on a background thread, and push a buffer through one layer in micro-batches with
+observers the caller supplies (a pruning method's statistics, a depth criterion's sums). No method
+code lives here: a layer in, its outputs and whatever the observers saw out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import buffers
+from .background import Worker
+from .checkpoint import FLOAT_DTYPES as DTYPES
+from .checkpoint import Checkpoint
+from .errors import BadInputError
+from .families import EMBEDDING, INPUT_SITES, LAYER_PREFIX, PRUNABLE_LINEARS, Family, LayerRunner, family_of
+from .source import resolve_model
+
+_FINITE_CHECK_ELEMENTS = 1 << 20  # isfinite makes float temporaries of a slice: keep them ~4 MB
+_HEAD_CHUNK_BYTES = 256 * 1024 * 1024  # logits of one chunk of tokens, float32
+
+# site -> observer(x): sees each micro-batch's input [batch, seqlen, in] of that input site
+SiteObservers = dict[str, Callable[[torch.Tensor], None]]
+
+
+@dataclass
+class Source:
+    """A checked source checkpoint, ready to stream: its tensors grouped by layer, the compute dtype,
+    and the runner that builds and runs one decoder layer at a time."""
+
+    directory: Path
+    checkpoint: Checkpoint
+    family: Family
+    runner: LayerRunner
+    layer_names: dict  # {None: names outside the layers, i: {checkpoint name: name inside layer i}}
+    dtype: torch.dtype  # compute dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.checkpoint.config["num_hidden_layers"]
+
+    def capped_seqlen(self, seqlen: int) -> int:
+        """`seqlen`, at most the model's max_position_embeddings."""
+        return min(seqlen, getattr(self.runner.config, "max_position_embeddings", None) or seqlen)
+
+    def check_token_ids(self, ids: torch.Tensor) -> None:
+        """Refuse token ids the embedding has no row for: the tokenizer belongs to another model."""
+        vocab = self.checkpoint.tensors[EMBEDDING].shape[0]
+        if ids.numel() and int(ids.max()) >= vocab:
+            raise BadInputError(
+                f"the tokenizer in {self.directory} produced token id {int(ids.max())}, but the embedding has "
+                f"only {vocab} rows; the tokenizer does not belong to this model"
+            )
+
+    def check_layer_finite(self, index: int, stored: dict[str, torch.Tensor], saved: str = "") -> None:
+        for name, local in self.layer_names[index].items():
+            check_weights_finite(stored[local], name, saved)
+
+
+def open_source(model: str, device: torch.device, dtype: str) -> Source:
+    """Find MODEL (a directory, hub id or alias) and check it: supported family, sane config,
+    every layer tensor present with the shape the config implies, float weights."""
+    directory = resolve_model(model)
+    checkpoint = Checkpoint(directory)
+    family = family_of(checkpoint.config)
+    compute = compute_dtype(dtype, checkpoint)
+    runner = LayerRunner(directory, family, device, compute)
+    return Source(directory, checkpoint, family, runner, layout(checkpoint, runner), compute)
+
+
+def compute_dtype(flag: str, checkpoint: Checkpoint) -> torch.dtype:
+    """--dtype: a name in DTYPES, or auto (the dtype the layer weights are stored in)."""
+    if flag != "auto":
+        return DTYPES[flag]
+    probe = f"{LAYER_PREFIX.format(index=0)}{PRUNABLE_LINEARS[0]}.weight"
+    info = checkpoint.tensors.get(probe)
+    if info is None:
+        raise BadInputError(f"the checkpoint has no tensor {probe!r}; is it a complete decoder-only model?")
+    if info.torch_dtype not in DTYPES.values():
+        raise BadInputError(
+            f"{probe} is stored as {info.dtype}; streamprune prunes float32, bfloat16 and float16 checkpoints, "
+            "not quantized ones"
+        )
+    return info.torch_dtype
+
+
+def layout(checkpoint: Checkpoint, runner: LayerRunner) -> dict:
+    """Group the checkpoint's tensors: {None: names outside the layers, i: {name: local name}}.
+
+    Every parameter a layer needs must be present with the shape the config implies; tensors a
+    layer does not use (e.g. old rotary buffers) are copied through with their layer.
+    """
+    num_layers = checkpoint.config["num_hidden_layers"]
+    expected = {name: tuple(p.shape) for name, p in runner.skeleton(0).state_dict().items()}
+    groups: dict = {None: [], **{i: {} for i in range(num_layers)}}
+    prefixes = {LAYER_PREFIX.format(index=i): i for i in range(num_layers)}
+    for name in sorted(checkpoint.tensors):
+        prefix = ".".join(name.split(".")[:3]) + "."
+        if prefix in prefixes:
+            groups[prefixes[prefix]][name] = name[len(prefix) :]
+        else:
+            groups[None].append(name)
+    for index in range(num_layers):
+        present = set(groups[index].values())
+        for local, shape in expected.items():
+            full = LAYER_PREFIX.format(index=index) + local
+            if local not in present:
+                raise BadInputError(
+                    f"the checkpoint has no tensor {full!r}; it is incomplete or not a {runner.config.model_type} model"
+                )
+            got = checkpoint.tensors[full].shape
+            if got != shape:
+                raise BadInputError(f"tensor {full!r} has shape {list(got)}, but config.json implies {list(shape)}")
+            _check_float(checkpoint.tensors[full])
+    _check_outside(checkpoint, runner)
+    return groups
+
+
+def _check_outside(checkpoint: Checkpoint, runner: LayerRunner) -> None:
+    """The embedding, final norm and (untied) head: present, float, the embedding [vocab, hidden]."""
+    required = [EMBEDDING, "model.norm.weight"]
+    if not getattr(runner.config, "tie_word_embeddings", False):
+        required.append("lm_head.weight")
+    for name in required:
+        if name not in checkpoint.tensors:
+            raise BadInputError(f"the checkpoint has no tensor {name!r}; it is incomplete")
+        _check_float(checkpoint.tensors[name])
+    width = runner.config.hidden_size
+    embedding = checkpoint.tensors[EMBEDDING].shape
+    if len(embedding) != 2 or embedding[1] != width:
+        raise BadInputError(
+            f"tensor {EMBEDDING!r} has shape {list(embedding)}, but config.json implies [vocab, {width}]"
+        )
+
+
+def _check_float(info) -> None:
+    if info.torch_dtype not in DTYPES.values():
+        raise BadInputError(
+            f"tensor {info.name!r} in {info.file.name} is stored as {info.dtype}; streamprune prunes float32, "
+            "bfloat16 and float16 checkpoints, not quantized or integer ones"
+        )
+
+
+class LayerReader:
+    """Reads decoder layers in a given order; with `overlap`, the next layer's tensors are read on a
+    background thread while the caller computes with the current one (into pinned memory with
+    `pin`, for fast copies to a GPU). Without it, one layer is read at a time, after the caller is
+    done with the last. Bytes are counted in `checkpoint.bytes_read` when a layer is handed over,
+    so a count saved between layers never includes a read still in flight. `read(index)` replaces
+    the plain read (it runs on the reading thread; its errors reach the caller with that layer)."""
+
+    def __init__(self, source: Source, overlap: bool = True, pin: bool = False, read=None):
+        self.source, self.overlap, self.pin = source, overlap, pin
+        self._read = read or self._plain_read
+        self._worker = Worker("streamprune-read", overlap)
+
+    def layers(self, order: list[int]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """(index, stored tensors) for each index of `order`."""
+        if not order:
+            return
+        checkpoint = self.source.checkpoint
+        future = self._worker.submit(self._read, order[0])
+        for position, index in enumerate(order):
+            stored = future.result()
+            checkpoint.bytes_read += sum(t.numel() * t.element_size() for t in stored.values())
+            more = position + 1 < len(order)
+            if self.overlap and more:
+                future = self._worker.submit(self._read, order[position + 1])
+            yield index, stored
+            del stored  # the caller's copy goes at the end of its loop body: one layer read at a time
+            if not self.overlap and more:
+                future = self._worker.submit(self._read, order[position + 1])
+
+    def _plain_read(self, index: int) -> dict[str, torch.Tensor]:
+        checkpoint = self.source.checkpoint
+        return {
+            local: checkpoint.read(name, pin=self.pin, count=False)
+            for name, local in self.source.layer_names[index].items()
+        }
+
+    def close(self) -> None:
+        """Wait for a read in flight and stop the thread (its error, if any, is dropped: the caller
+        is already failing or never asked for that layer)."""
+        self._worker.close()
+
+    def __enter__(self) -> LayerReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@torch.no_grad()
+def forward_batches(
+    runner: LayerRunner,
+    layer: torch.nn.Module,
+    index: int,
+    hidden: torch.Tensor,
+    batch_size: int,
+    write_back: bool,
+    observers: SiteObservers | None = None,
+    on_output: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> None:
+    """Run every sample of `hidden` [n, seqlen, hidden] (CPU, or an offloaded buffer) through `layer`
+    in micro-batches of `batch_size` samples.
+
+    observers: per input site (families.INPUT_SITES), called with each micro-batch's input there.
+    on_output(x, y): each micro-batch's input and output on the device.
+    write_back: replace each micro-batch of `hidden` by the layer's output (in place: a sample's
+    input is not needed once its output exists).
+    """
+    handles = []
+    for site, observe in (observers or {}).items():
+        first_linear = layer.get_submodule(INPUT_SITES[site][0])
+        handles.append(first_linear.register_forward_pre_hook(lambda _module, args, observe=observe: observe(args[0])))
+    try:
+        for start in range(0, hidden.shape[0], batch_size):
+            x = hidden[start : start + batch_size].to(runner.device)
+            y = runner.forward(layer, index, x)
+            if on_output is not None:
+                on_output(x, y)
+            if write_back:
+                hidden[start : start + batch_size] = y.to("cpu")
+            buffers.release(hidden, slice(start, start + batch_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def embed(
+    checkpoint: Checkpoint, input_ids: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The tokens' embeddings, [*input_ids.shape, hidden] on the CPU (into `out` if given).
+
+    The embedding matrix (2 GB for Llama-3-70B) is read in slices of rows, and each slice fills
+    the tokens that fall in it, a bounded run of tokens at a time: neither the whole matrix nor a
+    second buffer-sized temporary is ever in memory.
+    """
+    info = checkpoint.tensors[EMBEDDING]
+    vocab, width = info.shape
+    hidden = torch.empty(*input_ids.shape, width, dtype=dtype) if out is None else out
+    flat_ids, flat_hidden = input_ids.reshape(-1), hidden.view(-1, width)  # [tokens], [tokens, width]
+    rows_per_slice = max(1, buffers.EMBEDDING_SLICE_BYTES // max(1, info.nbytes // vocab))
+    tokens_per_copy = max(1, buffers.EMBEDDING_SLICE_BYTES // (width * hidden.element_size()))
+    if buffers.is_offloaded(hidden):  # a run's rows lie all over the buffer: touch few pages at a time
+        tokens_per_copy = min(tokens_per_copy, buffers.OFFLOADED_TOKENS_PER_COPY)
+    for first in range(0, vocab, rows_per_slice):
+        positions = ((flat_ids >= first) & (flat_ids < first + rows_per_slice)).nonzero().squeeze(1)
+        if positions.numel():
+            table = checkpoint.read(EMBEDDING, rows=slice(first, first + rows_per_slice)).to(dtype)
+            for run in positions.split(tokens_per_copy):
+                flat_hidden[run] = table[flat_ids[run] - first]
+                buffers.release(hidden)
+    return hidden
+
+
+# -- the end of the stream: final norm and LM head -----------------------------------------------------
+
+
+def load_head(source: Source) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final RMSNorm weight [hidden] and lm_head [vocab, hidden] (the embedding when tied), on
+    the compute device in the compute dtype."""
+    checkpoint = source.checkpoint
+    head_name = "lm_head.weight" if "lm_head.weight" in checkpoint.tensors else EMBEDDING
+    norm_weight, head = checkpoint.read("model.norm.weight"), checkpoint.read(head_name)
+    check_weights_finite(norm_weight, "model.norm.weight")
+    check_weights_finite(head, head_name)
+    device = source.runner.device
+    return norm_weight.to(device, source.dtype), head.to(device, source.dtype)
+
+
+def token_logprobs(
+    hidden: torch.Tensor, targets: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """log p(targets[t] | hidden[t]) as float32 on the CPU, for the last layer's outputs hidden
+    [T, hidden_size] and targets [T]: final norm, then the head, a chunk of tokens at a time so
+    that the float32 logits [chunk, vocab] stay under _HEAD_CHUNK_BYTES."""
+    chunk = max(1, _HEAD_CHUNK_BYTES // (head.shape[0] * 4))
+    pieces = []
+    for first in range(0, len(targets), chunk):
+        h = hidden[first : first + chunk].to(head.device)
+        logits = torch.nn.functional.linear(rms_norm(h, norm_weight, eps), head).float()  # [chunk, vocab]
+        picked = targets[first : first + chunk].to(head.device)
+        pieces.append((logits.log_softmax(-1).gather(1, picked.unsqueeze(1)).squeeze(1)).cpu())
+    return torch.cat(pieces)
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm's arithmetic: float32 variance, then back to the input dtype before the weight."""
+    dtype = hidden.dtype
+    h = hidden.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+# -- NaN and Inf ----------------------------------------------------------------------------------------
+
+
+def check_weights_finite(tensor: torch.Tensor, name: str, saved: str = "") -> None:
+    """Refuse a source tensor holding NaN or Inf: everything computed from it would be broken.
+    `saved` says what the run has kept."""
+    nan, inf = nonfinite_counts(tensor)
+    if nan or inf:
+        raise BadInputError(
+            f"the source checkpoint is broken: tensor {name!r} holds {nan:,} NaN and {inf:,} Inf values, so "
+            f"anything computed from it would be broken too; stopped before using it. {saved}".strip()
+        )
+
+
+def check_activations_finite(hidden: torch.Tensor, index: int, saved: str = "") -> None:
+    """Refuse to go on when a layer's outputs overflowed: later layers, and any statistics taken
+    from them, would be computed from NaN."""
+    nan = inf = 0
+    rows = max(1, _FINITE_CHECK_ELEMENTS // max(1, hidden[0].numel()))
+    for start in range(0, hidden.shape[0], rows):  # in slices, so that an offloaded buffer stays unmapped
+        counts = nonfinite_counts(hidden[start : start + rows])
+        nan, inf = nan + counts[0], inf + counts[1]
+        buffers.release(hidden, slice(start, start + rows))
+    if nan or inf:
+        hint = (
+            "The weights are finite, so the layer overflowed: rerun with --dtype float32."
+            if hidden.dtype != torch.float32
+            else "The weights are finite but overflow even in float32: the checkpoint is broken."
+        )
+        raise BadInputError(
+            f"the outputs of layer {index} hold {nan:,} NaN and {inf:,} Inf values (in "
+            f"{str(hidden.dtype).removeprefix('torch.')}); stopped before layer {index + 1}. {hint} {saved}".strip()
+        )
+
+
+def nonfinite_counts(tensor: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, Inf count) of a floating-point tensor; (0, 0) for any other dtype. Looked at in
+    slices, so that the boolean temporaries stay small for a buffer of many GB."""
+    if not tensor.is_floating_point():
+        return 0, 0
+    nan = inf = 0
+    for part in tensor.reshape(-1).split(_FINITE_CHECK_ELEMENTS):
+        if not bool(torch.isfinite(part).all()):
+            nan, inf = nan + int(torch.isnan(part).sum()), inf + int(torch.isinf(part).sum())
+    return nan, inf
