@@ -1,9 +1,10 @@
 """What pruning costs SmolLM2-135M: perplexity and zero-shot accuracy of each variant, streamed.
 
     python benchmarks/quality.py [--limit 100] [--ppl-windows 40]     # about an hour on 2 CPU cores
-    python benchmarks/quality.py --variants "Wanda 4:8"             # only these, in a section of their own
+    python benchmarks/quality.py --variants "RIA 50%,RIA 2:4"        # only these, in a section of their own
 
-Variants: dense | magnitude 50% | Wanda 50% | Wanda 2:4 | Wanda 4:8 | magnitude 2:4. With --variants, the table of those rows goes to its own section ("quality-added"), under
+Variants: dense | magnitude 50% | Wanda 50% | Wanda 2:4 | Wanda 4:8 | magnitude 2:4 | RIA 50% |
+RIA 2:4. With --variants, the table of those rows goes to its own section ("quality-added"), under
 the same conditions as the main table, so that a new method gets its rows without re-measuring
 the others (whose outputs the golden test keeps byte-identical). Calibration:
 128 x 512 tokens of the C4 documents in ../shared/data, seed 0. Perplexity: WikiText-2 test
@@ -32,6 +33,8 @@ VARIANTS = [
     ("Wanda 2:4", ["--method", "wanda", "--pattern", "2:4"]),
     ("Wanda 4:8", ["--method", "wanda", "--pattern", "4:8"]),
     ("magnitude 2:4", ["--method", "magnitude", "--pattern", "2:4"]),
+    ("RIA 50%", ["--method", "ria", "--sparsity", "0.5"]),
+    ("RIA 2:4", ["--method", "ria", "--pattern", "2:4"]),
 ]
 
 

@@ -199,7 +199,7 @@ def test_peak_ram_is_the_sum_of_its_parts(offload, device):
     assert sum(plan["peak_ram_parts"].values()) == plan["peak_ram_bytes"]
 
 
-@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "ria"])
 def test_the_run_takes_exactly_the_steps_the_plan_estimates(tiny_llama, tmp_path, method):
     """The plan's RAM is estimated per run step, by name; a run records the steps it took under the
     same names. A step added, renamed or dropped on one side only fails here."""

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from .base import Method, Pruned, Statistic, Target
 from .magnitude import Magnitude
+from .ria import RIA
 from .wanda import Wanda
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Wanda, Magnitude)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Wanda, Magnitude, RIA)}
 
 
 def method_named(name: str) -> Method:
