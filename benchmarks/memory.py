@@ -11,13 +11,16 @@ Every figure is the peak resident set size of a separate process, read from /usr
             activation buffer in RAM and with --offload disk
   wide      3 layers of Llama-2-7B's geometry (float32, 0.81 GB a layer), 4 x 128 C4 tokens: the
             plan where the layers, not the runtime, make the peak
+  eval offload  `streamprune eval` of SmolLM2-135M, 200 x 512 WikiText-2 tokens (a 225 MiB
+            activation buffer), with the buffer in RAM and with --offload-dir (a file)
 
 Beside each run's measured peak, the peak its plan predicted (the run record's plan, computed before
 the run from config.json and the runtime's resident size at that moment).
 
-    python benchmarks/memory.py [--part run|eval|wide|all]      # about 35 minutes on 2 cores
+    python benchmarks/memory.py [--part run|eval|eval-offload|wide|all]     # about 65 minutes on 2 cores
 
-Writes its tables to benchmarks/RESULTS.md.
+Writes its tables to benchmarks/RESULTS.md, one section per part (memory, memory-eval,
+memory-eval-offload, memory-wide).
 """
 
 from __future__ import annotations
@@ -129,6 +132,64 @@ def measure_eval(smol: Path, repeats: int = 2) -> None:
     write_section("memory-eval", body)
 
 
+# WikiText-2 windows of 512 tokens for the --offload-dir comparison: 200 x 512 x 576 float32 is a
+# 225 MiB buffer; at 40 windows (45 MiB) the difference drowns in the run-to-run spread of the peak
+OFFLOAD_WINDOWS = 200
+
+
+def measure_eval_offload(smol: Path, windows: int = OFFLOAD_WINDOWS) -> None:
+    """Peak RSS of `streamprune eval` of SmolLM2-135M with the activation buffer in RAM and with
+    --offload-dir: the offloaded buffer is a mapped file whose pages are dropped as they are written
+    (embedding, each layer, the head), so it should not count in the peak."""
+    hidden = json.loads((smol / "config.json").read_text())["hidden_size"]
+    buffer_bytes = windows * 512 * hidden * 4
+    command = [
+        sys.executable, "-m", "streamprune", "eval", str(smol), "--ppl", str(DATA / "wikitext2" / "wiki.test.raw"),
+        "--seqlen", "512", "--limit", str(windows), "--device", "cpu", "--dtype", "float32", "--quiet",
+    ]  # fmt: skip
+    rows = []
+    for label in ("buffer in RAM", "--offload-dir"):
+        print(f"measuring eval of SmolLM2-135M, {windows} windows, {label} ...", flush=True)
+        if label == "buffer in RAM":
+            rows.append((label, max_rss_bytes(command)))
+            continue
+        offload = Path(tempfile.mkdtemp(prefix="streamprune-offload-"))
+        try:
+            rows.append((label, max_rss_bytes([*command, "--offload-dir", str(offload)])))
+        finally:
+            shutil.rmtree(offload)
+    (_, in_ram), (_, offloaded) = rows
+    lines = [
+        "## Peak memory of `streamprune eval --offload-dir` (SmolLM2-135M, CPU, float32)",
+        "",
+        "Command: `python benchmarks/memory.py --part eval-offload`. `streamprune eval --ppl wiki.test.raw "
+        f"--seqlen 512 --limit {windows} --device cpu --dtype float32` ({windows} x 512 = {windows * 512:,} "
+        f"tokens; activation buffer {windows * 512:,} x {hidden} x 4 bytes = **{buffer_bytes / MIB:.0f} MiB**), "
+        "once with the buffer in RAM and once with `--offload-dir` (a temporary directory on the local disk); "
+        "one run each, peak RSS from `/usr/bin/time -v`."
+        + (
+            f" {windows} windows rather than 40: at 40 the buffer is 45 MiB, too small against the run-to-run "
+            "spread of the peak."
+            if windows > 40
+            else ""
+        ),
+        "",
+        conditions(),
+        "",
+        "| activation buffer | peak RSS |",
+        "|---|---:|",
+    ]
+    for label, peak in rows:
+        lines.append(f"| {label} | {peak / MIB:.0f} MiB |")
+    lines += [
+        "",
+        f"In RAM minus offloaded: **{(in_ram - offloaded) / MIB:.0f} MiB** "
+        f"({(in_ram - offloaded) / buffer_bytes:.2f}x the {buffer_bytes / MIB:.0f} MiB buffer).",
+    ]
+    body = "\n".join(lines)
+    write_section("memory-eval-offload", body)
+
+
 def measure_wide(smol: Path) -> None:
     """The plan where the layers, not the runtime, make the peak: 3 layers of Llama-2-7B's geometry
     (the middle one is the steady state: the next layer is being read and the previous one written)."""
@@ -159,12 +220,16 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["run", "eval", "wide", "all"], default="all")
+    parser.add_argument("--part", choices=["run", "eval", "eval-offload", "wide", "all"], default="all")
     part = parser.parse_args().part
     smol = build()
     if part in ("wide", "all"):
         measure_wide(smol)
     if part == "wide":
+        return
+    if part in ("eval-offload", "all"):
+        measure_eval_offload(smol)
+    if part == "eval-offload":
         return
     if part in ("eval", "all"):
         measure_eval(smol)
