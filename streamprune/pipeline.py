@@ -133,14 +133,14 @@ class PruneRun:
         if config.batch_size is None and RunState.exists(config.out) and not config.force:
             config.batch_size = RunState.load(config.out).structure.get("batch_size")
         geometry = plan.Geometry.from_config(self.source.checkpoint.config)
-        layer_dtype = self.source.checkpoint.tensors[f"{LAYER_PREFIX.format(index=0)}{PRUNABLE_LINEARS[0]}.weight"]
+        probe = self.source.checkpoint.tensors[f"{LAYER_PREFIX.format(index=0)}{PRUNABLE_LINEARS[0]}.weight"]
         settings = plan.Settings(
             method=config.method,
             pattern=config.pattern,
             nsamples=config.nsamples,
             seqlen=self.seqlen,
             batch_size=config.batch_size or 1,
-            stored_bytes=layer_dtype.torch_dtype.itemsize,
+            stored_bytes=probe.torch_dtype.itemsize,
             compute_bytes=self.source.dtype.itemsize,
             device=self.device.type,
             offload=config.offload,
