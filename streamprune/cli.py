@@ -57,6 +57,12 @@ def run(
         "(2:4 keeps 2 of 4, NVIDIA's meaning). Replaces --sparsity.",
     ),
     method: str = typer.Option("wanda", help=f"Pruning method. {methods_help()}."),
+    percdamp: Optional[float] = typer.Option(
+        None, help="sparsegpt: dampening added to the Hessian's diagonal, as a fraction of its mean (default 0.01)."
+    ),
+    blocksize: Optional[int] = typer.Option(
+        None, help="sparsegpt: columns pruned together before their error is spread to the rest (default 128)."
+    ),
     propagate: str = typer.Option(
         "pruned", help="Next block's calibration inputs come from the pruned block (pruned) or the dense one (dense)."
     ),
@@ -140,6 +146,8 @@ def run(
             model=model,
             out=out,
             method=method,
+            percdamp=percdamp,
+            blocksize=blocksize,
             sparsity=sparsity,
             pattern=pattern,
             propagate=propagate,
@@ -186,6 +194,8 @@ def plan_command(
         ..., help="A checkpoint directory, its config.json, a hub id or an alias (only config.json is fetched)."
     ),
     method: str = typer.Option("wanda", help=f"As for run. {methods_help()}."),
+    percdamp: Optional[float] = typer.Option(None, help="sparsegpt's dampening, as for run (checked only)."),
+    blocksize: Optional[int] = typer.Option(None, help="sparsegpt's column block, as for run."),
     sparsity: Optional[float] = typer.Option(
         None, help="As for run (checked; how many weights are zeroed does not change memory or time)."
     ),
@@ -215,13 +225,15 @@ def plan_command(
     make it fit. Example: streamprune plan llama-70b --sparsity 0.5 --device rtx4090 --max-ram 32GB"""
     from types import SimpleNamespace
 
-    from .config import OFFLOAD, check_choice, check_positive, check_sparsity, parse_limit
-    from .methods import METHODS
+    from .config import OFFLOAD, check_choice, check_positive, check_sparsity, keep_block, parse_limit
+    from .methods import METHODS, Target, method_named
     from .plan import plan_model
 
     with user_errors(on_interrupt="interrupted", on_gpu_oom="Use --device cpu."):
         check_choice("--method", method, METHODS)
-        check_sparsity(sparsity, pattern)
+        sparsity = check_sparsity(sparsity, pattern)
+        method_options = {"percdamp": percdamp, "blocksize": blocksize}
+        method_named(method, **method_options).check_target(Target(sparsity, keep_block(pattern)))
         check_choice("--offload", offload, OFFLOAD)
         counts = SimpleNamespace(
             nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, checkpoint_every=checkpoint_every
@@ -230,6 +242,7 @@ def plan_command(
         text, numbers = plan_model(
             model,
             method=method,
+            method_options=method_options,
             pattern=pattern,
             nsamples=nsamples,
             seqlen=seqlen,

@@ -10,7 +10,7 @@ import torch
 
 from .checkpoint import FLOAT_DTYPES as DTYPES
 from .errors import UsageError
-from .methods import METHODS, Target
+from .methods import METHODS, Method, Target, method_named
 from .sizes import parse_size
 
 PROPAGATE = ("pruned", "dense")
@@ -22,6 +22,8 @@ class PruneConfig:
     model: str  # local directory, hub id or alias
     out: Path
     method: str = "wanda"
+    percdamp: float | None = None  # sparsegpt: dampening, a fraction of H's mean diagonal; None: 0.01
+    blocksize: int | None = None  # sparsegpt: columns pruned together; None: 128
     sparsity: float | None = None  # fraction zeroed in every pruned Linear; 0.5 when no pattern
     pattern: str | None = None  # "N:M": keep N of every M consecutive inputs in each row
     propagate: str = "pruned"  # next block's inputs from the pruned block, or from the dense one
@@ -48,6 +50,7 @@ class PruneConfig:
         check_choice("--method", self.method, METHODS)
         check_choice("--propagate", self.propagate, PROPAGATE)
         self.sparsity = check_sparsity(self.sparsity, self.pattern)
+        self.build_method()  # its options and the target checked now
         check_positive(self, "checkpoint_minutes", "nsamples", "seqlen", "batch_size", "checkpoint_every")
         check_dtype(self.dtype)
         check_choice("--offload", self.offload, OFFLOAD)
@@ -57,6 +60,14 @@ class PruneConfig:
         self.max_ram_bytes = parse_limit("--max-ram", self.max_ram)
         self.max_gpu_bytes = parse_limit("--max-gpu-memory", self.max_gpu_memory)
         self.torch_device = parse_device(self.device)
+
+    def method_options(self) -> dict:
+        return {"percdamp": self.percdamp, "blocksize": self.blocksize}
+
+    def build_method(self) -> Method:
+        method = method_named(self.method, **self.method_options())
+        method.check_target(self.target)
+        return method
 
     def keep_block(self) -> tuple[int, int] | None:
         """(keep_n, block_m) of --pattern, or None for unstructured sparsity."""

@@ -40,7 +40,7 @@ from .calibration import (
 from .config import PruneConfig
 from .errors import Interrupted, ResourceError, UsageError
 from .families import INPUT_SITES, LAYER_PREFIX, PRUNABLE_LINEARS, SITE_OF
-from .methods import Method, Statistic, Target, method_named
+from .methods import Method, Statistic, Target
 from .methods.masks import apply_mask
 from .outdir import (
     RECORD_FILE,
@@ -105,7 +105,7 @@ class PruneRun:
         self.config, self.observe = config, observe
         self.started = time.perf_counter()
         self.device = config.torch_device
-        self.method = method_named(config.method)
+        self.method = config.build_method()
         self.target = config.target
         self.step_rss: dict[str, int] = {}  # step name -> the largest resident size seen after it
         self.calibration = None  # the token windows and where they came from
@@ -136,6 +136,7 @@ class PruneRun:
         probe = self.source.checkpoint.tensors[f"{LAYER_PREFIX.format(index=0)}{PRUNABLE_LINEARS[0]}.weight"]
         settings = plan.Settings(
             method=config.method,
+            method_options=config.method_options(),
             pattern=config.pattern,
             nsamples=config.nsamples,
             seqlen=self.seqlen,
@@ -491,6 +492,8 @@ class StopOnInterrupt:
 def plan_command(config: PruneConfig) -> str:
     """The `streamprune plan` command that shows a run's whole plan."""
     words = ["streamprune", "plan", config.model, "--method", config.method, "--nsamples", str(config.nsamples)]
+    for option, value in config.method_options().items():
+        words += [f"--{option}", str(value)] if value is not None else []
     words += ["--seqlen", str(config.seqlen), "--batch-size", str(config.batch_size), "--dtype", config.dtype]
     words += ["--device", str(config.torch_device), "--offload", config.offload]
     words += ["--checkpoint-every", str(config.checkpoint_every)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -99,6 +99,7 @@ def _pinned_bytes(g: Geometry, stored_bytes: int) -> int:
 @dataclass
 class Settings:
     method: str = "wanda"
+    method_options: dict = field(default_factory=dict)  # e.g. sparsegpt's blocksize; None: the default
     pattern: str | None = None  # "N:M", or None for unstructured sparsity
     nsamples: int = 128
     seqlen: int = 2048
@@ -115,7 +116,7 @@ class Settings:
 def estimate(geometry: Geometry, settings: Settings) -> dict:
     """Peak RAM (by step) and VRAM, disk needed, bytes read and written, FLOPs. Every term in bytes."""
     g, s = geometry, settings
-    method = method_named(s.method)
+    method = method_named(s.method, **s.method_options)
     target = Target(sparsity=0.5, keep_block=keep_block(s.pattern))  # how many go does not change memory
     calibrated = method.needs_calibration
     tokens = s.nsamples * s.seqlen
@@ -181,7 +182,8 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
             "activation checkpoints": 2 * buffer if g.layers > 1 else 0,
             "offloaded buffer": buffer if s.offload == "disk" else 0,
         },
-        "flops": (2 * g.layers * flops_per_forward) if calibrated else 0,
+        "flops": ((2 * g.layers * flops_per_forward) if calibrated else 0)
+        + g.layers * sum(method.prune_flops(rows, cols) for rows, cols in g.linear_shapes().values()),
     }
 
 
@@ -393,6 +395,7 @@ def plan_device(device: str, compute: torch.dtype, max_gpu_memory: int | None) -
 def plan_model(
     model: str,
     method: str = "wanda",
+    method_options: dict | None = None,
     pattern: str | None = None,
     nsamples: int = 128,
     seqlen: int = 2048,
@@ -427,6 +430,7 @@ def plan_model(
     device_name, flops, kind, max_gpu_memory = plan_device(device, compute, max_gpu_memory)
     settings = Settings(
         method=method,
+        method_options=method_options or {},
         pattern=pattern,
         nsamples=nsamples,
         seqlen=seqlen,

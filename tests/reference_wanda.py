@@ -22,15 +22,16 @@ def load_full_model(model_dir, dtype=torch.float32):
 
 
 def capture_layer0_inputs(model, input_ids: torch.Tensor):
-    """Run the model up to decoder layer 0 for each sample; return its inputs and the kwargs."""
-    captured, kwargs_seen = [], {}
+    """Run the model up to decoder layer 0 for each sample; return its inputs [nsamples, seqlen,
+    hidden] and, per layer, the keyword arguments the model passes it (each layer's own attention
+    mask: sliding-window layers get theirs), taken from a full forward of the first sample."""
+    captured = []
 
     class Stop(Exception):
         pass
 
     def grab(_module, args, kwargs):
         captured.append(args[0] if args else kwargs["hidden_states"])
-        kwargs_seen.update(kwargs)
         raise Stop
 
     handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
@@ -42,8 +43,22 @@ def capture_layer0_inputs(model, input_ids: torch.Tensor):
                 pass
     finally:
         handle.remove()
-    kwargs = {k: kwargs_seen[k] for k in ("attention_mask", "position_ids", "position_embeddings")}
-    return torch.cat(captured), kwargs
+    return torch.cat(captured), layer_kwargs(model, input_ids[:1])
+
+
+def layer_kwargs(model, input_ids: torch.Tensor) -> list[dict]:
+    seen = []
+
+    def grab(_module, _args, kwargs):
+        seen.append({k: kwargs[k] for k in ("attention_mask", "position_ids", "position_embeddings")})
+
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in model.model.layers]
+    try:
+        model(input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def wanda_metric(weight: torch.Tensor, scaler_row: torch.Tensor) -> torch.Tensor:
@@ -58,9 +73,9 @@ def wanda_reference(
     """Prune `model` in place. prune_n, prune_m as in the original: prune_n of every prune_m are
     *pruned* (for 2:4 and 4:8 that equals keeping N of M). `metric(weight, scaler_row)` replaces
     Wanda's score: methods that share Wanda's procedure and statistic (RIA) differ only there."""
-    inps, kwargs = capture_layer0_inputs(model, input_ids)
+    inps, kwargs_of = capture_layer0_inputs(model, input_ids)
     outs = torch.zeros_like(inps)
-    for layer in model.model.layers:
+    for layer, kwargs in zip(model.model.layers, kwargs_of):
         subset = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         scaler = {name: torch.zeros(m.in_features) for name, m in subset.items()}
         seen = {name: 0 for name in subset}

@@ -81,9 +81,10 @@ def test_smollm2_ria_equals_whole_model_reference(smollm2, tmp_path, pattern):
     assert agreement >= 0.999
 
 
-def test_ria_resumes_byte_identical_and_refuses_another_method(tiny_llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["ria", "sparsegpt"])
+def test_resumes_byte_identical_and_refuses_another_method(tiny_llama, tmp_path, monkeypatch, method):
     whole = tmp_path / "whole"
-    run(tiny_llama, whole, method="ria")
+    run(tiny_llama, whole, method=method)
     real_forward, calls = LayerRunner.forward, []
 
     def forward_then_stop(self, *args):
@@ -94,11 +95,11 @@ def test_ria_resumes_byte_identical_and_refuses_another_method(tiny_llama, tmp_p
 
     monkeypatch.setattr(LayerRunner, "forward", forward_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_llama, tmp_path / "out", method="ria")
+        run(tiny_llama, tmp_path / "out", method=method)
     monkeypatch.setattr(LayerRunner, "forward", real_forward)
-    with pytest.raises(UsageError, match=r'--method: the run in .* used "ria", this command asks for "wanda"'):
+    with pytest.raises(UsageError, match=rf'--method: the run in .* used "{method}", this command asks for "wanda"'):
         run(tiny_llama, tmp_path / "out", method="wanda")
-    record = run(tiny_llama, tmp_path / "out", method="ria")
+    record = run(tiny_llama, tmp_path / "out", method=method)
     assert len(record["sessions"]) == 2 and record["sessions"][1]["from_layer"] == 1
     for name in ("model-00001-of-00001.safetensors", "model.safetensors.index.json"):
         assert (tmp_path / "out" / name).read_bytes() == (whole / name).read_bytes()

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from streamprune import buffers
 from streamprune.background import Worker
 from streamprune.cli import app
+from streamprune.methods import METHODS
 from streamprune.plan import Geometry, Settings, estimate, fit, largest_batch
 from streamprune.source import ALIAS_CONFIGS
 
@@ -199,7 +200,7 @@ def test_peak_ram_is_the_sum_of_its_parts(offload, device):
     assert sum(plan["peak_ram_parts"].values()) == plan["peak_ram_bytes"]
 
 
-@pytest.mark.parametrize("method", ["wanda", "magnitude", "ria"])
+@pytest.mark.parametrize("method", METHODS)
 def test_the_run_takes_exactly_the_steps_the_plan_estimates(tiny_llama, tmp_path, method):
     """The plan's RAM is estimated per run step, by name; a run records the steps it took under the
     same names. A step added, renamed or dropped on one side only fails here."""

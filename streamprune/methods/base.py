@@ -62,11 +62,13 @@ class Statistic(ABC):
 
 class Method(ABC):
     """A pruning method. Subclasses set `name`, `summary` (one line of --help) and `statistic`
-    (None: the weights alone decide, no calibration data and no forward), and implement `prune`."""
+    (None: the weights alone decide, no calibration data and no forward), and implement `prune`.
+    `options` names the keyword arguments of its constructor that run and plan take as flags."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     statistic: ClassVar[type[Statistic] | None] = None
+    options: ClassVar[tuple[str, ...]] = ()
 
     @property
     def needs_calibration(self) -> bool:
@@ -76,6 +78,9 @@ class Method(ABC):
     def prune(self, weight: torch.Tensor, statistic: Statistic | None, target: Target) -> Pruned:
         """weight [out, in] on the compute device (the layer's own, in the compute dtype)."""
 
+    def check_target(self, target: Target) -> None:
+        """Refuse (UsageError) a target this method's settings cannot meet, before anything runs."""
+
     def settings(self) -> dict:
         """The method's own settings that shape the output, for the run identity a resume checks."""
         return {}
@@ -84,6 +89,11 @@ class Method(ABC):
         """Peak temporaries of `prune` for one [rows, cols] Linear. This default is a score matrix
         masked per row or N:M group: float32 scores, a sort slice (values + int64 indices), the mask."""
         return rows * cols * 4 + min(rows * cols, SORT_SLICE_ELEMENTS) * (4 + 8) + rows * cols
+
+    def prune_flops(self, rows: int, cols: int) -> int:
+        """Floating-point operations of `prune` for one [rows, cols] Linear, for the plan's time
+        estimate; a score and a sort are negligible beside the forward."""
+        return 0
 
 
 def row_or_group_mask(scores: torch.Tensor, target: Target) -> torch.Tensor:
