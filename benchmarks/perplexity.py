@@ -1,0 +1,98 @@
+"""Perplexity of pruned SmolLM2-135M per method and recipe, under the conditions the methods issue
+sets its bars in: calibration 32 x 512 tokens of the C4 documents, seed 0; WikiText-2 test, the
+first 40 windows of 512 tokens. Perplexity only (quality.py adds the zero-shot tasks).
+
+    python benchmarks/perplexity.py --variants "SparseGPT 50%,SparseGPT 2:4" --section sparsegpt
+
+Each variant is one `streamprune run` and one `streamprune eval` here; the table (perplexity,
+pruning time and peak RSS from the run record) goes to RESULTS.md under `perplexity-SECTION`.
+Timings are only comparable within one invocation (this machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import C4, DATA, conditions, streamprune, write_section
+from smollm2 import build
+
+VARIANTS = {
+    "dense": None,
+    "magnitude 50%": ["--method", "magnitude", "--sparsity", "0.5"],
+    "Wanda 50%": ["--method", "wanda", "--sparsity", "0.5"],
+    "Wanda 2:4": ["--method", "wanda", "--pattern", "2:4"],
+    "RIA 50%": ["--method", "ria", "--sparsity", "0.5"],
+    "RIA 2:4": ["--method", "ria", "--pattern", "2:4"],
+    "SparseGPT 50%": ["--method", "sparsegpt", "--sparsity", "0.5"],
+    "SparseGPT 2:4": ["--method", "sparsegpt", "--pattern", "2:4"],
+    "SparseGPT 4:8": ["--method", "sparsegpt", "--pattern", "4:8"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", required=True, help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--section", required=True, help="RESULTS.md section: perplexity-SECTION")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--ppl-windows", type=int, default=40)
+    args = parser.parse_args()
+    wanted = [label.strip() for label in args.variants.split(",")]
+    unknown = [label for label in wanted if label not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; choose from: {', '.join(VARIANTS)}")
+    model = build()
+    work = Path(tempfile.mkdtemp())
+    rows = []
+    try:
+        for label in wanted:
+            print(f"{label} ...", flush=True)
+            target, record = model, None
+            if VARIANTS[label] is not None:
+                target = work / "pruned"
+                streamprune(
+                    "run", str(model), "--out", str(target), "--force", *VARIANTS[label], "--calib", str(C4),
+                    "--nsamples", str(args.nsamples), "--seqlen", "512", "--seed", "0", "--quiet",
+                )  # fmt: skip
+                record = json.loads((target / "streamprune.json").read_text())
+            ppl_json = work / "ppl.json"
+            streamprune(
+                "eval", str(target), "--ppl", str(DATA / "wikitext2" / "wiki.test.raw"), "--seqlen", "512",
+                "--limit", str(args.ppl_windows), "--output", str(ppl_json), "--quiet",
+            )  # fmt: skip
+            ppl = json.loads(ppl_json.read_text())["perplexity"]["ppl"]
+            rows.append((label, ppl, record))
+            print(f"  ppl {ppl:.2f}", flush=True)
+    finally:
+        shutil.rmtree(work)
+
+    lines = [
+        f"## Perplexity of pruned SmolLM2-135M: {args.section}",
+        "",
+        f'Command: `python benchmarks/perplexity.py --variants "{args.variants}" --section {args.section}'
+        + (f" --nsamples {args.nsamples}" if args.nsamples != 32 else "")
+        + (f" --ppl-windows {args.ppl_windows}" if args.ppl_windows != 40 else "")
+        + f"`. Calibration {args.nsamples} x 512 tokens of `c4/c4_validation_2k.jsonl.gz`, seed 0, CPU, "
+        "float32, micro-batch 1. Perplexity: WikiText-2 test (`wiki.test.raw`), non-overlapping 512-token "
+        f"windows, the first {args.ppl_windows}. Pruning time and peak RSS: the run record's "
+        "total_seconds and peak_rss_bytes (one run each, on a shared machine).",
+        "",
+        conditions(),
+        "",
+        "| variant | WikiText-2 ppl | pruning time | peak RSS |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, ppl, record in rows:
+        took = "-" if record is None else f"{record['total_seconds']:.0f} s"
+        rss = "-" if record is None else f"{record['peak_rss_bytes'] / 2**20:.0f} MiB"
+        lines.append(f"| {label} | {ppl:.2f} | {took} | {rss} |")
+    write_section(f"perplexity-{args.section}", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
