@@ -63,6 +63,14 @@ def run(
     blocksize: Optional[int] = typer.Option(
         None, help="sparsegpt: columns pruned together before their error is spread to the rest (default 128)."
     ),
+    allocation: str = typer.Option(
+        "uniform",
+        help="How much each layer loses: uniform (--sparsity everywhere) or owl (outlier-weighted, Yin et al. "
+        "2024: a first pass over every layer measures its outliers; layers with more lose less, the mean stays "
+        "--sparsity). owl takes --sparsity, not --pattern, and works with every method.",
+    ),
+    owl_m: float = typer.Option(5.0, help="owl: an outlier's Wanda score is above M x its layer's mean."),
+    owl_lambda: float = typer.Option(0.08, help="owl: layer sparsities span at most 2 x lambda around --sparsity."),
     propagate: str = typer.Option(
         "pruned", help="Next block's calibration inputs come from the pruned block (pruned) or the dense one (dense)."
     ),
@@ -148,6 +156,9 @@ def run(
             method=method,
             percdamp=percdamp,
             blocksize=blocksize,
+            allocation=allocation,
+            owl_m=owl_m,
+            owl_lambda=owl_lambda,
             sparsity=sparsity,
             pattern=pattern,
             propagate=propagate,
@@ -196,6 +207,7 @@ def plan_command(
     method: str = typer.Option("wanda", help=f"As for run. {methods_help()}."),
     percdamp: Optional[float] = typer.Option(None, help="sparsegpt's dampening, as for run (checked only)."),
     blocksize: Optional[int] = typer.Option(None, help="sparsegpt's column block, as for run."),
+    allocation: str = typer.Option("uniform", help="uniform or owl, as for run (owl adds a pass over every layer)."),
     sparsity: Optional[float] = typer.Option(
         None, help="As for run (checked; how many weights are zeroed does not change memory or time)."
     ),
@@ -225,6 +237,7 @@ def plan_command(
     make it fit. Example: streamprune plan llama-70b --sparsity 0.5 --device rtx4090 --max-ram 32GB"""
     from types import SimpleNamespace
 
+    from .allocation import ALLOCATIONS, OWL_LAMBDA, OWL_M, check_owl
     from .config import OFFLOAD, check_choice, check_positive, check_sparsity, keep_block, parse_limit
     from .methods import METHODS, Target, method_named
     from .plan import plan_model
@@ -234,6 +247,9 @@ def plan_command(
         sparsity = check_sparsity(sparsity, pattern)
         method_options = {"percdamp": percdamp, "blocksize": blocksize}
         method_named(method, **method_options).check_target(Target(sparsity, keep_block(pattern)))
+        check_choice("--allocation", allocation, ALLOCATIONS)
+        if allocation == "owl":
+            check_owl(sparsity, pattern, OWL_M, OWL_LAMBDA)
         check_choice("--offload", offload, OFFLOAD)
         counts = SimpleNamespace(
             nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, checkpoint_every=checkpoint_every
@@ -243,6 +259,7 @@ def plan_command(
             model,
             method=method,
             method_options=method_options,
+            allocation=allocation,
             pattern=pattern,
             nsamples=nsamples,
             seqlen=seqlen,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .allocation import ALLOCATIONS, OWL_LAMBDA, OWL_M, check_owl
 from .checkpoint import FLOAT_DTYPES as DTYPES
 from .errors import UsageError
 from .methods import METHODS, Method, Target, method_named
@@ -26,6 +27,9 @@ class PruneConfig:
     blocksize: int | None = None  # sparsegpt: columns pruned together; None: 128
     sparsity: float | None = None  # fraction zeroed in every pruned Linear; 0.5 when no pattern
     pattern: str | None = None  # "N:M": keep N of every M consecutive inputs in each row
+    allocation: str = "uniform"  # every layer loses `sparsity`, or owl: per layer, by its outliers
+    owl_m: float = OWL_M  # owl: an outlier scores above this many times its layer's mean
+    owl_lambda: float = OWL_LAMBDA  # owl: layer sparsities span at most 2 x this
     propagate: str = "pruned"  # next block's inputs from the pruned block, or from the dense one
     calib: str = "c4"  # "c4" or a .txt / .jsonl / .jsonl.gz path
     nsamples: int = 128
@@ -51,6 +55,9 @@ class PruneConfig:
         check_choice("--propagate", self.propagate, PROPAGATE)
         self.sparsity = check_sparsity(self.sparsity, self.pattern)
         self.build_method()  # its options and the target checked now
+        check_choice("--allocation", self.allocation, ALLOCATIONS)
+        if self.allocation == "owl":
+            check_owl(self.sparsity, self.pattern, self.owl_m, self.owl_lambda)
         check_positive(self, "checkpoint_minutes", "nsamples", "seqlen", "batch_size", "checkpoint_every")
         check_dtype(self.dtype)
         check_choice("--offload", self.offload, OFFLOAD)
@@ -75,8 +82,12 @@ class PruneConfig:
 
     @property
     def target(self) -> Target:
-        """What every pruned Linear loses."""
+        """What every pruned Linear loses (with --allocation owl, the mean over layers)."""
         return Target(sparsity=self.sparsity, keep_block=self.keep_block())
+
+    def allocation_settings(self) -> dict | None:
+        """The allocation's settings for the run identity and record; None for uniform."""
+        return {"name": "owl", "m": self.owl_m, "lambda": self.owl_lambda} if self.allocation == "owl" else None
 
     @property
     def target_sparsity(self) -> float:

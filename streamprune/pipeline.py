@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from . import buffers, plan
+from .allocation import layer_outlier_ratio, owl_sparsities
 from .background import Worker
 from .calibration import (
     CALIBRATION_FILE,
@@ -41,6 +42,7 @@ from .config import PruneConfig
 from .errors import Interrupted, ResourceError, UsageError
 from .families import INPUT_SITES, LAYER_PREFIX, PRUNABLE_LINEARS, SITE_OF
 from .methods import Method, Statistic, Target
+from .methods.wanda import InputSqNorm, wanda_scores
 from .methods.masks import apply_mask
 from .outdir import (
     RECORD_FILE,
@@ -106,7 +108,7 @@ class PruneRun:
         self.started = time.perf_counter()
         self.device = config.torch_device
         self.method = config.build_method()
-        self.target = config.target
+        self.layer_sparsities = None  # --allocation owl: each layer's, once measured
         self.step_rss: dict[str, int] = {}  # step name -> the largest resident size seen after it
         self.calibration = None  # the token windows and where they came from
         self.hidden = None  # the activation buffer [nsamples, seqlen, hidden]
@@ -123,7 +125,8 @@ class PruneRun:
         check_not_source(config.out, source.directory)
         check_pattern_fits(config, source)
         self.seqlen = source.capped_seqlen(config.seqlen)
-        self.calib_path = calibration_path(config.calib) if self.method.needs_calibration else None
+        calibrated = self.method.needs_calibration or config.allocation_settings() is not None
+        self.calib_path = calibration_path(config.calib) if calibrated else None
 
     def check_plan(self) -> None:
         """The plan: what the run will hold at its peaks, against the RAM and GPU memory it may use.
@@ -137,6 +140,7 @@ class PruneRun:
         settings = plan.Settings(
             method=config.method,
             method_options=config.method_options(),
+            allocation=config.allocation,
             pattern=config.pattern,
             nsamples=config.nsamples,
             seqlen=self.seqlen,
@@ -188,6 +192,7 @@ class PruneRun:
             **self.method.settings(),
             "sparsity": config.sparsity,
             "pattern": config.pattern,
+            "allocation": config.allocation_settings(),
             "propagate": config.propagate if calibrated else None,
             "calibration": {"file": self.calib_path.name, "sha256": file_sha256(self.calib_path)}
             if calibrated
@@ -282,6 +287,10 @@ class PruneRun:
                 if state.writer is None:
                     self.copy_outside_tensors()
                     self.save_resume_point(0, [], with_activations=False)  # the buffer is not filled yet
+                if self.config.allocation_settings() is not None:
+                    self.allocate(reader, stop)
+                if not self.method.needs_calibration:
+                    self.hidden = None  # it served the allocation's pass only
                 if self.hidden is not None:
                     self.fill_buffer()
                 self.last_saved, self.last_saved_at = state.next_layer, time.perf_counter()
@@ -318,9 +327,64 @@ class PruneRun:
             self.writer.write(name, tensor)
             del tensor
 
+    def allocate(self, reader: LayerReader, stop: StopOnInterrupt) -> None:
+        """--allocation owl: every layer's sparsity, from outlier ratios measured in a first pass
+        over all layers (the dense stream, resumable), once per run; printed and kept in the state."""
+        config, state = self.config, self.state
+        if state.allocation is None or "sparsities" not in state.allocation:
+            ratios = self.measure_outliers(reader, stop, list((state.allocation or {}).get("outlier_ratios", [])))
+            sparsities = owl_sparsities(ratios, config.sparsity, config.owl_lambda)
+            state.allocation = {"outlier_ratios": ratios, "sparsities": sparsities}
+            state.activations = None  # the dense stream's; the pruning pass starts from the embeddings
+            state.save()
+            state.drop_stale()
+        self.layer_sparsities = state.allocation["sparsities"]
+        if not config.quiet:
+            print(allocation_table(state.allocation), file=sys.stderr)
+
+    @step(plan.OUTLIER_PASS)
+    def measure_outliers(self, reader: LayerReader, stop: StopOnInterrupt, ratios: list[float]) -> list[float]:
+        """OWL's first pass: each layer's outlier ratio of its Wanda scores, `ratios` holding those
+        measured by an earlier session (whose saved activations are the next layer's inputs)."""
+        config, state, runner, num_layers = self.config, self.state, self.source.runner, self.source.num_layers
+        self.fill_buffer()  # the saved activations of the dense stream, or the embeddings
+        last_saved, last_saved_at = len(ratios), time.perf_counter()
+        bar = tqdm(desc="outliers (owl)", unit="layer", initial=len(ratios), total=num_layers, disable=config.quiet,
+                   dynamic_ncols=True)  # fmt: skip
+        for index, stored in reader.layers(list(range(len(ratios), num_layers))):
+            if stop.requested:
+                stop.check_outliers(index, num_layers, config.out)
+            self.source.check_layer_finite(index, stored, resume_point(config.out, 0))
+            layer = runner.build(index, stored)
+            statistics = collect_statistics(InputSqNorm, runner, layer, index, self.hidden, config.batch_size, True)
+            scores = lambda: (  # noqa: E731
+                wanda_scores(layer.get_submodule(local).weight.detach(), statistics[SITE_OF[local]].sq_norm)
+                for local in PRUNABLE_LINEARS
+            )
+            ratios.append(layer_outlier_ratio(scores, config.owl_m))
+            del stored, layer, statistics
+            check_activations_finite(self.hidden, index, resume_point(config.out, 0))
+            bar.update()
+            more = index + 1 < num_layers  # after the last one, the allocation is saved instead
+            if more and (self.resume_point_due(index, last_saved, last_saved_at) or stop.requested):
+                state.allocation = {"outlier_ratios": list(ratios)}
+                state.activations = state.save_activations(self.hidden, index + 1, phase="owl")
+                state.save()
+                state.drop_stale()
+                last_saved, last_saved_at = index + 1, time.perf_counter()
+        bar.close()
+        return ratios
+
+    def target_for(self, index: int) -> Target:
+        """What layer `index`'s Linears lose."""
+        if self.layer_sparsities is None:
+            return self.config.target
+        return Target(sparsity=self.layer_sparsities[index])
+
     @step(plan.EMBED)
     def fill_buffer(self) -> None:
-        """The inputs of the first layer to do: embedded calibration tokens, or a resume point's."""
+        """The inputs of the first layer to do in this pass: embedded calibration tokens, or a
+        resume point's (of the pass the state is in)."""
         if self.state.activations is not None:
             self.state.load_activations(out=self.hidden)
         else:
@@ -333,7 +397,7 @@ class PruneRun:
         self.source.check_layer_finite(index, stored, resume_point(self.config.out, self.last_saved))
         layer = self.source.runner.build(index, stored)
         statistics = None if self.hidden is None else self.dense_forward(index, layer)
-        masks = self.prune_weights(layer, stored, statistics)
+        masks = self.prune_weights(layer, stored, statistics, self.target_for(index))
         sparsity = self.write_and_propagate(index, layer, stored, masks)
         del layer, statistics, masks
         if self.hidden is not None:
@@ -349,17 +413,18 @@ class PruneRun:
         write_back = self.config.propagate == "dense"
         if write_back:
             self.saves.wait()  # this forward writes the buffer the last resume point is saving
-        return collect_statistics(self.method, self.source.runner, layer, index, self.hidden, self.config.batch_size,
-                                  write_back)  # fmt: skip
+        return collect_statistics(self.method.statistic, self.source.runner, layer, index, self.hidden,
+                                  self.config.batch_size, write_back)  # fmt: skip
 
     @step(plan.PRUNE)
-    def prune_weights(self, layer: torch.nn.Module, stored: dict, statistics: dict | None) -> dict[str, torch.Tensor]:
+    def prune_weights(self, layer: torch.nn.Module, stored: dict, statistics: dict | None,
+                      target: Target) -> dict[str, torch.Tensor]:  # fmt: skip
         """All seven Linears pruned together, from the dense statistics. Where the layer computes on
         the CPU in the stored dtype, each pruned weight is the tensor to write and replaces the read
         one (freed here); elsewhere the masks are returned, to be applied to the read tensors, so
         that survivors stay bit-identical (a method's new weights are cast to the stored dtype)."""
         masks = {}
-        for local, pruned in prune_linears(self.method, layer, statistics, self.target):
+        for local, pruned in prune_linears(self.method, layer, statistics, target):
             module, key = layer.get_submodule(local), local + ".weight"
             if module.weight.device.type == "cpu" and module.weight.dtype == stored[key].dtype:
                 stored[key] = module.weight.data
@@ -392,15 +457,19 @@ class PruneRun:
             forward_batches(runner, layer, index, self.hidden, batch_size, write_back=True)
         return zeros / total
 
-    def maybe_save_resume_point(self, index: int, stopping: bool) -> None:
-        """A resume point after layer `index`: every --checkpoint-every layers or
-        --checkpoint-minutes, at the last layer, and when Ctrl-C asked to stop."""
+    def resume_point_due(self, index: int, last_saved: int, last_saved_at: float) -> bool:
+        """After layer `index`: every --checkpoint-every layers or --checkpoint-minutes, and at the last layer."""
         config = self.config
-        due = index + 1 - self.last_saved >= config.checkpoint_every or (
-            config.checkpoint_minutes is not None
-            and time.perf_counter() - self.last_saved_at >= 60 * config.checkpoint_minutes
+        minutes = config.checkpoint_minutes
+        return (
+            index + 1 - last_saved >= config.checkpoint_every
+            or index + 1 == self.source.num_layers
+            or (minutes is not None and time.perf_counter() - last_saved_at >= 60 * minutes)
         )
-        if due or index + 1 == self.source.num_layers or stopping:
+
+    def maybe_save_resume_point(self, index: int, stopping: bool) -> None:
+        """A resume point after layer `index` when one is due, and when Ctrl-C asked to stop."""
+        if self.resume_point_due(index, self.last_saved, self.last_saved_at) or stopping:
             self.saves.submit(self.save_resume_point, index + 1, list(self.layer_log))
             self.last_saved, self.last_saved_at = index + 1, time.perf_counter()
 
@@ -432,11 +501,12 @@ class PruneRun:
 
 
 def collect_statistics(
-    method: Method, runner, layer: torch.nn.Module, index: int, hidden: torch.Tensor, batch_size: int, write_back: bool
+    statistic: type[Statistic], runner, layer: torch.nn.Module, index: int, hidden: torch.Tensor, batch_size: int,
+    write_back: bool,
 ) -> dict[str, Statistic]:
-    """The method's statistic at every input site, from one forward of `layer` over `hidden`."""
+    """A `statistic` at every input site, from one forward of `layer` over `hidden`."""
     statistics = {
-        site: method.statistic(layer.get_submodule(linears[0]).in_features, runner.device)
+        site: statistic(layer.get_submodule(linears[0]).in_features, runner.device)
         for site, linears in INPUT_SITES.items()
     }
     observers = {site: statistic.add_batch for site, statistic in statistics.items()}
@@ -481,6 +551,14 @@ class StopOnInterrupt:
             "\nCtrl-C: stopping once the current layer is saved (press Ctrl-C again to stop at once)", file=sys.stderr
         )
 
+    def check_outliers(self, measured: int, num_layers: int, out: Path) -> None:
+        raise Interrupted(
+            f"interrupted: the outliers of layers 0-{measured - 1} of {num_layers} are measured and saved in {out} "
+            f"(no layer is pruned yet). Run the same command again to resume the measurement from layer {measured}."
+            if measured
+            else f"interrupted before any layer was measured or pruned in {out}. Run the same command again to resume."
+        )
+
     def check(self, next_layer: int, num_layers: int, out: Path) -> None:
         if self.requested:
             done = f"layers 0-{next_layer - 1} of {num_layers} are saved" if next_layer else "no layer is done yet"
@@ -489,11 +567,22 @@ class StopOnInterrupt:
             )
 
 
+def allocation_table(allocation: dict) -> str:
+    """OWL's result, eight layers to a line: layer: sparsity (outlier ratio)."""
+    cells = [
+        f"{index:>3}: {sparsity:.3f} ({ratio:.2f}%)"
+        for index, (sparsity, ratio) in enumerate(zip(allocation["sparsities"], allocation["outlier_ratios"]))
+    ]
+    lines = ["  ".join(cells[start : start + 8]) for start in range(0, len(cells), 8)]
+    return "OWL layer sparsities (outlier ratio):\n" + "\n".join(lines)
+
+
 def plan_command(config: PruneConfig) -> str:
     """The `streamprune plan` command that shows a run's whole plan."""
     words = ["streamprune", "plan", config.model, "--method", config.method, "--nsamples", str(config.nsamples)]
     for option, value in config.method_options().items():
         words += [f"--{option}", str(value)] if value is not None else []
+    words += ["--allocation", config.allocation] if config.allocation != "uniform" else []
     words += ["--seqlen", str(config.seqlen), "--batch-size", str(config.batch_size), "--dtype", config.dtype]
     words += ["--device", str(config.torch_device), "--offload", config.offload]
     words += ["--checkpoint-every", str(config.checkpoint_every)]
@@ -545,6 +634,7 @@ def run_record(run: PruneRun) -> dict:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "compute_dtype": str(run.source.dtype).removeprefix("torch."),
         "method": {"name": run.method.name, **run.method.settings()},
+        "allocation": {**(config.allocation_settings() or {"name": "uniform"}), **(state.allocation or {})},
         "target_sparsity": config.target_sparsity,
         "mean_layer_sparsity": sum(layer["sparsity"] for layer in layers) / max(1, len(layers)),
         "calibration": None,

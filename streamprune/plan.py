@@ -18,11 +18,13 @@ import torch
 from .buffers import EMBEDDING_SLICE_BYTES, OFFLOADED_TOKENS_PER_COPY, available_ram_bytes
 from .config import keep_block
 from .methods import Target, method_named
+from .methods.wanda import InputSqNorm
 from .sizes import format_size
 
 # The steps of a run whose memory is estimated, as pipeline.PruneRun names them.
 COPY_OUTSIDE = "copy outside tensors"
 EMBED = "embed calibration tokens"
+OUTLIER_PASS = "outlier pass"  # --allocation owl only
 DENSE_FORWARD = "dense forward"
 PRUNE = "prune"
 WRITE_AND_PROPAGATE = "write and propagate"
@@ -100,6 +102,7 @@ def _pinned_bytes(g: Geometry, stored_bytes: int) -> int:
 class Settings:
     method: str = "wanda"
     method_options: dict = field(default_factory=dict)  # e.g. sparsegpt's blocksize; None: the default
+    allocation: str = "uniform"  # or "owl": a first pass over every layer measures their outliers
     pattern: str | None = None  # "N:M", or None for unstructured sparsity
     nsamples: int = 128
     seqlen: int = 2048
@@ -118,31 +121,31 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     g, s = geometry, settings
     method = method_named(s.method, **s.method_options)
     target = Target(sparsity=0.5, keep_block=keep_block(s.pattern))  # how many go does not change memory
-    calibrated = method.needs_calibration
+    prune_calibrated = method.needs_calibration  # the pruning pass streams activations
+    owl = s.allocation == "owl"  # a first pass streams them too, for any method
+    calibrated = prune_calibrated or owl
     tokens = s.nsamples * s.seqlen
     stored_layer = g.layer_params * s.stored_bytes
     largest_linear = max(rows * cols for rows, cols in g.linear_shapes().values())
     buffer = tokens * g.hidden * s.compute_bytes if calibrated else 0  # [nsamples, seqlen, hidden]
-    micro = s.batch_size * s.seqlen  # tokens in one micro-batch
     widths = g.site_widths().values()
-    statistics = sum(method.statistic.held_bytes(w) for w in widths) if calibrated else 0
-
-    # One micro-batch through a layer (dense forward, pruned forward): its input and output, the
-    # norm's float32 copy, q/k/v and the attention output, the MLP's gate, up, act(gate) and their
-    # product; on a CPU the attention scores of every head; and the statistic's own temporaries.
-    forward = micro * s.compute_bytes * (4 * g.hidden + 2 * (g.heads + g.kv_heads) * g.head_dim)
-    forward += micro * 4 * g.hidden + micro * s.compute_bytes * 4 * g.intermediate
+    statistics = sum(method.statistic.held_bytes(w) for w in widths) if prune_calibrated else 0
     on_cpu = s.device == "cpu"
-    if on_cpu:
-        forward += 2 * s.batch_size * g.heads * s.seqlen * s.seqlen * s.compute_bytes
-    forward += max(method.statistic.scratch_bytes(s.seqlen, w) for w in widths) if calibrated else 0
-    forward = forward if calibrated else 0  # a method without statistics runs no forward at all
+    forward = 0  # a method without statistics runs no forward at all
+    if prune_calibrated:
+        forward = _forward_bytes(g, s) + max(method.statistic.scratch_bytes(s.seqlen, w) for w in widths)
+    # the outlier pass: the same forward collecting Wanda's statistic, then one Linear's float32
+    # scores and their comparison with the threshold at a time
+    outliers = 0
+    if owl:
+        outliers = _forward_bytes(g, s) + max(InputSqNorm.scratch_bytes(s.seqlen, w) for w in widths)
+        outliers = max(outliers, largest_linear * (4 + 1)) + sum(InputSqNorm.held_bytes(w) for w in widths)
     # Pruning one Linear: the method's own scratch (scores, sort, mask), the largest Linear's; off
     # the CPU path the masks of all seven Linears are kept on the CPU until they are applied.
     prune_scratch = max(method.prune_scratch_bytes(rows, cols, target) for rows, cols in g.linear_shapes().values())
     compute_copy = g.layer_params * s.compute_bytes  # the layer built in the compute dtype
 
-    ram_by_step = _ram_by_step(g, s, calibrated, buffer, forward, statistics, prune_scratch)
+    ram_by_step = _ram_by_step(g, s, buffer, forward, statistics, prune_scratch, prune_calibrated, outliers)
     tokenizer = g.vocab * TOKENIZER_BYTES_PER_VOCAB_ENTRY if calibrated else 0
     heaviest = max(ram_by_step, key=ram_by_step.get)
     peak_ram = s.runtime_bytes + tokenizer + tokens * 8 + ram_by_step[heaviest]
@@ -153,10 +156,12 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
         # (frees) its dense one, so one extra Linear at a time, beside the method's scratch
         largest_pruned = largest_linear * s.compute_bytes
         peak_vram = compute_copy + statistics + max(prune_scratch + largest_linear + largest_pruned, forward)
+        peak_vram = max(peak_vram, compute_copy + outliers)
 
     outside_bytes = g.outside_params * s.stored_bytes
     checkpoint_bytes = g.layers * stored_layer + outside_bytes
-    resume_points = math.ceil(g.layers / s.checkpoint_every) - 1 if calibrated else 0
+    # a resume point saves the buffer after every --checkpoint-every layers but the last, in each pass
+    resume_points = (math.ceil(g.layers / s.checkpoint_every) - 1) * (int(prune_calibrated) + int(owl))
     flops_per_forward = 2 * g.linear_params * tokens + 2 * s.nsamples * g.heads * g.head_dim * s.seqlen * s.seqlen
     in_buffer = buffer if s.offload == "cpu" else 0
     return {
@@ -174,7 +179,9 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
         },
         "peak_vram_bytes": peak_vram,
         # read: every tensor once, and the embedding rows again to embed the calibration tokens
-        "bytes_read": checkpoint_bytes + (g.vocab * g.hidden * s.stored_bytes if calibrated else 0),
+        # (the outlier pass reads every layer once more)
+        "bytes_read": checkpoint_bytes + (g.vocab * g.hidden * s.stored_bytes if calibrated else 0)
+        + (g.layers * stored_layer if owl else 0),
         # written: the output, and an activation checkpoint at every resume point but the last
         "bytes_written": checkpoint_bytes + resume_points * buffer,
         "disk_bytes": {
@@ -182,13 +189,26 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
             "activation checkpoints": 2 * buffer if g.layers > 1 else 0,
             "offloaded buffer": buffer if s.offload == "disk" else 0,
         },
-        "flops": ((2 * g.layers * flops_per_forward) if calibrated else 0)
+        "flops": ((2 * g.layers * flops_per_forward) if prune_calibrated else 0)
+        + (g.layers * flops_per_forward if owl else 0)
         + g.layers * sum(method.prune_flops(rows, cols) for rows, cols in g.linear_shapes().values()),
     }
 
 
-def _ram_by_step(g: Geometry, s: Settings, calibrated: bool, buffer: int, forward: int, statistics: int,
-                 prune_scratch: int) -> dict[str, int]:  # fmt: skip
+def _forward_bytes(g: Geometry, s: Settings) -> int:
+    """One micro-batch through a layer (dense forward, pruned forward): its input and output, the
+    norm's float32 copy, q/k/v and the attention output, the MLP's gate, up, act(gate) and their
+    product; on a CPU the attention scores of every head. Not the statistic's own temporaries."""
+    micro = s.batch_size * s.seqlen  # tokens in one micro-batch
+    forward = micro * s.compute_bytes * (4 * g.hidden + 2 * (g.heads + g.kv_heads) * g.head_dim)
+    forward += micro * 4 * g.hidden + micro * s.compute_bytes * 4 * g.intermediate
+    if s.device == "cpu":
+        forward += 2 * s.batch_size * g.heads * s.seqlen * s.seqlen * s.compute_bytes
+    return forward
+
+
+def _ram_by_step(g: Geometry, s: Settings, buffer: int, forward: int, statistics: int, prune_scratch: int,
+                 prune_calibrated: bool, outliers: int) -> dict[str, int]:  # fmt: skip
     """RAM of each step, beside the runtime, the tokenizer and the calibration ids. In the layer
     loop: beside the next layer being read (with overlap; pinned, so rounded up to powers of two,
     on a GPU machine) and the activation buffer (or about a micro-batch of it on disk)."""
@@ -206,10 +226,16 @@ def _ram_by_step(g: Geometry, s: Settings, calibrated: bool, buffer: int, forwar
     kept_masks = 0 if shares_storage else masks
     previous_writes = stored_layer if s.overlap else 0  # the last layer's tensors, until its writes are waited for
     micro_buffer = s.batch_size * s.seqlen * g.hidden * s.compute_bytes * 2  # what an offloaded buffer keeps resident
-    beside = (read if s.overlap else 0) + (buffer if s.offload == "cpu" else micro_buffer)
+    resident_buffer = 0 if not buffer else buffer if s.offload == "cpu" else micro_buffer
+    beside_stream = (read if s.overlap else 0) + resident_buffer  # while a pass streams activations
+    # the pruning pass keeps the buffer only if its method streams activations
+    beside = (read if s.overlap else 0) + (resident_buffer if prune_calibrated else 0)
     ram = {COPY_OUTSIDE: g.vocab * g.hidden * s.stored_bytes}  # the largest tensor outside the layers
-    if calibrated:
+    if buffer:
         ram[EMBED] = _embedding_ram(g, s, tokens, buffer)
+    if outliers:
+        ram[OUTLIER_PASS] = beside_stream + this_layer + (outliers if on_cpu else 0)
+    if prune_calibrated:
         ram[DENSE_FORWARD] = beside + this_layer + cpu_forward + cpu_statistics + previous_writes
     prune = beside + this_layer + kept_masks + previous_writes + cpu_statistics
     ram[PRUNE] = prune + (prune_scratch + largest_linear * s.compute_bytes if on_cpu else 0)
@@ -396,6 +422,7 @@ def plan_model(
     model: str,
     method: str = "wanda",
     method_options: dict | None = None,
+    allocation: str = "uniform",
     pattern: str | None = None,
     nsamples: int = 128,
     seqlen: int = 2048,
@@ -431,6 +458,7 @@ def plan_model(
     settings = Settings(
         method=method,
         method_options=method_options or {},
+        allocation=allocation,
         pattern=pattern,
         nsamples=nsamples,
         seqlen=seqlen,

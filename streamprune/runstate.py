@@ -87,6 +87,9 @@ class RunState:
         self.next_layer = 0  # layers [0, next_layer) are written (up to the writer's position)
         self.writer = None  # CheckpointWriter.position() at next_layer, None before the first save
         self.activations = None  # {"file", "layer", "dtype", "shape"}: inputs of next_layer
+        # --allocation owl: {"outlier_ratios": [...]} of the layers measured so far (then
+        # `activations` holds the dense stream's, with "phase": "owl"), and "sparsities" once done
+        self.allocation = None
         self.layers: list[dict] = []  # per-layer records of the finished layers
         self.seconds = 0.0  # time spent by earlier sessions of this run
         self.sessions: list[dict] = []  # one entry per start or resume
@@ -105,6 +108,7 @@ class RunState:
             state = cls(out, data["structure"])
             for key in ("next_layer", "writer", "activations", "layers", "seconds", "sessions"):
                 setattr(state, key, data[key])
+            state.allocation = data.get("allocation")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise BadInputError(
                 f"{path} (the state of an interrupted run) cannot be read ({err}); start over with --force"
@@ -122,17 +126,19 @@ class RunState:
             "next_layer": self.next_layer,
             "writer": self.writer,
             "activations": self.activations,
+            "allocation": self.allocation,
             "layers": self.layers,
             "seconds": self.seconds,
             "sessions": self.sessions,
         }
         write_atomic(self.dir / STATE_FILE, (json.dumps(data, indent=1) + "\n").encode())
 
-    def save_activations(self, hidden: torch.Tensor, layer: int) -> dict:
-        """Write `hidden` (the inputs of `layer`) to a new file, durable before it gets its name;
-        returns the description to put in the state. The older file stays until `drop_stale`."""
+    def save_activations(self, hidden: torch.Tensor, layer: int, phase: str = "prune") -> dict:
+        """Write `hidden` (the inputs of `layer` in `phase`) to a new file, durable before it gets its
+        name; returns the description to put in the state. The older file stays until `drop_stale`."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        return {**write_tensor_file(self.dir / f"activations-layer{layer:05d}.bin", hidden), "layer": layer}
+        path = self.dir / f"activations-{phase}-layer{layer:05d}.bin"
+        return {**write_tensor_file(path, hidden), "layer": layer, "phase": phase}
 
     def load_activations(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The saved activations, into `out` (a buffer of their shape and dtype) when given."""

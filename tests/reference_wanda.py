@@ -66,35 +66,47 @@ def wanda_metric(weight: torch.Tensor, scaler_row: torch.Tensor) -> torch.Tensor
     return weight.abs() * torch.sqrt(scaler_row.reshape(1, -1))
 
 
+def collect_scaler_rows(layer, inps: torch.Tensor, outs: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
+    """prune_wanda's WrappedGPT.add_batch over one forward of the dense `layer`, one sample at a
+    time (outputs into `outs`): each Linear's running-mean scaler_row, float32."""
+    subset = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    scaler = {name: torch.zeros(m.in_features) for name, m in subset.items()}
+    seen = {name: 0 for name in subset}
+
+    def add_batch(name):
+        def hook(_m, inp, _out):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).t().float()  # [in, tokens]
+            scaler[name] *= seen[name] / (seen[name] + 1)
+            seen[name] += 1
+            scaler[name] += torch.norm(x, p=2, dim=1) ** 2 / seen[name]
+
+        return hook
+
+    handles = [m.register_forward_hook(add_batch(n)) for n, m in subset.items()]
+    for j in range(inps.shape[0]):
+        outs[j] = layer(inps[j].unsqueeze(0), **kwargs)[0]
+    for h in handles:
+        h.remove()
+    return scaler
+
+
 @torch.no_grad()
 def wanda_reference(
-    model, input_ids: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0, metric=wanda_metric
-):
+    model, input_ids: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0, metric=wanda_metric,
+    layer_sparsities: list[float] | None = None,
+):  # fmt: skip
     """Prune `model` in place. prune_n, prune_m as in the original: prune_n of every prune_m are
     *pruned* (for 2:4 and 4:8 that equals keeping N of M). `metric(weight, scaler_row)` replaces
-    Wanda's score: methods that share Wanda's procedure and statistic (RIA) differ only there."""
+    Wanda's score: methods that share Wanda's procedure and statistic (RIA) differ only there.
+    `layer_sparsities` replaces `sparsity` layer by layer (OWL's prune_wanda_outlier)."""
     inps, kwargs_of = capture_layer0_inputs(model, input_ids)
     outs = torch.zeros_like(inps)
-    for layer, kwargs in zip(model.model.layers, kwargs_of):
-        subset = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-        scaler = {name: torch.zeros(m.in_features) for name, m in subset.items()}
-        seen = {name: 0 for name in subset}
-
-        def add_batch(name):
-            def hook(_m, inp, _out):
-                x = inp[0].reshape(-1, inp[0].shape[-1]).t().float()  # [in, tokens]
-                scaler[name] *= seen[name] / (seen[name] + 1)
-                seen[name] += 1
-                scaler[name] += torch.norm(x, p=2, dim=1) ** 2 / seen[name]
-
-            return hook
-
-        handles = [m.register_forward_hook(add_batch(n)) for n, m in subset.items()]
-        for j in range(inps.shape[0]):
-            outs[j] = layer(inps[j].unsqueeze(0), **kwargs)[0]
-        for h in handles:
-            h.remove()
-        for name, module in subset.items():
+    for index, (layer, kwargs) in enumerate(zip(model.model.layers, kwargs_of)):
+        ratio = sparsity if layer_sparsities is None else layer_sparsities[index]
+        scaler = collect_scaler_rows(layer, inps, outs, kwargs)
+        for name, module in layer.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
             scores = metric(module.weight.data, scaler[name])
             mask = torch.zeros_like(scores, dtype=torch.bool)
             if prune_n:
@@ -103,7 +115,7 @@ def wanda_reference(
                     mask.scatter_(1, start + torch.topk(group, prune_n, dim=1, largest=False)[1], True)
             else:
                 order = torch.sort(scores, dim=-1, stable=True)[1]
-                mask.scatter_(1, order[:, : int(scores.shape[1] * sparsity)], True)
+                mask.scatter_(1, order[:, : int(scores.shape[1] * ratio)], True)
             module.weight.data[mask] = 0
         for j in range(inps.shape[0]):
             outs[j] = layer(inps[j].unsqueeze(0), **kwargs)[0]

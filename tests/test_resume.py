@@ -245,7 +245,7 @@ def test_resume_with_checkpoints_every_two_layers(model, crasher, reference, tmp
     assert ended == {"signal": signal.SIGKILL}, log
     state = json.loads((out / STATE_DIR / "state.json").read_text())
     assert state["next_layer"] == 2 and [p.name for p in (out / STATE_DIR).glob("activations-*")] == [
-        "activations-layer00002.bin"
+        "activations-prune-layer00002.bin"
     ]
     ended, log, _ = crasher.run(model, out, "--checkpoint-every", "2")
     assert ended == {"exit": 0}, log
@@ -344,3 +344,29 @@ def test_insufficient_disk_is_refused_before_any_work(model, tmp_path, monkeypat
     assert "not enough disk space: this run needs 902.40 KiB more in" in text, text
     assert "(output checkpoint 838.40 KiB, activation checkpoints 64.00 KiB), but only 292.97 KiB is free" in text
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "kill_at"),
+    [
+        # 4 layers x 4 samples: the outlier pass makes forwards 1-16, the pruning pass 17-48
+        (["--allocation", "owl"], 7),  # in the outlier pass, layer 1 (layer 0's ratio is saved)
+        (["--allocation", "owl"], 1),  # before any layer is measured
+        (["--allocation", "owl"], 27),  # in the pruning pass, layer 1 (the allocation is done)
+        (["--method", "sparsegpt"], 10),  # in layer 1's dense forward: layer 0's new weights are saved
+    ],
+)
+def test_killed_owl_and_sparsegpt_runs_resume_byte_identical(model, crasher, tmp_path, flags, kill_at):
+    whole = tmp_path / "whole"
+    ended, log, counts = crasher.run(model, whole, *flags)
+    assert ended == {"exit": 0}, log
+    out = tmp_path / "out"
+    ended, log, _ = crasher.run(model, out, *flags, event="forward", n=kill_at, action="kill")
+    assert ended == {"signal": signal.SIGKILL}, log
+    check_no_partial_final_files(out)
+    state = json.loads((out / STATE_DIR / "state.json").read_text())
+    if "owl" in flags and kill_at == 7:
+        assert len(state["allocation"]["outlier_ratios"]) == 1 and state["activations"]["phase"] == "owl"
+    ended, log, _ = crasher.run(model, out, *flags)
+    assert ended == {"exit": 0}, log
+    assert digest(out) == digest(whole)
