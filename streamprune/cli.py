@@ -74,6 +74,12 @@ def run(
     propagate: str = typer.Option(
         "pruned", help="Next block's calibration inputs come from the pruned block (pruned) or the dense one (dense)."
     ),
+    sequential: bool = typer.Option(
+        False,
+        "--sequential",
+        help="Inside each layer, prune q/k/v, then o_proj, then gate/up, then down_proj, each from statistics "
+        "of the layer with the earlier ones already pruned (one forward per step; for methods with statistics).",
+    ),
     calib: str = typer.Option(
         "c4",
         help='Calibration text: a .txt, .jsonl or .jsonl.gz file ("text" field per line), or c4 to fetch '
@@ -162,6 +168,7 @@ def run(
             sparsity=sparsity,
             pattern=pattern,
             propagate=propagate,
+            sequential=sequential,
             calib=calib,
             nsamples=nsamples,
             seqlen=seqlen,
@@ -208,6 +215,7 @@ def plan_command(
     percdamp: Optional[float] = typer.Option(None, help="sparsegpt's dampening, as for run (checked only)."),
     blocksize: Optional[int] = typer.Option(None, help="sparsegpt's column block, as for run."),
     allocation: str = typer.Option("uniform", help="uniform or owl, as for run (owl adds a pass over every layer)."),
+    sequential: bool = typer.Option(False, "--sequential", help="As for run (three more forwards per layer)."),
     sparsity: Optional[float] = typer.Option(
         None, help="As for run (checked; how many weights are zeroed does not change memory or time)."
     ),
@@ -260,6 +268,7 @@ def plan_command(
             method=method,
             method_options=method_options,
             allocation=allocation,
+            sequential=sequential,
             pattern=pattern,
             nsamples=nsamples,
             seqlen=seqlen,

@@ -31,6 +31,7 @@ class PruneConfig:
     owl_m: float = OWL_M  # owl: an outlier scores above this many times its layer's mean
     owl_lambda: float = OWL_LAMBDA  # owl: layer sparsities span at most 2 x this
     propagate: str = "pruned"  # next block's inputs from the pruned block, or from the dense one
+    sequential: bool = False  # each input site's statistics from the layer with the Linears before it pruned
     calib: str = "c4"  # "c4" or a .txt / .jsonl / .jsonl.gz path
     nsamples: int = 128
     seqlen: int = 2048
@@ -55,6 +56,10 @@ class PruneConfig:
         check_choice("--propagate", self.propagate, PROPAGATE)
         self.sparsity = check_sparsity(self.sparsity, self.pattern)
         self.build_method()  # its options and the target checked now
+        if self.sequential and METHODS[self.method].statistic is None:
+            raise UsageError(
+                f"--sequential orders the statistics of a layer's input sites; --method {self.method} has none: drop it"
+            )
         check_choice("--allocation", self.allocation, ALLOCATIONS)
         if self.allocation == "owl":
             check_owl(self.sparsity, self.pattern, self.owl_m, self.owl_lambda)

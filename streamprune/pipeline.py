@@ -141,6 +141,7 @@ class PruneRun:
             method=config.method,
             method_options=config.method_options(),
             allocation=config.allocation,
+            sequential=config.sequential,
             pattern=config.pattern,
             nsamples=config.nsamples,
             seqlen=self.seqlen,
@@ -193,6 +194,7 @@ class PruneRun:
             "sparsity": config.sparsity,
             "pattern": config.pattern,
             "allocation": config.allocation_settings(),
+            "sequential": config.sequential if self.method.needs_calibration else None,
             "propagate": config.propagate if calibrated else None,
             "calibration": {"file": self.calib_path.name, "sha256": file_sha256(self.calib_path)}
             if calibrated
@@ -261,7 +263,8 @@ class PruneRun:
             state.drop_stale()
             if not config.quiet:
                 done = f"layers 0-{state.next_layer - 1} of {num_layers} are done, " if state.next_layer else ""
-                print(f"resuming the run in {config.out}: {done}continuing from layer {state.next_layer}", file=sys.stderr)
+                where = f"resuming the run in {config.out}: {done}continuing from layer {state.next_layer}"
+                print(where, file=sys.stderr)
         else:
             state.save()
         if self.calibration is not None and not (config.out / CALIBRATION_FILE).is_file():
@@ -396,35 +399,53 @@ class PruneRun:
         started = time.perf_counter()
         self.source.check_layer_finite(index, stored, resume_point(self.config.out, self.last_saved))
         layer = self.source.runner.build(index, stored)
-        statistics = None if self.hidden is None else self.dense_forward(index, layer)
-        masks = self.prune_weights(layer, stored, statistics, self.target_for(index))
+        target = self.target_for(index)
+        if self.hidden is None:
+            masks = self.prune_weights(layer, stored, None, target, PRUNABLE_LINEARS)
+        else:
+            masks = {}
+            for position, sites in enumerate(self.site_groups()):
+                statistics = self.dense_forward(index, layer, sites, first=position == 0)
+                linears = [linear for site in sites for linear in INPUT_SITES[site]]
+                masks.update(self.prune_weights(layer, stored, statistics, target, linears))
+                del statistics
         sparsity = self.write_and_propagate(index, layer, stored, masks)
-        del layer, statistics, masks
+        del layer, masks
         if self.hidden is not None:
             check_activations_finite(self.hidden, index, resume_point(self.config.out, self.last_saved))
             if self.observe is not None:
                 self.observe(index, self.hidden)
         self.layer_log.append({"layer": index, "sparsity": sparsity, "seconds": time.perf_counter() - started})
 
+    def site_groups(self) -> list[tuple[str, ...]]:
+        """The input sites whose statistics are collected by one forward and pruned together: all
+        four from the dense layer, or with --sequential one at a time, each from the layer with the
+        Linears before it already pruned (o_proj sees the pruned q/k/v's attention output, and so on)."""
+        if self.config.sequential:
+            return [(site,) for site in INPUT_SITES]
+        return [tuple(INPUT_SITES)]
+
     @step(plan.DENSE_FORWARD)
-    def dense_forward(self, index: int, layer: torch.nn.Module) -> dict[str, Statistic]:
-        """One forward of the dense layer over every calibration sample, collecting the method's
-        statistic at every input site (with --propagate dense, its outputs are the next inputs)."""
-        write_back = self.config.propagate == "dense"
+    def dense_forward(self, index: int, layer: torch.nn.Module, sites: tuple[str, ...], first: bool
+                      ) -> dict[str, Statistic]:  # fmt: skip
+        """One forward of the layer over every calibration sample, collecting the method's statistic
+        at `sites`. The first forward of a layer is of the dense layer; with --propagate dense its
+        outputs are the next layer's inputs."""
+        write_back = first and self.config.propagate == "dense"
         if write_back:
             self.saves.wait()  # this forward writes the buffer the last resume point is saving
         return collect_statistics(self.method.statistic, self.source.runner, layer, index, self.hidden,
-                                  self.config.batch_size, write_back)  # fmt: skip
+                                  self.config.batch_size, write_back, sites)  # fmt: skip
 
     @step(plan.PRUNE)
-    def prune_weights(self, layer: torch.nn.Module, stored: dict, statistics: dict | None,
-                      target: Target) -> dict[str, torch.Tensor]:  # fmt: skip
-        """All seven Linears pruned together, from the dense statistics. Where the layer computes on
+    def prune_weights(self, layer: torch.nn.Module, stored: dict, statistics: dict | None, target: Target,
+                      linears) -> dict[str, torch.Tensor]:  # fmt: skip
+        """`linears` (local names) pruned, from their sites' statistics. Where the layer computes on
         the CPU in the stored dtype, each pruned weight is the tensor to write and replaces the read
         one (freed here); elsewhere the masks are returned, to be applied to the read tensors, so
         that survivors stay bit-identical (a method's new weights are cast to the stored dtype)."""
         masks = {}
-        for local, pruned in prune_linears(self.method, layer, statistics, target):
+        for local, pruned in prune_linears(self.method, layer, statistics, target, linears):
             module, key = layer.get_submodule(local), local + ".weight"
             if module.weight.device.type == "cpu" and module.weight.dtype == stored[key].dtype:
                 stored[key] = module.weight.data
@@ -502,22 +523,21 @@ class PruneRun:
 
 def collect_statistics(
     statistic: type[Statistic], runner, layer: torch.nn.Module, index: int, hidden: torch.Tensor, batch_size: int,
-    write_back: bool,
+    write_back: bool, sites=tuple(INPUT_SITES),
 ) -> dict[str, Statistic]:
-    """A `statistic` at every input site, from one forward of `layer` over `hidden`."""
-    statistics = {
-        site: statistic(layer.get_submodule(linears[0]).in_features, runner.device)
-        for site, linears in INPUT_SITES.items()
-    }
+    """A `statistic` at each of `sites` (default: every input site), from one forward of `layer` over `hidden`."""
+    statistics = {site: statistic(layer.get_submodule(INPUT_SITES[site][0]).in_features, runner.device)
+                  for site in sites}  # fmt: skip
     observers = {site: statistic.add_batch for site, statistic in statistics.items()}
     forward_batches(runner, layer, index, hidden, batch_size, write_back, observers=observers)
     return statistics
 
 
-def prune_linears(method: Method, layer: torch.nn.Module, statistics: dict | None, target: Target):
-    """Prune the layer's seven Linears in place (zeros as +0.0); yields (local name, Pruned) as each
+def prune_linears(method: Method, layer: torch.nn.Module, statistics: dict | None, target: Target,
+                  linears=PRUNABLE_LINEARS):  # fmt: skip
+    """Prune `linears` of the layer in place (zeros as +0.0); yields (local name, Pruned) as each
     is done, so that the caller can take the result before the next one is computed."""
-    for local in PRUNABLE_LINEARS:
+    for local in linears:
         module = layer.get_submodule(local)
         statistic = None if statistics is None else statistics[SITE_OF[local]]
         pruned = method.prune(module.weight, statistic, target)
@@ -583,6 +603,7 @@ def plan_command(config: PruneConfig) -> str:
     for option, value in config.method_options().items():
         words += [f"--{option}", str(value)] if value is not None else []
     words += ["--allocation", config.allocation] if config.allocation != "uniform" else []
+    words += ["--sequential"] if config.sequential else []
     words += ["--seqlen", str(config.seqlen), "--batch-size", str(config.batch_size), "--dtype", config.dtype]
     words += ["--device", str(config.torch_device), "--offload", config.offload]
     words += ["--checkpoint-every", str(config.checkpoint_every)]

@@ -103,6 +103,7 @@ class Settings:
     method: str = "wanda"
     method_options: dict = field(default_factory=dict)  # e.g. sparsegpt's blocksize; None: the default
     allocation: str = "uniform"  # or "owl": a first pass over every layer measures their outliers
+    sequential: bool = False  # one forward per input site instead of one per layer to collect statistics
     pattern: str | None = None  # "N:M", or None for unstructured sparsity
     nsamples: int = 128
     seqlen: int = 2048
@@ -189,7 +190,8 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
             "activation checkpoints": 2 * buffer if g.layers > 1 else 0,
             "offloaded buffer": buffer if s.offload == "disk" else 0,
         },
-        "flops": ((2 * g.layers * flops_per_forward) if prune_calibrated else 0)
+        # forwards per layer: the statistics' (one, or one per input site) and the pruned one
+        "flops": (((5 if s.sequential else 2) * g.layers * flops_per_forward) if prune_calibrated else 0)
         + (g.layers * flops_per_forward if owl else 0)
         + g.layers * sum(method.prune_flops(rows, cols) for rows, cols in g.linear_shapes().values()),
     }
@@ -423,6 +425,7 @@ def plan_model(
     method: str = "wanda",
     method_options: dict | None = None,
     allocation: str = "uniform",
+    sequential: bool = False,
     pattern: str | None = None,
     nsamples: int = 128,
     seqlen: int = 2048,
@@ -459,6 +462,7 @@ def plan_model(
         method=method,
         method_options=method_options or {},
         allocation=allocation,
+        sequential=sequential,
         pattern=pattern,
         nsamples=nsamples,
         seqlen=seqlen,

@@ -84,26 +84,39 @@ class SparseGPTReference:
         self.layer.weight.data = W.reshape(self.layer.weight.shape).to(self.layer.weight.data.dtype)
 
 
+# IST-DASLab/sparsegpt's llama.py with --true-sequential: each group pruned from inputs that have
+# passed through the groups before it, already pruned
+SEQUENTIAL = [
+    ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.up_proj", "mlp.gate_proj"],
+    ["mlp.down_proj"],
+]
+
+
 @torch.no_grad()
 def sparsegpt_reference(model, input_ids: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0,
-                        blocksize: int = 128, percdamp: float = 0.01):  # fmt: skip
+                        blocksize: int = 128, percdamp: float = 0.01, true_sequential: bool = False):  # fmt: skip
     """Prune `model` in place; prune_n of every prune_m are pruned (2:4: prune_n=2, prune_m=4)."""
     inps, kwargs_of = capture_layer0_inputs(model, input_ids)
     outs = torch.zeros_like(inps)
     for layer, kwargs in zip(model.model.layers, kwargs_of):
-        subset = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-        gpts = {name: SparseGPTReference(module) for name, module in subset.items()}
+        linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        for names in SEQUENTIAL if true_sequential else [list(linears)]:
+            subset = {name: linears[name] for name in names}
+            gpts = {name: SparseGPTReference(module) for name, module in subset.items()}
 
-        def add_batch(name):
-            return lambda _m, inp, _out: gpts[name].add_batch(inp[0].data)
+            def add_batch(name, gpts=gpts):
+                return lambda _m, inp, _out: gpts[name].add_batch(inp[0].data)
 
-        handles = [module.register_forward_hook(add_batch(name)) for name, module in subset.items()]
-        for j in range(inps.shape[0]):
-            outs[j] = layer(inps[j].unsqueeze(0), **kwargs)[0]
-        for h in handles:
-            h.remove()
-        for name in gpts:
-            gpts[name].fasterprune(sparsity, prune_n=prune_n, prune_m=prune_m, percdamp=percdamp, blocksize=blocksize)
+            handles = [module.register_forward_hook(add_batch(name)) for name, module in subset.items()]
+            for j in range(inps.shape[0]):
+                outs[j] = layer(inps[j].unsqueeze(0), **kwargs)[0]
+            for h in handles:
+                h.remove()
+            for name in gpts:
+                gpts[name].fasterprune(sparsity, prune_n=prune_n, prune_m=prune_m, percdamp=percdamp,
+                                       blocksize=blocksize)  # fmt: skip
         for j in range(inps.shape[0]):
             outs[j] = layer(inps[j].unsqueeze(0), **kwargs)[0]
         inps, outs = outs, inps

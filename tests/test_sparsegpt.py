@@ -99,6 +99,25 @@ def test_streamed_sparsegpt_equals_whole_model_reference(tiny_models, tmp_path, 
             assert ((tensor == 0).view(tensor.shape[0], -1, 4).sum(-1) >= 2).all(), name
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_sequential_sparsegpt_equals_the_true_sequential_reference(tiny_models, tmp_path, family):
+    """--sequential: o_proj from the pruned q/k/v's outputs, gate/up after it, down_proj last."""
+    out, together = tmp_path / "out", tmp_path / "together"
+    run(tiny_models[family], out, method="sparsegpt", sequential=True, blocksize=32, batch_size=1)
+    run(tiny_models[family], together, method="sparsegpt", blocksize=32, batch_size=1)
+    reference = sparsegpt_reference(load_full_model(tiny_models[family]), saved_ids(out), 0.5, blocksize=32,
+                                    true_sequential=True)  # fmt: skip
+    pruned, expected = load_state(out), reference.state_dict()
+    assert mask_agreement(pruned, reference) == 1.0
+    for name, tensor in pruned.items():
+        torch.testing.assert_close(tensor, expected[name], msg=name)
+    # layer 0's q/k/v see the same dense inputs either way; its o_proj does not
+    unordered = load_state(together)
+    q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    assert torch.equal(unordered[q], pruned[q])
+    assert not torch.equal(unordered[o], pruned[o])
+
+
 def test_micro_batches_change_only_the_rounding(tiny_models, tmp_path):
     """Three samples per forward: H is summed in another order; masks almost all the same."""
     single, batched = tmp_path / "single", tmp_path / "batched"
