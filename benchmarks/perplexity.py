@@ -32,7 +32,14 @@ VARIANTS = {
     "SparseGPT 50%": ["--method", "sparsegpt", "--sparsity", "0.5"],
     "SparseGPT 2:4": ["--method", "sparsegpt", "--pattern", "2:4"],
     "SparseGPT 4:8": ["--method", "sparsegpt", "--pattern", "4:8"],
+    "SparseGPT 50% sequential": ["--method", "sparsegpt", "--sparsity", "0.5", "--sequential"],
+    "SparseGPT 2:4 sequential": ["--method", "sparsegpt", "--pattern", "2:4", "--sequential"],
+    "Wanda 2:4 sequential": ["--method", "wanda", "--pattern", "2:4", "--sequential"],
 }
+# 70% unstructured, uniform and OWL, for every method
+for _label, _method in (("magnitude", "magnitude"), ("Wanda", "wanda"), ("RIA", "ria"), ("SparseGPT", "sparsegpt")):
+    VARIANTS[f"{_label} 70%"] = ["--method", _method, "--sparsity", "0.7"]
+    VARIANTS[f"{_label} 70% OWL"] = ["--method", _method, "--sparsity", "0.7", "--allocation", "owl"]
 
 
 def main() -> None:
