@@ -11,16 +11,18 @@ Every figure is the peak resident set size of a separate process, read from /usr
             activation buffer in RAM and with --offload disk
   wide      3 layers of Llama-2-7B's geometry (float32, 0.81 GB a layer), 4 x 128 C4 tokens: the
             plan where the layers, not the runtime, make the peak
+  methods   SparseGPT and SparseGPT + OWL beside Wanda: synthetic 8 and 32 layers, and 3 layers of
+            Llama-2-7B's geometry (where the Hessians are large)
   eval offload  `streamprune eval` of SmolLM2-135M, 200 x 512 WikiText-2 tokens (a 225 MiB
             activation buffer), with the buffer in RAM and with --offload-dir (a file)
 
 Beside each run's measured peak, the peak its plan predicted (the run record's plan, computed before
 the run from config.json and the runtime's resident size at that moment).
 
-    python benchmarks/memory.py [--part run|eval|eval-offload|wide|all]     # about 65 minutes on 2 cores
+    python benchmarks/memory.py [--part run|eval|eval-offload|wide|methods|all]   # over an hour on 2 cores
 
 Writes its tables to benchmarks/RESULTS.md, one section per part (memory, memory-eval,
-memory-eval-offload, memory-wide).
+memory-eval-offload, memory-wide, memory-methods).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -216,13 +219,59 @@ def measure_wide(smol: Path) -> None:
     write_section("memory-wide", body)
 
 
+def measure_methods(smol: Path) -> None:
+    """SparseGPT and OWL beside Wanda on the same work: flat in depth (8 vs 32 synthetic layers),
+    and as planned where the Hessians count (3 layers of Llama-2-7B's geometry: down_proj's H alone
+    is 11008^2 x 4 B = 462 MiB)."""
+    runs = [
+        (f"synthetic, {n} layers", synthetic_model(n, smol), 16, 256) for n in (8, 32)
+    ] + [("7B-geometry, 3 layers", synthetic_model(3, smol, WIDE, "7b-geometry"), 4, 128)]
+    methods = [("Wanda 50%", ()), ("SparseGPT 50%", ("--method", "sparsegpt")),
+               ("SparseGPT 50% + OWL", ("--method", "sparsegpt", "--allocation", "owl"))]  # fmt: skip
+    rows = []
+    for model_label, model, nsamples, seqlen in runs:
+        for method_label, extra in methods:
+            print(f"measuring {method_label} on {model_label} ...", flush=True)
+            started = time.perf_counter()
+            measured, planned = run_rss(model, nsamples, seqlen, *extra)
+            rows.append((model_label, method_label, nsamples, seqlen, measured, planned, time.perf_counter() - started))
+    lines = [
+        "## Peak memory and wall time of SparseGPT and OWL beside Wanda (CPU, float32), measured and planned",
+        "",
+        "Command: `python benchmarks/memory.py --part methods`. Peak RSS of each process from `/usr/bin/time -v`; "
+        "planned: the run record's plan; wall time of the whole process (one run each, shared machine: "
+        "compare within a model).",
+        "",
+        conditions(),
+        "",
+        "| model | method | calibration | peak RSS | planned | planned / measured | wall time |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for model_label, method_label, nsamples, seqlen, measured, planned, seconds in rows:
+        lines.append(
+            f"| {model_label} | {method_label} | {nsamples} x {seqlen} | {measured / MIB:.0f} MiB | "
+            f"{planned / MIB:.0f} MiB | {planned / measured:.3f} | {seconds:.0f} s |"
+        )
+    for method_label, _ in methods:
+        peaks = {row[0]: row[4] for row in rows if row[1] == method_label}
+        ratio = peaks["synthetic, 32 layers"] / peaks["synthetic, 8 layers"]
+        lines.append(f"\n- {method_label}: peak RSS at 32 layers / at 8 layers **{ratio:.3f}** (bar: within 1.10).")
+    worst = max(abs(row[5] / row[4] - 1) for row in rows if row[1] != "Wanda 50%")
+    lines.append(f"- SparseGPT runs: largest plan error against the measured peak **{100 * worst:.1f}%** (bar: 15%).")
+    write_section("memory-methods", "\n".join(lines))
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["run", "eval", "eval-offload", "wide", "all"], default="all")
+    parser.add_argument("--part", choices=["run", "eval", "eval-offload", "wide", "methods", "all"], default="all")
     part = parser.parse_args().part
     smol = build()
+    if part in ("methods", "all"):
+        measure_methods(smol)
+    if part == "methods":
+        return
     if part in ("wide", "all"):
         measure_wide(smol)
     if part == "wide":
