@@ -8,6 +8,7 @@ classes; we only build one layer at a time on the meta device and give it its ow
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -165,12 +166,10 @@ class LayerRunner:
         if key not in self._context:
             position_ids = torch.arange(seqlen, device=self.device).unsqueeze(0)  # [1, seqlen]
             make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            # no cache: transformers 5.x renamed the argument (`past_key_values` warns from 5.2x on)
+            no_cache = {"cache" if "cache" in inspect.signature(make_mask).parameters else "past_key_values": None}
             mask = make_mask(
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=None,
-                past_key_values=None,
-                position_ids=position_ids,
+                config=self.config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids, **no_cache
             )
             with torch.no_grad():
                 self._context[key] = (position_ids, mask, self.rotary(hidden, position_ids))
