@@ -80,6 +80,17 @@ def run(
         help="Inside each layer, prune q/k/v, then o_proj, then gate/up, then down_proj, each from statistics "
         "of the layer with the earlier ones already pruned (one forward per step; for methods with statistics).",
     ),
+    reconstruct: bool = typer.Option(
+        False,
+        "--reconstruct",
+        help="After pruning each layer, train its surviving weights (Adam, masked: every zero stays zero) so "
+        "that its outputs on the pruned stream match the dense layer's on the dense stream (a second "
+        "activation buffer). Costs about 3 x epochs more forwards per layer.",
+    ),
+    reconstruct_epochs: int = typer.Option(2, help="--reconstruct: passes over the calibration samples per layer."),
+    reconstruct_lr: float = typer.Option(1e-4, help="--reconstruct: Adam's learning rate."),
+    reconstruct_batch_size: int = typer.Option(4, help="--reconstruct: calibration samples per optimizer step."),
+    reconstruct_norms: bool = typer.Option(False, "--reconstruct-norms", help="--reconstruct: train the norms too."),
     calib: str = typer.Option(
         "c4",
         help='Calibration text: a .txt, .jsonl or .jsonl.gz file ("text" field per line), or c4 to fetch '
@@ -169,6 +180,11 @@ def run(
             pattern=pattern,
             propagate=propagate,
             sequential=sequential,
+            reconstruct=reconstruct,
+            reconstruct_epochs=reconstruct_epochs,
+            reconstruct_lr=reconstruct_lr,
+            reconstruct_batch_size=reconstruct_batch_size,
+            reconstruct_norms=reconstruct_norms,
             calib=calib,
             nsamples=nsamples,
             seqlen=seqlen,
@@ -216,6 +232,9 @@ def plan_command(
     blocksize: Optional[int] = typer.Option(None, help="sparsegpt's column block, as for run."),
     allocation: str = typer.Option("uniform", help="uniform or owl, as for run (owl adds a pass over every layer)."),
     sequential: bool = typer.Option(False, "--sequential", help="As for run (three more forwards per layer)."),
+    reconstruct: bool = typer.Option(False, "--reconstruct", help="As for run: a second buffer, training state."),
+    reconstruct_epochs: int = typer.Option(2, help="As for run."),
+    reconstruct_batch_size: int = typer.Option(4, help="As for run."),
     sparsity: Optional[float] = typer.Option(
         None, help="As for run (checked; how many weights are zeroed does not change memory or time)."
     ),
@@ -249,6 +268,7 @@ def plan_command(
     from .config import OFFLOAD, check_choice, check_positive, check_sparsity, keep_block, parse_limit
     from .methods import METHODS, Target, method_named
     from .plan import plan_model
+    from .reconstruct import ReconstructSettings
 
     with user_errors(on_interrupt="interrupted", on_gpu_oom="Use --device cpu."):
         check_choice("--method", method, METHODS)
@@ -269,6 +289,9 @@ def plan_command(
             method_options=method_options,
             allocation=allocation,
             sequential=sequential,
+            reconstruct=ReconstructSettings(epochs=reconstruct_epochs, batch_size=reconstruct_batch_size)
+            if reconstruct
+            else None,
             pattern=pattern,
             nsamples=nsamples,
             seqlen=seqlen,

@@ -32,6 +32,11 @@ class PruneConfig:
     owl_lambda: float = OWL_LAMBDA  # owl: layer sparsities span at most 2 x this
     propagate: str = "pruned"  # next block's inputs from the pruned block, or from the dense one
     sequential: bool = False  # each input site's statistics from the layer with the Linears before it pruned
+    reconstruct: bool = False  # train each pruned layer's survivors to match the dense layer's outputs
+    reconstruct_epochs: int = 2
+    reconstruct_lr: float = 1e-4
+    reconstruct_batch_size: int = 4
+    reconstruct_norms: bool = False  # also train the norms' weights
     calib: str = "c4"  # "c4" or a .txt / .jsonl / .jsonl.gz path
     nsamples: int = 128
     seqlen: int = 2048
@@ -63,7 +68,13 @@ class PruneConfig:
         check_choice("--allocation", self.allocation, ALLOCATIONS)
         if self.allocation == "owl":
             check_owl(self.sparsity, self.pattern, self.owl_m, self.owl_lambda)
-        check_positive(self, "checkpoint_minutes", "nsamples", "seqlen", "batch_size", "checkpoint_every")
+        check_positive(self, "checkpoint_minutes", "nsamples", "seqlen", "batch_size", "checkpoint_every",
+                       "reconstruct_epochs", "reconstruct_lr", "reconstruct_batch_size")  # fmt: skip
+        if self.reconstruct and self.propagate == "dense":
+            raise UsageError(
+                "--reconstruct trains each pruned layer on the pruned stream's inputs, which --propagate dense "
+                "replaces by the dense stream's; drop one of them"
+            )
         check_dtype(self.dtype)
         check_choice("--offload", self.offload, OFFLOAD)
         if self.offload_dir is not None and self.offload == "cpu":
@@ -89,6 +100,15 @@ class PruneConfig:
     def target(self) -> Target:
         """What every pruned Linear loses (with --allocation owl, the mean over layers)."""
         return Target(sparsity=self.sparsity, keep_block=self.keep_block())
+
+    def reconstruct_settings(self):
+        """ReconstructSettings of --reconstruct, or None."""
+        from .reconstruct import ReconstructSettings
+
+        if not self.reconstruct:
+            return None
+        return ReconstructSettings(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_batch_size,
+                                   self.reconstruct_norms)  # fmt: skip
 
     def allocation_settings(self) -> dict | None:
         """The allocation's settings for the run identity and record; None for uniform."""

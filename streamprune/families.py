@@ -162,7 +162,7 @@ class LayerRunner:
         score backpropagates through it)."""
         batch, seqlen, _ = hidden.shape
         kind = self.attention_kind(index)
-        key = (batch, seqlen, kind)
+        key = (batch, seqlen, kind, hidden.dtype)  # reconstruction trains in float32 beside a bf16 stream
         if key not in self._context:
             position_ids = torch.arange(seqlen, device=self.device).unsqueeze(0)  # [1, seqlen]
             make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask

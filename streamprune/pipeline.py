@@ -44,6 +44,7 @@ from .families import INPUT_SITES, LAYER_PREFIX, PRUNABLE_LINEARS, SITE_OF
 from .methods import Method, Statistic, Target
 from .methods.wanda import InputSqNorm, wanda_scores
 from .methods.masks import apply_mask
+from .reconstruct import reconstruct_layer, trainable
 from .outdir import (
     RECORD_FILE,
     check_not_source,
@@ -112,10 +113,17 @@ class PruneRun:
         self.step_rss: dict[str, int] = {}  # step name -> the largest resident size seen after it
         self.calibration = None  # the token windows and where they came from
         self.hidden = None  # the activation buffer [nsamples, seqlen, hidden]
+        self.dense_hidden = None  # --reconstruct: the dense stream's, likewise
         self.offload_dir = None  # where an offloaded buffer's file lives
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         buffers.return_freed_memory_to_the_system()
+
+    @property
+    def streams_while_pruning(self) -> bool:
+        """Whether the pruning pass pushes activations through the layers: for the method's
+        statistics, or for --reconstruct's training."""
+        return self.method.needs_calibration or self.config.reconstruct
 
     # -- 1-6: checks, then the output directory ------------------------------------------------------
 
@@ -125,7 +133,7 @@ class PruneRun:
         check_not_source(config.out, source.directory)
         check_pattern_fits(config, source)
         self.seqlen = source.capped_seqlen(config.seqlen)
-        calibrated = self.method.needs_calibration or config.allocation_settings() is not None
+        calibrated = self.streams_while_pruning or config.allocation_settings() is not None
         self.calib_path = calibration_path(config.calib) if calibrated else None
 
     def check_plan(self) -> None:
@@ -142,6 +150,7 @@ class PruneRun:
             method_options=config.method_options(),
             allocation=config.allocation,
             sequential=config.sequential,
+            reconstruct=config.reconstruct_settings(),
             pattern=config.pattern,
             nsamples=config.nsamples,
             seqlen=self.seqlen,
@@ -195,6 +204,7 @@ class PruneRun:
             "pattern": config.pattern,
             "allocation": config.allocation_settings(),
             "sequential": config.sequential if self.method.needs_calibration else None,
+            "reconstruct": config.reconstruct_settings().as_record() if config.reconstruct else None,
             "propagate": config.propagate if calibrated else None,
             "calibration": {"file": self.calib_path.name, "sha256": file_sha256(self.calib_path)}
             if calibrated
@@ -274,6 +284,8 @@ class PruneRun:
         if self.calibration is not None and state.next_layer < num_layers:
             shape = (config.nsamples, self.seqlen, self.source.runner.config.hidden_size)
             self.hidden = buffers.activation_buffer(shape, self.source.dtype, self.offload_dir)
+            if config.reconstruct:
+                self.dense_hidden = buffers.activation_buffer(shape, self.source.dtype, self.offload_dir)
 
     # -- 7-8: the stream ----------------------------------------------------------------------------------
 
@@ -292,10 +304,12 @@ class PruneRun:
                     self.save_resume_point(0, [], with_activations=False)  # the buffer is not filled yet
                 if self.config.allocation_settings() is not None:
                     self.allocate(reader, stop)
-                if not self.method.needs_calibration:
+                if not self.streams_while_pruning:
                     self.hidden = None  # it served the allocation's pass only
                 if self.hidden is not None:
                     self.fill_buffer()
+                if self.dense_hidden is not None:
+                    self.fill_dense_buffer()
                 self.last_saved, self.last_saved_at = state.next_layer, time.perf_counter()
                 bar = tqdm(desc="pruning", unit="layer", initial=state.next_layer, total=num_layers,
                            disable=config.quiet, dynamic_ncols=True)  # fmt: skip
@@ -393,6 +407,14 @@ class PruneRun:
         else:
             embed(self.source.checkpoint, self.calibration["input_ids"], self.source.dtype, out=self.hidden)
 
+    def fill_dense_buffer(self) -> None:
+        """--reconstruct: the dense stream's inputs of the first layer to do: a resume point's, or
+        the embeddings (then the same as the pruned stream's)."""
+        if self.state.dense_activations is not None:
+            self.state.load_activations(out=self.dense_hidden, dense=True)
+        else:
+            self.dense_hidden.copy_(self.hidden)
+
     def prune_layer(self, index: int, stored: dict[str, torch.Tensor]) -> None:
         """Layer `index`, read as `stored` (local name -> tensor in its stored dtype): pruned, handed
         to the writer, and its outputs (the next layer's inputs) left in the buffer."""
@@ -400,7 +422,9 @@ class PruneRun:
         self.source.check_layer_finite(index, stored, resume_point(self.config.out, self.last_saved))
         layer = self.source.runner.build(index, stored)
         target = self.target_for(index)
-        if self.hidden is None:
+        if self.dense_hidden is not None:
+            self.dense_stream_forward(index, layer)
+        if not self.method.needs_calibration:
             masks = self.prune_weights(layer, stored, None, target, PRUNABLE_LINEARS)
         else:
             masks = {}
@@ -409,13 +433,17 @@ class PruneRun:
                 linears = [linear for site in sites for linear in INPUT_SITES[site]]
                 masks.update(self.prune_weights(layer, stored, statistics, target, linears))
                 del statistics
+        reconstruction = None
+        if self.dense_hidden is not None:
+            reconstruction = self.reconstruct(index, layer, stored, masks)
         sparsity = self.write_and_propagate(index, layer, stored, masks)
         del layer, masks
         if self.hidden is not None:
             check_activations_finite(self.hidden, index, resume_point(self.config.out, self.last_saved))
             if self.observe is not None:
                 self.observe(index, self.hidden)
-        self.layer_log.append({"layer": index, "sparsity": sparsity, "seconds": time.perf_counter() - started})
+        log = {"layer": index, "sparsity": sparsity, "seconds": time.perf_counter() - started}
+        self.layer_log.append(log if reconstruction is None else {**log, "reconstruction": reconstruction})
 
     def site_groups(self) -> list[tuple[str, ...]]:
         """The input sites whose statistics are collected by one forward and pruned together: all
@@ -455,6 +483,25 @@ class PruneRun:
                 stored[key] = apply_mask(module.weight.data.to("cpu", stored[key].dtype), pruned.mask.cpu())
         return masks
 
+    def dense_stream_forward(self, index: int, layer: torch.nn.Module) -> None:
+        """--reconstruct: the dense layer over the dense stream, in place: its outputs are both the
+        targets of this layer's training and the dense stream's next inputs."""
+        self.saves.wait()  # the last resume point may be saving this buffer
+        forward_batches(self.source.runner, layer, index, self.dense_hidden, self.config.batch_size, write_back=True)
+
+    @step(plan.RECONSTRUCT)
+    def reconstruct(self, index: int, layer: torch.nn.Module, stored: dict, masks: dict) -> dict:
+        """--reconstruct: the pruned layer trained toward the dense stream's outputs; the trained
+        tensors replace the read ones for the writer (their masks are already applied)."""
+        settings = self.config.reconstruct_settings()
+        with torch.enable_grad():
+            losses = reconstruct_layer(self.source.runner, layer, index, self.hidden, self.dense_hidden, settings,
+                                       self.config.seed)  # fmt: skip
+        for key in trainable(layer, settings.train_norms):
+            stored[key] = layer.get_parameter(key).data.to("cpu", stored[key].dtype)
+            masks.pop(key, None)
+        return losses
+
     @step(plan.WRITE_AND_PROPAGATE)
     def write_and_propagate(self, index: int, layer: torch.nn.Module, stored: dict, masks: dict) -> float:
         """The pruned layer in its stored dtype, zeros as +0.0, to the `saves` thread; then the
@@ -473,7 +520,7 @@ class PruneRun:
                 zeros += int((tensor == 0).sum())
                 total += tensor.numel()
             self.saves.submit(self.writer.write, name, tensor)
-        if self.hidden is not None and self.config.propagate == "pruned":
+        if self.streams_while_pruning and self.config.propagate == "pruned":
             runner, batch_size = self.source.runner, self.config.batch_size
             forward_batches(runner, layer, index, self.hidden, batch_size, write_back=True)
         return zeros / total
@@ -500,9 +547,13 @@ class PruneRun:
         state = self.state
         position = self.writer.position()
         activations = None
+        dense = None
         if with_activations and self.hidden is not None and next_layer < self.source.num_layers:
             activations = state.save_activations(self.hidden, next_layer)
+            if self.dense_hidden is not None:
+                dense = state.save_activations(self.dense_hidden, next_layer, phase="dense")
         state.writer, state.activations, state.next_layer = position, activations, next_layer
+        state.dense_activations = dense
         state.layers = layers_done
         state.seconds = self.earlier_seconds + time.perf_counter() - self.started
         state.save()

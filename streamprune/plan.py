@@ -27,6 +27,7 @@ EMBED = "embed calibration tokens"
 OUTLIER_PASS = "outlier pass"  # --allocation owl only
 DENSE_FORWARD = "dense forward"
 PRUNE = "prune"
+RECONSTRUCT = "reconstruct"  # --reconstruct only
 WRITE_AND_PROPAGATE = "write and propagate"
 
 # Dense bf16 tensor-core peaks (vendor datasheets, TFLOP/s); a run reaches a fraction of this.
@@ -104,6 +105,7 @@ class Settings:
     method_options: dict = field(default_factory=dict)  # e.g. sparsegpt's blocksize; None: the default
     allocation: str = "uniform"  # or "owl": a first pass over every layer measures their outliers
     sequential: bool = False  # one forward per input site instead of one per layer to collect statistics
+    reconstruct: object = None  # reconstruct.ReconstructSettings of --reconstruct, or None
     pattern: str | None = None  # "N:M", or None for unstructured sparsity
     nsamples: int = 128
     seqlen: int = 2048
@@ -122,31 +124,27 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     g, s = geometry, settings
     method = method_named(s.method, **s.method_options)
     target = Target(sparsity=0.5, keep_block=keep_block(s.pattern))  # how many go does not change memory
-    prune_calibrated = method.needs_calibration  # the pruning pass streams activations
+    prune_calibrated = method.needs_calibration or s.reconstruct is not None  # the pruning pass streams
     owl = s.allocation == "owl"  # a first pass streams them too, for any method
     calibrated = prune_calibrated or owl
     tokens = s.nsamples * s.seqlen
     stored_layer = g.layer_params * s.stored_bytes
     largest_linear = max(rows * cols for rows, cols in g.linear_shapes().values())
     buffer = tokens * g.hidden * s.compute_bytes if calibrated else 0  # [nsamples, seqlen, hidden]
-    widths = g.site_widths().values()
-    statistics = sum(method.statistic.held_bytes(w) for w in widths) if prune_calibrated else 0
+    buffer *= 2 if s.reconstruct else 1  # and the dense stream's
     on_cpu = s.device == "cpu"
-    forward = 0  # a method without statistics runs no forward at all
-    if prune_calibrated:
-        forward = _forward_bytes(g, s) + max(method.statistic.scratch_bytes(s.seqlen, w) for w in widths)
-    # the outlier pass: the same forward collecting Wanda's statistic, then one Linear's float32
-    # scores and their comparison with the threshold at a time
-    outliers = 0
-    if owl:
-        outliers = _forward_bytes(g, s) + max(InputSqNorm.scratch_bytes(s.seqlen, w) for w in widths)
-        outliers = max(outliers, largest_linear * (4 + 1)) + sum(InputSqNorm.held_bytes(w) for w in widths)
+    statistics, forward, outliers = _pass_bytes(g, s, method, prune_calibrated, owl)
     # Pruning one Linear: the method's own scratch (scores, sort, mask), the largest Linear's; off
     # the CPU path the masks of all seven Linears are kept on the CPU until they are applied.
     prune_scratch = max(method.prune_scratch_bytes(rows, cols, target) for rows, cols in g.linear_shapes().values())
     compute_copy = g.layer_params * s.compute_bytes  # the layer built in the compute dtype
 
+    training = _reconstruct_bytes(g, s) if s.reconstruct else 0
     ram_by_step = _ram_by_step(g, s, buffer, forward, statistics, prune_scratch, prune_calibrated, outliers)
+    if not method.needs_calibration:
+        ram_by_step.pop(DENSE_FORWARD, None)  # the statistics' forward
+    if training:
+        ram_by_step[RECONSTRUCT] = ram_by_step[PRUNE] - (prune_scratch if on_cpu else 0) + (training if on_cpu else 0)
     tokenizer = g.vocab * TOKENIZER_BYTES_PER_VOCAB_ENTRY if calibrated else 0
     heaviest = max(ram_by_step, key=ram_by_step.get)
     peak_ram = s.runtime_bytes + tokenizer + tokens * 8 + ram_by_step[heaviest]
@@ -157,7 +155,7 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
         # (frees) its dense one, so one extra Linear at a time, beside the method's scratch
         largest_pruned = largest_linear * s.compute_bytes
         peak_vram = compute_copy + statistics + max(prune_scratch + largest_linear + largest_pruned, forward)
-        peak_vram = max(peak_vram, compute_copy + outliers)
+        peak_vram = max(peak_vram, compute_copy + outliers, compute_copy + training)
 
     outside_bytes = g.outside_params * s.stored_bytes
     checkpoint_bytes = g.layers * stored_layer + outside_bytes
@@ -190,11 +188,53 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
             "activation checkpoints": 2 * buffer if g.layers > 1 else 0,
             "offloaded buffer": buffer if s.offload == "disk" else 0,
         },
-        # forwards per layer: the statistics' (one, or one per input site) and the pruned one
-        "flops": (((5 if s.sequential else 2) * g.layers * flops_per_forward) if prune_calibrated else 0)
-        + (g.layers * flops_per_forward if owl else 0)
-        + g.layers * sum(method.prune_flops(rows, cols) for rows, cols in g.linear_shapes().values()),
+        "flops": g.layers * (
+            (_forwards_per_layer(s, method.needs_calibration) + int(owl)) * flops_per_forward
+            + sum(method.prune_flops(rows, cols) for rows, cols in g.linear_shapes().values())
+        ),
     }
+
+
+def _pass_bytes(g: Geometry, s: Settings, method, prune_calibrated: bool, owl: bool) -> tuple[int, int, int]:
+    """(statistics, forward, outliers): what the method's statistics hold at once (all input sites);
+    one micro-batch's forward with the statistic's temporaries (0 when the pruning pass runs none);
+    the outlier pass's peak beside the layer (the same forward collecting Wanda's statistic, then one
+    Linear's float32 scores and their comparison with the threshold at a time; 0 without OWL)."""
+    widths = g.site_widths().values()
+    statistics = sum(method.statistic.held_bytes(w) for w in widths) if method.needs_calibration else 0
+    forward = 0
+    if prune_calibrated:
+        forward = _forward_bytes(g, s)
+        forward += max(method.statistic.scratch_bytes(s.seqlen, w) for w in widths) if method.needs_calibration else 0
+    outliers = 0
+    if owl:
+        largest_linear = max(rows * cols for rows, cols in g.linear_shapes().values())
+        outliers = _forward_bytes(g, s) + max(InputSqNorm.scratch_bytes(s.seqlen, w) for w in widths)
+        outliers = max(outliers, largest_linear * (4 + 1)) + sum(InputSqNorm.held_bytes(w) for w in widths)
+    return statistics, forward, outliers
+
+
+def _forwards_per_layer(s: Settings, statistics: bool) -> float:
+    """Forwards of a whole layer over the calibration samples, per layer of the pruning pass: the
+    statistics' (one, or one per input site), the pruned one; --reconstruct's dense stream and
+    training (a backward about twice a forward); nothing without statistics or training."""
+    forwards = (4 if s.sequential else 1) if statistics else 0
+    if s.reconstruct:
+        forwards += 1 + 3 * s.reconstruct.epochs
+    return forwards + 1 if forwards else 0
+
+
+def _reconstruct_bytes(g: Geometry, s: Settings) -> int:
+    """--reconstruct's training of one layer: a float32 copy of the layer (unless it computes in
+    float32), the trained weights' gradients and Adam's two moments (float32), the masks, one
+    optimizer step's inputs and targets, and the activations autograd keeps for the backward
+    (about three times a forward's, in float32)."""
+    r = s.reconstruct
+    linear = g.linear_params
+    copy = g.layer_params * 4 if s.compute_bytes != 4 else 0
+    batch = r.batch_size * s.seqlen * g.hidden * 4 * 2
+    step = Settings(**{**s.__dict__, "batch_size": r.batch_size, "compute_bytes": 4})
+    return copy + linear * 4 * 3 + linear + batch + 3 * _forward_bytes(g, step)
 
 
 def _forward_bytes(g: Geometry, s: Settings) -> int:
@@ -422,26 +462,17 @@ def plan_device(device: str, compute: torch.dtype, max_gpu_memory: int | None) -
 
 def plan_model(
     model: str,
-    method: str = "wanda",
-    method_options: dict | None = None,
-    allocation: str = "uniform",
-    sequential: bool = False,
-    pattern: str | None = None,
-    nsamples: int = 128,
-    seqlen: int = 2048,
-    batch_size: int = 1,
     dtype: str = "auto",
     device: str = "auto",
-    offload: str = "auto",
     max_ram: int | None = None,
     max_gpu_memory: int | None = None,
-    checkpoint_every: int = 1,
-    overlap: bool = True,
     read_bytes_per_second: float = 2e9,
     write_bytes_per_second: float = 1e9,
+    **run_settings,
 ) -> tuple[str, dict]:
     """`streamprune plan`: the report and the numbers for MODEL (a directory, hub id or alias;
-    only its config.json is read). `device` is auto, cpu, cuda or a GPU name from GPU_PEAK_TFLOPS."""
+    only its config.json is read). `device` is auto, cpu, cuda or a GPU name from GPU_PEAK_TFLOPS;
+    `run_settings` are the run's own Settings fields (method, pattern, nsamples, seqlen, ...)."""
     from .checkpoint import FLOAT_DTYPES as DTYPES
     from .config import check_dtype
     from .families import family_of
@@ -456,31 +487,17 @@ def plan_model(
     geometry = Geometry.from_config(config)
     stored = DTYPES.get(config.get("torch_dtype") or config.get("dtype") or "float32", torch.float32)
     compute = stored if dtype == "auto" else DTYPES[dtype]
+    seqlen = run_settings.pop("seqlen", Settings.seqlen)
     seqlen = min(seqlen, config.get("max_position_embeddings") or seqlen)
     device_name, flops, kind, max_gpu_memory = plan_device(device, compute, max_gpu_memory)
-    settings = Settings(
-        method=method,
-        method_options=method_options or {},
-        allocation=allocation,
-        sequential=sequential,
-        pattern=pattern,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        batch_size=batch_size,
-        stored_bytes=stored.itemsize,
-        compute_bytes=compute.itemsize,
-        device=kind,
-        offload=offload,
-        overlap=overlap,
-        checkpoint_every=checkpoint_every,
-        runtime_bytes=current_rss_bytes(),
-    )
+    settings = Settings(**run_settings, seqlen=seqlen, stored_bytes=stored.itemsize, compute_bytes=compute.itemsize,
+                        device=kind, runtime_bytes=current_rss_bytes())  # fmt: skip
     if max_ram is None:
         max_ram = default_limits(settings.runtime_bytes, None)[0]
     plan, problems = fit(geometry, settings, max_ram, max_gpu_memory)
     times = None
     if flops is not None:
-        times = seconds(plan, flops, read_bytes_per_second, write_bytes_per_second, overlap)
+        times = seconds(plan, flops, read_bytes_per_second, write_bytes_per_second, settings.overlap)
     head = (
         f"{model}: {config.get('architectures', ['?'])[0]}, {geometry.layers} layers, hidden {geometry.hidden}, "
         f"stored {str(stored).removeprefix('torch.')}, compute {str(compute).removeprefix('torch.')} "
@@ -491,7 +508,7 @@ def plan_model(
     text = head + "\n" + report(plan, settings, times, device_name, problems)
     numbers = {
         **plan,
-        "settings": settings.__dict__,
+        "settings": {**settings.__dict__, "reconstruct": settings.reconstruct and settings.reconstruct.as_record()},
         "limits": {"ram_bytes": max_ram, "gpu_bytes": max_gpu_memory},
         "seconds": times,
         "device": device_name,

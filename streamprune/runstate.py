@@ -87,6 +87,7 @@ class RunState:
         self.next_layer = 0  # layers [0, next_layer) are written (up to the writer's position)
         self.writer = None  # CheckpointWriter.position() at next_layer, None before the first save
         self.activations = None  # {"file", "layer", "dtype", "shape"}: inputs of next_layer
+        self.dense_activations = None  # --reconstruct: the dense stream's inputs of next_layer, likewise
         # --allocation owl: {"outlier_ratios": [...]} of the layers measured so far (then
         # `activations` holds the dense stream's, with "phase": "owl"), and "sparsities" once done
         self.allocation = None
@@ -109,6 +110,7 @@ class RunState:
             for key in ("next_layer", "writer", "activations", "layers", "seconds", "sessions"):
                 setattr(state, key, data[key])
             state.allocation = data.get("allocation")
+            state.dense_activations = data.get("dense_activations")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise BadInputError(
                 f"{path} (the state of an interrupted run) cannot be read ({err}); start over with --force"
@@ -126,6 +128,7 @@ class RunState:
             "next_layer": self.next_layer,
             "writer": self.writer,
             "activations": self.activations,
+            "dense_activations": self.dense_activations,
             "allocation": self.allocation,
             "layers": self.layers,
             "seconds": self.seconds,
@@ -140,18 +143,19 @@ class RunState:
         path = self.dir / f"activations-{phase}-layer{layer:05d}.bin"
         return {**write_tensor_file(path, hidden), "layer": layer, "phase": phase}
 
-    def load_activations(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The saved activations, into `out` (a buffer of their shape and dtype) when given."""
-        return read_tensor_file(self.dir, self.activations, out)
+    def load_activations(self, out: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:
+        """The saved activations (the dense stream's with `dense`), into `out` (a buffer of their
+        shape and dtype) when given."""
+        return read_tensor_file(self.dir, self.dense_activations if dense else self.activations, out)
 
     def drop_stale(self) -> None:
         """Delete activation files and temporaries the state does not name (older checkpoints,
         or a newer one whose state update never happened)."""
         if not self.dir.is_dir():
             return
-        keep = self.activations["file"] if self.activations else None
+        keep = [saved["file"] for saved in (self.activations, self.dense_activations) if saved]
         for path in self.dir.iterdir():
-            if path.name not in (STATE_FILE, keep, OFFLOAD_DIR):
+            if path.name not in (STATE_FILE, OFFLOAD_DIR, *keep):
                 path.unlink()
 
     def remove(self) -> None:

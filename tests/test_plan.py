@@ -200,13 +200,13 @@ def test_peak_ram_is_the_sum_of_its_parts(offload, device):
     assert sum(plan["peak_ram_parts"].values()) == plan["peak_ram_bytes"]
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "owl"])
+@pytest.mark.parametrize("extra", [{}, {"allocation": "owl"}, {"reconstruct": True}])
 @pytest.mark.parametrize("method", METHODS)
-def test_the_run_takes_exactly_the_steps_the_plan_estimates(tiny_llama, tmp_path, method, allocation):
+def test_the_run_takes_exactly_the_steps_the_plan_estimates(tiny_llama, tmp_path, method, extra):
     """The plan's RAM is estimated per run step, by name; a run records the steps it took under the
     same names. A step added, renamed or dropped on one side only fails here."""
     from test_pipeline import run
 
-    record = run(tiny_llama, tmp_path / "out", method=method, allocation=allocation)
+    record = run(tiny_llama, tmp_path / "out", method=method, **extra)
     assert set(record["rss_after_step_bytes"]) == set(record["plan"]["ram_by_step"])
     assert all(rss > 0 for rss in record["rss_after_step_bytes"].values())
