@@ -35,6 +35,11 @@ VARIANTS = {
     "SparseGPT 50% sequential": ["--method", "sparsegpt", "--sparsity", "0.5", "--sequential"],
     "SparseGPT 2:4 sequential": ["--method", "sparsegpt", "--pattern", "2:4", "--sequential"],
     "Wanda 2:4 sequential": ["--method", "wanda", "--pattern", "2:4", "--sequential"],
+    "Wanda 2:4 + reconstruct": ["--method", "wanda", "--pattern", "2:4", "--reconstruct"],
+    "SparseGPT 2:4 + reconstruct": ["--method", "sparsegpt", "--pattern", "2:4", "--reconstruct"],
+    "SparseGPT 2:4 sequential + reconstruct": ["--method", "sparsegpt", "--pattern", "2:4", "--sequential",
+                                               "--reconstruct"],
+    "SparseGPT 50% + reconstruct": ["--method", "sparsegpt", "--sparsity", "0.5", "--reconstruct"],
 }
 # 70% unstructured, uniform and OWL, for every method
 for _label, _method in (("magnitude", "magnitude"), ("Wanda", "wanda"), ("RIA", "ria"), ("SparseGPT", "sparsegpt")):

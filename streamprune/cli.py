@@ -87,9 +87,9 @@ def run(
         "that its outputs on the pruned stream match the dense layer's on the dense stream (a second "
         "activation buffer). Costs about 3 x epochs more forwards per layer.",
     ),
-    reconstruct_epochs: int = typer.Option(2, help="--reconstruct: passes over the calibration samples per layer."),
-    reconstruct_lr: float = typer.Option(1e-4, help="--reconstruct: Adam's learning rate."),
-    reconstruct_batch_size: int = typer.Option(4, help="--reconstruct: calibration samples per optimizer step."),
+    reconstruct_epochs: int = typer.Option(4, help="--reconstruct: passes over the calibration samples per layer."),
+    reconstruct_lr: float = typer.Option(1e-3, help="--reconstruct: Adam's learning rate."),
+    reconstruct_batch_size: int = typer.Option(1, help="--reconstruct: calibration samples per optimizer step."),
     reconstruct_norms: bool = typer.Option(False, "--reconstruct-norms", help="--reconstruct: train the norms too."),
     calib: str = typer.Option(
         "c4",
@@ -233,8 +233,8 @@ def plan_command(
     allocation: str = typer.Option("uniform", help="uniform or owl, as for run (owl adds a pass over every layer)."),
     sequential: bool = typer.Option(False, "--sequential", help="As for run (three more forwards per layer)."),
     reconstruct: bool = typer.Option(False, "--reconstruct", help="As for run: a second buffer, training state."),
-    reconstruct_epochs: int = typer.Option(2, help="As for run."),
-    reconstruct_batch_size: int = typer.Option(4, help="As for run."),
+    reconstruct_epochs: int = typer.Option(4, help="As for run."),
+    reconstruct_batch_size: int = typer.Option(1, help="As for run."),
     sparsity: Optional[float] = typer.Option(
         None, help="As for run (checked; how many weights are zeroed does not change memory or time)."
     ),

@@ -33,9 +33,9 @@ class PruneConfig:
     propagate: str = "pruned"  # next block's inputs from the pruned block, or from the dense one
     sequential: bool = False  # each input site's statistics from the layer with the Linears before it pruned
     reconstruct: bool = False  # train each pruned layer's survivors to match the dense layer's outputs
-    reconstruct_epochs: int = 2
-    reconstruct_lr: float = 1e-4
-    reconstruct_batch_size: int = 4
+    reconstruct_epochs: int = 4
+    reconstruct_lr: float = 1e-3
+    reconstruct_batch_size: int = 1
     reconstruct_norms: bool = False  # also train the norms' weights
     calib: str = "c4"  # "c4" or a .txt / .jsonl / .jsonl.gz path
     nsamples: int = 128

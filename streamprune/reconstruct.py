@@ -16,9 +16,11 @@ from .methods.masks import apply_mask
 
 @dataclass(frozen=True)
 class ReconstructSettings:
-    epochs: int = 2  # passes over the calibration samples
-    lr: float = 1e-4  # Adam's learning rate
-    batch_size: int = 4  # samples per optimizer step
+    # defaults: the best held-out error within ~17 s a layer on SmolLM2 (32 x 512 tokens, CPU),
+    # among 2-8 epochs, lr 1e-4 to 3e-3, batches of 1-4
+    epochs: int = 4  # passes over the calibration samples
+    lr: float = 1e-3  # Adam's learning rate
+    batch_size: int = 1  # samples per optimizer step
     train_norms: bool = False  # also train the layer's RMSNorm weights
 
     def as_record(self) -> dict:
