@@ -356,8 +356,8 @@ def test_insufficient_disk_is_refused_before_any_work(model, tmp_path, monkeypat
         (["--method", "sparsegpt"], 10),  # in layer 1's dense forward: layer 0's new weights are saved
         # --reconstruct, 2 epochs of batch 2: per layer 4 statistics + 4 dense-stream + 4 training + 4 pruned
         # forwards; 21: layer 1's dense stream (both buffers of layer 0's resume point are saved)
-        (["--reconstruct", "--reconstruct-batch-size", "2"], 21),
-        (["--reconstruct", "--reconstruct-batch-size", "2"], 27),  # in layer 1's training
+        (["--reconstruct", "--reconstruct-epochs", "2", "--reconstruct-batch-size", "2"], 21),
+        (["--reconstruct", "--reconstruct-epochs", "2", "--reconstruct-batch-size", "2"], 27),  # in layer 1's training
     ],
 )
 def test_killed_owl_and_sparsegpt_runs_resume_byte_identical(model, crasher, tmp_path, flags, kill_at):
