@@ -41,10 +41,11 @@ VARIANTS = {
                                                "--reconstruct"],
     "SparseGPT 50% + reconstruct": ["--method", "sparsegpt", "--sparsity", "0.5", "--reconstruct"],
 }
-# 70% unstructured, uniform and OWL, for every method
+# 50%, 60% and 70% unstructured, uniform and OWL, for every method
 for _label, _method in (("magnitude", "magnitude"), ("Wanda", "wanda"), ("RIA", "ria"), ("SparseGPT", "sparsegpt")):
-    VARIANTS[f"{_label} 70%"] = ["--method", _method, "--sparsity", "0.7"]
-    VARIANTS[f"{_label} 70% OWL"] = ["--method", _method, "--sparsity", "0.7", "--allocation", "owl"]
+    for _percent in (50, 60, 70):
+        VARIANTS[f"{_label} {_percent}%"] = ["--method", _method, "--sparsity", f"{_percent / 100}"]
+        VARIANTS[f"{_label} {_percent}% OWL"] = [*VARIANTS[f"{_label} {_percent}%"], "--allocation", "owl"]
 
 
 def main() -> None:
@@ -103,6 +104,10 @@ def main() -> None:
         took = "-" if record is None else f"{record['total_seconds']:.0f} s"
         rss = "-" if record is None else f"{record['peak_rss_bytes'] / 2**20:.0f} MiB"
         lines.append(f"| {label} | {ppl:.2f} | {took} | {rss} |")
+    for label, _, record in rows:  # OWL's allocation, layer 0 first (benchmarks/plots.py draws it)
+        sparsities = (record or {}).get("allocation", {}).get("sparsities")
+        if sparsities:
+            lines += ["", f"OWL layer sparsities, {label}: " + " ".join(f"{value:.3f}" for value in sparsities)]
     write_section(f"perplexity-{args.section}", "\n".join(lines))
 
 

@@ -257,7 +257,7 @@ class PruneRun:
         needed = {"output checkpoint": self.writer.total_bytes - written, "activation checkpoints": 0}
         if self.calibration is not None and state.next_layer < self.source.num_layers - 1:
             buffer_bytes = self.calibration["input_ids"].numel() * self.source.runner.config.hidden_size
-            buffer_bytes *= self.source.dtype.itemsize
+            buffer_bytes *= self.source.dtype.itemsize * (2 if self.config.reconstruct else 1)  # and the dense stream's
             needed["activation checkpoints"] = 2 * buffer_bytes - (buffer_bytes if state.activations else 0)
         return needed
 
@@ -323,7 +323,7 @@ class PruneRun:
                     self.maybe_save_resume_point(index, stop.requested)
                 bar.close()
                 self.saves.wait()
-                self.hidden = None  # an offloaded buffer's file is deleted with it, before the state dir goes
+                self.hidden = self.dense_hidden = None  # an offloaded buffer's file goes with it, before the state dir
             self.writer.finish()
         except BaseException as err:
             lost = self.saves.close()
