@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from streamprune import PruneConfig, prune
 from streamprune.cli import app
-from streamprune.errors import UsageError
+from streamprune.errors import BadInputError, UsageError
 from streamprune.methods import Target, method_named
 from streamprune.methods.sparsegpt import Hessian, SparseGPT
 
@@ -60,6 +60,11 @@ def test_dead_inputs_are_zeroed_and_do_not_break_the_solve():
     pruned = SparseGPT().prune(torch.ones(2, 4), hessian_of(H), Target(keep_block=(2, 4)))
     assert torch.isfinite(pruned.weight).all()
     assert (pruned.weight[:, 1] == 0).all()
+
+
+def test_a_hessian_that_cannot_be_factored_names_the_remedy():
+    with pytest.raises(BadInputError, match="not positive definite.*--percdamp 0.1 --force"):
+        SparseGPT(percdamp=0.01).prune(torch.ones(2, 3), hessian_of(-torch.eye(3)), Target(sparsity=0.5))
 
 
 def test_hessian_accumulates_as_the_reference_and_merges_in_any_split():

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..errors import UsageError
+from ..errors import BadInputError, UsageError
 from .base import Method, Pruned, Statistic, Target
 
 PERCDAMP = 0.01  # the reference's dampening: this fraction of the mean diagonal of H is added to it
@@ -52,9 +52,16 @@ class Hessian(Statistic):
             H[dead, dead] = 1
             diagonal = torch.arange(H.shape[0], device=H.device)
             H[diagonal, diagonal] += percdamp * torch.mean(torch.diag(H))
-            H = torch.linalg.cholesky(H)
-            H = torch.cholesky_inverse(H)
-            H = torch.linalg.cholesky(H, upper=True)
+            try:
+                H = torch.linalg.cholesky(H)
+                H = torch.cholesky_inverse(H)
+                H = torch.linalg.cholesky(H, upper=True)
+            except torch.linalg.LinAlgError as err:
+                raise BadInputError(
+                    f"SparseGPT: the Hessian of a {H.shape[0]}-wide input is not positive definite even after "
+                    f"adding --percdamp {percdamp} of its mean diagonal ({err}). Start over with more dampening, "
+                    "e.g. --percdamp 0.1 --force, or with more calibration samples (--nsamples)."
+                ) from None
             self._inverse = (percdamp, H, dead)
         if self._inverse[0] != percdamp:
             raise ValueError("one site's inverse Hessian was asked for with two dampenings")
