@@ -65,25 +65,33 @@ def main() -> None:
     try:
         for label in wanted:
             print(f"{label} ...", flush=True)
-            target, record = model, None
-            if VARIANTS[label] is not None:
-                target = work / "pruned"
-                streamprune(
-                    "run", str(model), "--out", str(target), "--force", *VARIANTS[label], "--calib", str(C4),
-                    "--nsamples", str(args.nsamples), "--seqlen", "512", "--seed", "0", "--quiet",
-                )  # fmt: skip
-                record = json.loads((target / "streamprune.json").read_text())
-            ppl_json = work / "ppl.json"
-            streamprune(
-                "eval", str(target), "--ppl", str(DATA / "wikitext2" / "wiki.test.raw"), "--seqlen", "512",
-                "--limit", str(args.ppl_windows), "--output", str(ppl_json), "--quiet",
-            )  # fmt: skip
-            ppl = json.loads(ppl_json.read_text())["perplexity"]["ppl"]
-            rows.append((label, ppl, record))
-            print(f"  ppl {ppl:.2f}", flush=True)
+            rows.append(measure(label, model, work, args))
+            print(f"  ppl {rows[-1][1]:.2f}", flush=True)
+            # after every variant, so that an invocation stopped early keeps what it measured
+            write_section(f"perplexity-{args.section}", table(rows, args, len(wanted)))
     finally:
         shutil.rmtree(work)
 
+
+def measure(label: str, model: Path, work: Path, args) -> tuple[str, float, dict | None]:
+    """(label, WikiText-2 perplexity, the run record or None for dense) of one variant."""
+    target, record = model, None
+    if VARIANTS[label] is not None:
+        target = work / "pruned"
+        streamprune(
+            "run", str(model), "--out", str(target), "--force", *VARIANTS[label], "--calib", str(C4),
+            "--nsamples", str(args.nsamples), "--seqlen", "512", "--seed", "0", "--quiet",
+        )  # fmt: skip
+        record = json.loads((target / "streamprune.json").read_text())
+    ppl_json = work / "ppl.json"
+    streamprune(
+        "eval", str(target), "--ppl", str(DATA / "wikitext2" / "wiki.test.raw"), "--seqlen", "512",
+        "--limit", str(args.ppl_windows), "--output", str(ppl_json), "--quiet",
+    )  # fmt: skip
+    return label, json.loads(ppl_json.read_text())["perplexity"]["ppl"], record
+
+
+def table(rows: list, args, wanted: int) -> str:
     lines = [
         f"## Perplexity of pruned SmolLM2-135M: {args.section}",
         "",
@@ -93,7 +101,8 @@ def main() -> None:
         + f"`. Calibration {args.nsamples} x 512 tokens of `c4/c4_validation_2k.jsonl.gz`, seed 0, CPU, "
         "float32, micro-batch 1. Perplexity: WikiText-2 test (`wiki.test.raw`), non-overlapping 512-token "
         f"windows, the first {args.ppl_windows}. Pruning time and peak RSS: the run record's "
-        "total_seconds and peak_rss_bytes (one run each, on a shared machine).",
+        "total_seconds and peak_rss_bytes (one run each, on a shared machine)."
+        + ("" if len(rows) == wanted else f" Measured so far: {len(rows)} of the {wanted} variants asked for."),
         "",
         conditions(),
         "",
@@ -108,8 +117,7 @@ def main() -> None:
         sparsities = (record or {}).get("allocation", {}).get("sparsities")
         if sparsities:
             lines += ["", f"OWL layer sparsities, {label}: " + " ".join(f"{value:.3f}" for value in sparsities)]
-    write_section(f"perplexity-{args.section}", "\n".join(lines))
-
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
