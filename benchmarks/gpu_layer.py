@@ -73,7 +73,8 @@ def main() -> None:
     method = method_named("wanda")
     with torch.no_grad():
         layer = runner.build(0, tensors)
-        statistics = collect_statistics(method.statistic, runner, layer, 0, hidden, 1, write_back=False)  # dense forward
+        # the dense forward
+        statistics = collect_statistics(method.statistic, runner, layer, 0, hidden, 1, write_back=False)
         for _ in prune_linears(method, layer, statistics, Target(sparsity=0.5)):  # prune
             pass
         forward_batches(runner, layer, 0, hidden, 1, write_back=True)  # pruned forward
