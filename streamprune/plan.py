@@ -141,8 +141,6 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
 
     training = _reconstruct_bytes(g, s) if s.reconstruct else 0
     ram_by_step = _ram_by_step(g, s, buffer, forward, statistics, prune_scratch, prune_calibrated, outliers)
-    if not method.needs_calibration:
-        ram_by_step.pop(DENSE_FORWARD, None)  # the statistics' forward
     if training:
         ram_by_step[RECONSTRUCT] = ram_by_step[PRUNE] - (prune_scratch if on_cpu else 0) + (training if on_cpu else 0)
     tokenizer = g.vocab * TOKENIZER_BYTES_PER_VOCAB_ENTRY if calibrated else 0
@@ -277,7 +275,7 @@ def _ram_by_step(g: Geometry, s: Settings, buffer: int, forward: int, statistics
         ram[EMBED] = _embedding_ram(g, s, tokens, buffer)
     if outliers:
         ram[OUTLIER_PASS] = beside_stream + this_layer + (outliers if on_cpu else 0)
-    if prune_calibrated:
+    if statistics:  # the statistics' forward: only a method that has statistics takes it
         ram[DENSE_FORWARD] = beside + this_layer + cpu_forward + cpu_statistics + previous_writes
     prune = beside + this_layer + kept_masks + previous_writes + cpu_statistics
     ram[PRUNE] = prune + (prune_scratch + largest_linear * s.compute_bytes if on_cpu else 0)

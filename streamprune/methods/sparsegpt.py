@@ -27,7 +27,7 @@ class Hessian(Statistic):
         super().__init__(in_features, device)
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # [in, in]
         self.samples = 0
-        self._inverse = None  # (percdamp, Hinv [in, in], dead [in] bool)
+        self._inverse = None  # (Hinv [in, in], dead [in] bool), once pruning starts
 
     def add_batch(self, x: torch.Tensor) -> None:
         # the reference's running rescale, sample count = the micro-batch's samples
@@ -62,10 +62,8 @@ class Hessian(Statistic):
                     f"adding --percdamp {percdamp} of its mean diagonal ({err}). Start over with more dampening, "
                     "e.g. --percdamp 0.1 --force, or with more calibration samples (--nsamples)."
                 ) from None
-            self._inverse = (percdamp, H, dead)
-        if self._inverse[0] != percdamp:
-            raise ValueError("one site's inverse Hessian was asked for with two dampenings")
-        return self._inverse[1], self._inverse[2]
+            self._inverse = (H, dead)
+        return self._inverse
 
     @staticmethod
     def held_bytes(in_features: int) -> int:
