@@ -12,12 +12,13 @@ import gzip
 import hashlib
 import json
 import random
+import zlib
 from pathlib import Path
 
 import torch
 
 from .errors import BadInputError, ResourceError
-from .source import first_line
+from .source import OFFLINE, first_line, hub_reachable
 
 CALIBRATION_FILE = "streamprune_calibration.json"  # beside a run's output: the exact token ids it used
 C4_REPO = "allenai/c4"
@@ -30,6 +31,10 @@ def calibration_path(calib: str) -> Path:
     path = fetch_c4() if calib == "c4" else Path(calib).expanduser()
     if not path.is_file():
         raise BadInputError(f"--calib {calib}: no such file; pass a .txt, .jsonl or .jsonl.gz file, or c4")
+    try:
+        path.open("rb").close()
+    except OSError as err:
+        raise BadInputError(f"--calib {calib}: cannot be read ({err.strerror}); pass a file you can read") from err
     return path
 
 
@@ -83,11 +88,11 @@ def fetch_c4() -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(C4_REPO, C4_SHARD, repo_type="dataset"))
+        return Path(hf_hub_download(C4_REPO, C4_SHARD, repo_type="dataset", local_files_only=not hub_reachable()))
     except Exception as err:  # network, auth and offline errors all end the same way for the user
         raise ResourceError(
             f"cannot download the C4 calibration shard ({C4_REPO}/{C4_SHARD}) from the Hugging Face hub: "
-            f"{first_line(err)}. Offline, pass local text instead: --calib PATH (.txt, .jsonl or .jsonl.gz "
+            f"{OFFLINE if not hub_reachable() else first_line(err)}. Offline, pass local text instead: --calib PATH (.txt, .jsonl or .jsonl.gz "
             'with a "text" field, e.g. a C4 .json.gz shard).'
         ) from err
 
@@ -110,8 +115,15 @@ def read_documents(path: Path) -> list[str]:
                         raise BadInputError(f'{path}, line {number}: no "text" string field')
                     documents.append(record["text"])
             return documents
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInputError(f"cannot read calibration data {path}: {err}") from err
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"calibration data {path}, line {number}: not JSON ({err.msg})") from err
+    except UnicodeDecodeError as err:
+        raise BadInputError(f"calibration data {path} is not UTF-8 text ({err.reason})") from err
+    except (OSError, EOFError, zlib.error) as err:  # a truncated or corrupt gzip body, a read error
+        reason = "it ends early (truncated?)" if isinstance(err, EOFError) else str(err)
+        raise BadInputError(
+            f"cannot read calibration data {path}: {reason}. Check the file (e.g. gzip -t), or pass another --calib"
+        ) from err
     raise BadInputError(
         f"calibration file {path} has an unknown extension; use .txt, .jsonl, .jsonl.gz or .json.gz, or --calib c4"
     )

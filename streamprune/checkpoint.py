@@ -8,6 +8,7 @@ mapped pages would stay resident and count against the process for as long as a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInputError
+from .errors import BadInputError, UsageError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -158,6 +159,9 @@ class Checkpoint:
         self.config = self._read_config()
         self.weight_files, self.tensors = self._read_weights()
         self.bytes_read = 0  # tensor bytes read so far, for reports of I/O
+        # {tensor name: digest of its bytes}: when a dict, every whole-tensor read is checked against
+        # it (a tensor that changed since it was first read is refused) and adds to it
+        self.digests: dict[str, str] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -182,7 +186,18 @@ class Checkpoint:
             self.bytes_read += got
         if got != nbytes:
             raise BadInputError(f"{info.file}: tensor {name!r} is truncated ({got} of {nbytes} bytes)")
+        if self.digests is not None and rows is None:
+            self._check_unchanged(name, hashlib.blake2b(memoryview(data.numpy()), digest_size=16).hexdigest())
         return data.view(info.torch_dtype).reshape(shape)
+
+    def _check_unchanged(self, name: str, digest: str) -> None:
+        known = self.digests.setdefault(name, digest)
+        if known != digest:
+            raise UsageError(
+                f"{self.tensors[name].file}: tensor {name!r} is not what this run read from it before: the source "
+                "changed after the run started. Going on would mix the old model and the new one. Restore the "
+                "source, or start over with --force"
+            )
 
     def _read_config(self) -> dict:
         path = self.directory / "config.json"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import shlex
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -13,7 +15,7 @@ from typing import Optional
 import torch
 import typer
 
-from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, StreamPruneError, UsageError
+from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, STOP_SIGNALS, StreamPruneError, UsageError
 from .methods import methods_help
 from .version import __version__
 
@@ -342,6 +344,7 @@ def eval_command(
     """Measure perplexity and zero-shot accuracy without loading the model: every evaluation token
     goes through layer 0, then all through layer 1, and so on; each layer is read once."""
     from .evaluate import EvalConfig, evaluate, results_table, write_results
+    from .outdir import check_destination
 
     with user_errors(
         on_interrupt="interrupted",
@@ -361,6 +364,10 @@ def eval_command(
             overlap=overlap,
             quiet=quiet,
         )
+        if output is not None:  # found out now, not after the evaluation
+            if output.is_dir():
+                raise UsageError(f"--output {output} is a directory; name a file, e.g. --output {output}/results.json")
+            check_destination(output.expanduser().parent, "--output")
         results = evaluate(config)
         if output is not None:
             write_results(results, str(output))
@@ -452,25 +459,50 @@ def depth(
 @contextmanager
 def user_errors(on_interrupt: str, on_gpu_oom: str, on_disk_full: str | None = None):
     """What the user can act on becomes a message and its exit code (README); anything else is a
-    bug and keeps its traceback. A full disk is handled only where the command says what is kept."""
+    bug and keeps its traceback. A full disk is handled only where the command says what is kept.
+    SIGTERM and SIGHUP stop the command as Ctrl-C does (run's layer loop finishes its layer first)."""
     try:
-        yield
+        with stop_signals_as_ctrl_c():
+            yield
     except StreamPruneError as err:
-        typer.echo(f"error: {err}", err=True)
+        say(f"error: {err}")
         if err.exit_code == EXIT_INTERRUPTED:
-            typer.echo(f"to resume: {resume_command()}", err=True)
+            say(f"to resume: {resume_command()}")
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo(f"\n{on_interrupt}", err=True)
+        say(f"\n{on_interrupt}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except torch.OutOfMemoryError:
-        typer.echo(f"error: out of GPU memory. {on_gpu_oom}", err=True)
+        say(f"error: out of GPU memory. {on_gpu_oom}")
         raise typer.Exit(EXIT_RESOURCES) from None
     except OSError as err:
         if err.errno != errno.ENOSPC or on_disk_full is None:
             raise
-        typer.echo(f"error: the disk is full ({err.filename or 'the output directory'}). {on_disk_full}", err=True)
+        say(f"error: the disk is full ({err.filename or 'the output directory'}). {on_disk_full}")
         raise typer.Exit(EXIT_RESOURCES) from None
+
+
+@contextmanager
+def stop_signals_as_ctrl_c():
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, while the command runs."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            if signum != signal.SIGINT:
+                previous[signum] = signal.signal(signum, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def say(message: str) -> None:
+    """A message on stderr; after SIGHUP the terminal may be gone, which must not hide the exit code."""
+    try:
+        typer.echo(message, err=True)
+    except OSError:
+        pass
 
 
 def parse_batch_size(text: str) -> int | None:

@@ -36,13 +36,22 @@ from .errors import UsageError
 from .families import LAYER_PREFIX, PRUNABLE_LINEARS
 from .outdir import (
     RECORD_FILE,
+    OutputLock,
+    check_destination,
     check_not_source,
     check_output_dir,
     copy_support_files,
     prepare_output_dir,
     write_json,
 )
-from .runstate import ScoringState, check_free_space, check_same_structure, source_fingerprint
+from .runstate import (
+    DEPTH_STATE_FILE,
+    ScoringState,
+    check_free_space,
+    check_same_structure,
+    saved_state,
+    source_fingerprint,
+)
 from .sizes import format_size
 from .stream import (
     LayerReader,
@@ -59,6 +68,8 @@ from .version import __version__
 from .writer import CheckpointWriter, write_atomic
 
 CRITERIA = ("ppl", "taylor", "magnitude", "bi")
+# the scores depend on the dtype: float32 scores anew
+IN_FLOAT32 = "score in float32 with --dtype float32 --force (or --dtype float32 and a new --out)"
 SCORES_JSON, SCORES_CSV, SCORES_PNG = "depth_scores.json", "depth_scores.csv", "depth_scores.png"
 
 
@@ -273,7 +284,7 @@ def bi_scores(blocks: Blocks, model: list[int], hidden: torch.Tensor, saves: Sco
 
         blocks.forward(blocks.build(index, stored), index, hidden, on_output=add)
         del stored
-        check_activations_finite(hidden, index)
+        check_activations_finite(hidden, index, in_float32=IN_FLOAT32)
         scores[index] = sums[0] / sums[1]
         saves.after_block("bi", position + 1, {"scores": scores}, {"hidden": hidden})
     return scores
@@ -315,7 +326,7 @@ def ppl_scores(
             for skipped, stream in streams.items():
                 if skipped != index:
                     blocks.forward(layer, index, stream)
-                    check_activations_finite(stream, index)
+                    check_activations_finite(stream, index, in_float32=IN_FLOAT32)
             if index < group[-1]:  # the main stream is only needed until the group's last block
                 blocks.forward(layer, index, main)
             del layer
@@ -382,7 +393,7 @@ def taylor_forward(blocks: Blocks, model: list[int], hidden: torch.Tensor, saves
         inputs[index] = hidden.clone()
         blocks.forward(blocks.build(index, stored), index, hidden)
         del stored
-        check_activations_finite(hidden, index)
+        check_activations_finite(hidden, index, in_float32=IN_FLOAT32)
         save_taylor(saves, "taylor forward", position + 1, {}, {"hidden": hidden}, inputs)
     return inputs
 
@@ -468,25 +479,32 @@ def depth(config: DepthConfig) -> dict:
     # 1. the source and the settings, all checked before anything is written
     source = open_source(config.model, config.torch_device, config.dtype)
     check_not_source(config.out, source.directory)
-    count = None
-    if not config.scores_only:
-        count = removal_count(source.num_layers, config.remove, config.ratio, config.keep_first, config.keep_last)
-    calib_path = None if config.criterion == "magnitude" else calibration_path(config.calib)
-    structure = scoring_identity(config, source, count, calib_path)
+    with OutputLock(config.out) as lock:  # taken before the first write; released however this ends
+        lock.check()
+        check_destination(config.out, "--out")
+        count = None
+        if not config.scores_only:
+            count = removal_count(source.num_layers, config.remove, config.ratio, config.keep_first, config.keep_last)
+        calib_path = None if config.criterion == "magnitude" else calibration_path(config.calib)
+        structure = scoring_identity(config, source, count, calib_path)
+        return score_and_write(config, source, structure, count, calib_path, lock, started)
 
+
+def score_and_write(config: DepthConfig, source: Source, structure: dict, count, calib_path, lock, started) -> dict:
     # 2-3. the scores: reused from an earlier run into --out with these exact settings (stopped
     # while writing, or --scores-only), else computed, going on from a stopped scoring's last save
     allowed = candidates(source.num_layers, config.keep_first, config.keep_last)
     state = None if config.force else ScoringState.load(config.out)
     earlier = None if config.force or state is not None else earlier_scores(config.out, structure)
     if earlier is not None:
+        lock.acquire()
         rounds, calibration, scoring_seconds = earlier["rounds"], earlier["calibration"], earlier["scoring_seconds"]
         if not config.iterative:
             rounds[0]["removed"] = lowest(rounds[0]["scores"], allowed, count or 0)
         if not config.quiet:
             print(f"reusing the block scores in {config.out / SCORES_JSON} (same model and settings)", file=sys.stderr)
     else:
-        rounds, calibration, scoring_seconds = score(config, source, structure, state, count, calib_path, started)
+        rounds, calibration, scoring_seconds = score(config, source, structure, state, count, calib_path, lock, started)
 
     # 4. the report: scores per block (JSON, CSV) and the chart, written before the checkpoint
     report = depth_report(config, source, structure, rounds, calibration, scoring_seconds)
@@ -525,24 +543,33 @@ def scoring_identity(config: DepthConfig, source: Source, count: int | None, cal
     }  # fmt: skip
 
 
-def score(config: DepthConfig, source: Source, structure: dict, state, count, calib_path, started) -> tuple:
+def score(config: DepthConfig, source: Source, structure: dict, state, count, calib_path, lock, started) -> tuple:
     """(rounds, calibration record, scoring seconds): score the blocks, going on from `state` (the
     last save of a stopped scoring in --out) when there is one. --iterative removes one block per
     round and rescores the shorter model."""
     if state is None:
         check_output_dir(config.out, config.force)
-        prepare_output_dir(config.out, config.force)
-        state = ScoringState(config.out, structure)
     else:
         check_same_structure(state.structure, structure, config.out, "an unfinished depth scoring")
-        if not config.quiet:
-            at = f"{state.progress['phase'] or 'a new round'} from position {state.progress['position']}"
-            print(f"continuing the block scoring saved in {config.out} ({at})", file=sys.stderr)
+    saved = saved_state(config.out, DEPTH_STATE_FILE)
     calibration = None
-    if calib_path is not None:  # every criterion but magnitude
+    if calib_path is not None:  # every criterion but magnitude; read before --out is created
         seqlen, sha256 = structure["calibration"]["seqlen"], structure["calibration"]["sha256"]
         calibration = sample_calibration(config, calib_path, sha256, source.directory, seqlen)
         source.check_token_ids(calibration["input_ids"])
+    lock.acquire()
+    if saved_state(config.out, DEPTH_STATE_FILE) != saved:
+        raise UsageError(
+            f"--out {config.out}: the scoring saved there changed while this command was starting (another "
+            "streamprune process?). Nothing was written; run the same command again"
+        )
+    if state is None:
+        check_output_dir(config.out, config.force)
+        prepare_output_dir(config.out, config.force)
+        state = ScoringState(config.out, structure)
+    elif not config.quiet:
+        at = f"{state.progress['phase'] or 'a new round'} from position {state.progress['position']}"
+        print(f"continuing the block scoring saved in {config.out} ({at})", file=sys.stderr)
     input_ids = None if calibration is None else calibration.pop("input_ids")
 
     blocks = Blocks(source, config.batch_size, config.overlap, config.quiet)

@@ -6,11 +6,17 @@ exits with `exit_code`; nothing else in the package prints errors or calls sys.e
 
 from __future__ import annotations
 
+import signal
+
 # Exit codes (documented in the README).
 EXIT_USAGE = 2  # a flag or argument is wrong
 EXIT_BAD_INPUT = 3  # the model, checkpoint or calibration data cannot be used
 EXIT_RESOURCES = 4  # not enough memory, disk, or no network where one is needed
-EXIT_INTERRUPTED = 130  # stopped by Ctrl-C
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C, SIGTERM or SIGHUP
+
+# Signals that stop a command the way Ctrl-C does (SIGTERM: a scheduler or `kill`; SIGHUP: the
+# terminal closed); SIGHUP does not exist on Windows.
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
 
 class StreamPruneError(Exception):

@@ -21,7 +21,7 @@ from . import buffers
 from .buffers import available_ram_bytes
 from .config import check_dtype, check_positive, parse_device
 from .errors import BadInputError, ResourceError, UsageError
-from .outdir import write_json
+from .outdir import check_destination, check_not_source, write_json
 from .sizes import format_size
 from .stream import LayerReader, Source, check_activations_finite, embed, load_head, open_source, token_logprobs
 from .tasks import TASKS, load_task
@@ -105,6 +105,9 @@ def evaluate(config: EvalConfig) -> dict:
     buffers.return_freed_memory_to_the_system()
     # 1. the model: checked as for pruning; nothing is loaded whole
     source = open_source(config.model, config.torch_device, config.dtype)
+    if config.offload_dir is not None:
+        check_not_source(Path(config.offload_dir).expanduser(), source.directory, "--offload-dir")
+        check_destination(Path(config.offload_dir), "--offload-dir")
     seqlen = source.capped_seqlen(config.seqlen)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.directory)
@@ -215,7 +218,7 @@ def stream_logprobs(source: Source, sequences: list[Sequence], config: EvalConfi
             layer = source.runner.build(index, stored)
             del stored
             forward_padded(source, layer, index, hidden, batches, lengths, offsets)
-            check_activations_finite(hidden, index)
+            check_activations_finite(hidden, index, in_float32="evaluate with --dtype float32")
             del layer
             bar.update()
     bar.close()

@@ -39,7 +39,7 @@ from .calibration import (
     sample_calibration,
 )
 from .config import PruneConfig
-from .errors import Interrupted, ResourceError, UsageError
+from .errors import STOP_SIGNALS, Interrupted, ResourceError, UsageError
 from .families import INPUT_SITES, LAYER_PREFIX, PRUNABLE_LINEARS, SITE_OF
 from .methods import Method, Statistic, Target
 from .methods.wanda import InputSqNorm, wanda_scores
@@ -47,6 +47,8 @@ from .methods.masks import apply_mask
 from .reconstruct import reconstruct_layer, trainable
 from .outdir import (
     RECORD_FILE,
+    OutputLock,
+    check_destination,
     check_not_source,
     check_output_dir,
     copy_support_files,
@@ -54,7 +56,7 @@ from .outdir import (
     same_disk,
     write_json,
 )
-from .runstate import OFFLOAD_DIR, STATE_DIR, RunState, check_free_space, source_fingerprint
+from .runstate import OFFLOAD_DIR, STATE_DIR, RunState, check_free_space, saved_state, source_fingerprint
 from .stream import (
     LayerReader,
     check_activations_finite,
@@ -66,6 +68,9 @@ from .stream import (
 from .version import __version__
 from .writer import CheckpointWriter, write_atomic
 
+# a run's dtype is part of what it is: float32 means a new run
+IN_FLOAT32 = "start over in float32 with --dtype float32 --force (or --dtype float32 and a new --out)"
+
 # observe(layer_index, hidden) sees the CPU buffer [nsamples, seqlen, hidden] after each layer:
 # the inputs of the next layer. Tests use it to compare against the whole model.
 Observer = Callable[[int, torch.Tensor], None]
@@ -75,14 +80,15 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
     """Prune `config.model` into `config.out`, resuming an interrupted run there; returns the run
     record (also written as streamprune.json)."""
     run = PruneRun(config, observe)
-    run.check_source()  # 1. nothing is written until every check has passed
-    run.check_plan()  # 2. memory; settles --offload auto and --batch-size auto
-    run.open_state()  # 3. a new run, or the unfinished one in --out (same settings only)
-    run.load_calibration()  # 4. the token windows (methods that need calibration data)
-    run.check_disk()  # 5. room for the output and the resume points
-    run.prepare_output()  # 6. --out created (its state first) or picked up
-    run.stream_layers()  # 7-8. the tensors outside the layers, then one layer at a time
-    return run.finish()  # 9. index, support files, record; the state goes
+    with run.output_lock:  # taken in 6, before the first write; released however the run ends
+        run.check_source()  # 1. nothing is written until every check has passed
+        run.check_plan()  # 2. memory; settles --offload auto and --batch-size auto
+        run.open_state()  # 3. a new run, or the unfinished one in --out (same settings only)
+        run.load_calibration()  # 4. the token windows (methods that need calibration data)
+        run.check_disk()  # 5. room for the output and the resume points
+        run.prepare_output()  # 6. --out locked, created (its state first) or picked up
+        run.stream_layers()  # 7-8. the tensors outside the layers, then one layer at a time
+        return run.finish()  # 9. index, support files, record; the state goes
 
 
 def step(name: str):
@@ -115,6 +121,7 @@ class PruneRun:
         self.hidden = None  # the activation buffer [nsamples, seqlen, hidden]
         self.dense_hidden = None  # --reconstruct: the dense stream's, likewise
         self.offload_dir = None  # where an offloaded buffer's file lives
+        self.output_lock = OutputLock(config.out)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         buffers.return_freed_memory_to_the_system()
@@ -131,6 +138,11 @@ class PruneRun:
         config = self.config
         self.source = source = open_source(config.model, self.device, config.dtype)
         check_not_source(config.out, source.directory)
+        self.output_lock.check()
+        check_destination(config.out, "--out")
+        if config.offload_dir is not None:
+            check_not_source(Path(config.offload_dir).expanduser(), source.directory, "--offload-dir")
+            check_destination(Path(config.offload_dir), "--offload-dir")
         check_pattern_fits(config, source)
         self.seqlen = source.capped_seqlen(config.seqlen)
         calibrated = self.streams_while_pruning or config.allocation_settings() is not None
@@ -189,9 +201,12 @@ class PruneRun:
         if self.resuming:
             self.state = RunState.load(config.out)
             self.state.check_same_run(self.identity, config.out)
+            self.state_bytes = saved_state(config.out)
         else:
             check_output_dir(config.out, config.force)
             self.state = RunState(config.out, self.identity)
+        # every tensor read is hashed: one that differs from what an earlier session read is refused
+        self.source.checkpoint.digests = self.state.tensor_digests
 
     def run_identity(self) -> dict:
         """Every setting that shapes the output bytes: a run may only be resumed with the same ones."""
@@ -265,6 +280,15 @@ class PruneRun:
         """--out: new (its state first, so that a run killed at any later instant is resumable), or
         picked up where the interrupted run's state says."""
         config, state, num_layers = self.config, self.state, self.source.num_layers
+        self.output_lock.acquire()
+        # --out as it was checked in 3: another command may have written there since
+        if self.resuming and saved_state(config.out) != self.state_bytes:
+            raise UsageError(
+                f"--out {config.out}: the unfinished run there changed while this command was starting (another "
+                f"streamprune process?). Nothing was written; run the same command again"
+            )
+        if not self.resuming:
+            check_output_dir(config.out, config.force)
         prepare_output_dir(config.out, config.force)
         state.sessions.append({"from_layer": state.next_layer, "device": str(self.device)})
         if self.resuming:
@@ -380,7 +404,7 @@ class PruneRun:
             )
             ratios.append(layer_outlier_ratio(scores, config.owl_m))
             del stored, layer, statistics
-            check_activations_finite(self.hidden, index, resume_point(config.out, 0))
+            check_activations_finite(self.hidden, index, resume_point(config.out, 0), IN_FLOAT32)
             bar.update()
             more = index + 1 < num_layers  # after the last one, the allocation is saved instead
             if more and (self.resume_point_due(index, last_saved, last_saved_at) or stop.requested):
@@ -439,7 +463,7 @@ class PruneRun:
         sparsity = self.write_and_propagate(index, layer, stored, masks)
         del layer, masks
         if self.hidden is not None:
-            check_activations_finite(self.hidden, index, resume_point(self.config.out, self.last_saved))
+            check_activations_finite(self.hidden, index, resume_point(self.config.out, self.last_saved), IN_FLOAT32)
             if self.observe is not None:
                 self.observe(index, self.hidden)
         log = {"layer": index, "sparsity": sparsity, "seconds": time.perf_counter() - started}
@@ -598,29 +622,33 @@ def prune_linears(method: Method, layer: torch.nn.Module, statistics: dict | Non
 
 
 class StopOnInterrupt:
-    """Ctrl-C asks the layer loop to stop at its next resume point rather than at once; a second
-    Ctrl-C stops at once (the work since the last resume point is then redone on resume)."""
+    """Ctrl-C, SIGTERM (a scheduler, `kill`) and SIGHUP (a closed terminal) ask the layer loop to
+    stop at its next resume point rather than at once; a second one stops at once (the work since
+    the last resume point is then redone on resume)."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self) -> StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(
-            "\nCtrl-C: stopping once the current layer is saved (press Ctrl-C again to stop at once)", file=sys.stderr
-        )
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        try:  # after SIGHUP the terminal may be gone
+            print(f"\n{name}: stopping once the current layer is saved (again to stop at once)", file=sys.stderr)
+        except OSError:
+            pass
 
     def check_outliers(self, measured: int, num_layers: int, out: Path) -> None:
         raise Interrupted(

@@ -118,6 +118,9 @@ class Settings:
     checkpoint_every: int = 1
     runtime_bytes: int = 0  # python + torch + transformers, resident before any model work
 
+    def __post_init__(self):
+        self.batch_size = min(self.batch_size, self.nsamples)  # a micro-batch holds at most every sample
+
 
 def estimate(geometry: Geometry, settings: Settings) -> dict:
     """Peak RAM (by step) and VRAM, disk needed, bytes read and written, FLOPs. Every term in bytes."""

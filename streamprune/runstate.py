@@ -57,13 +57,15 @@ FLAGS = {
 
 
 def source_fingerprint(checkpoint: Checkpoint) -> dict:
-    """Identify the source cheaply: config and index bytes, and per weight file its size and a
-    sha256 of its header and of its first and last MiB of tensor data (hashing a 140 GB model
-    whole would take longer than some runs)."""
+    """Identify the source cheaply: config and index bytes, and per weight file its size,
+    modification time, inode and a sha256 of its header and of its first and last MiB of tensor
+    data (hashing a 140 GB model whole would take longer than some runs; a run hashes each tensor
+    as it reads it instead, see Checkpoint.digests)."""
     directory = checkpoint.directory
     fingerprint = {"config.json": file_sha256(directory / "config.json")}
     for path in checkpoint.weight_files:
-        size = path.stat().st_size
+        stat = path.stat()
+        size = stat.st_size
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             header_bytes = 8 + int.from_bytes(f.read(8), "little")
@@ -71,7 +73,11 @@ def source_fingerprint(checkpoint: Checkpoint) -> dict:
             digest.update(f.read(min(size, header_bytes + _SAMPLE_BYTES)))
             f.seek(max(header_bytes, size - _SAMPLE_BYTES))
             digest.update(f.read())
-        fingerprint[path.name] = f"{size} bytes, sampled sha256 {digest.hexdigest()}"
+        # a file rewritten in place has a new modification time; one replaced by a copy, a new inode
+        fingerprint[path.name] = (
+            f"{size} bytes, modified {stat.st_mtime_ns}, inode {stat.st_dev}:{stat.st_ino}, "
+            f"sampled sha256 {digest.hexdigest()}"
+        )
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         fingerprint[index.name] = file_sha256(index)
@@ -91,6 +97,7 @@ class RunState:
         # --allocation owl: {"outlier_ratios": [...]} of the layers measured so far (then
         # `activations` holds the dense stream's, with "phase": "owl"), and "sparsities" once done
         self.allocation = None
+        self.tensor_digests: dict[str, str] = {}  # every source tensor read so far (Checkpoint.digests)
         self.layers: list[dict] = []  # per-layer records of the finished layers
         self.seconds = 0.0  # time spent by earlier sessions of this run
         self.sessions: list[dict] = []  # one entry per start or resume
@@ -111,6 +118,7 @@ class RunState:
                 setattr(state, key, data[key])
             state.allocation = data.get("allocation")
             state.dense_activations = data.get("dense_activations")
+            state.tensor_digests = data.get("tensor_digests", {})
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise BadInputError(
                 f"{path} (the state of an interrupted run) cannot be read ({err}); start over with --force"
@@ -130,6 +138,7 @@ class RunState:
             "activations": self.activations,
             "dense_activations": self.dense_activations,
             "allocation": self.allocation,
+            "tensor_digests": self.tensor_digests.copy(),  # the reader thread may be adding to it
             "layers": self.layers,
             "seconds": self.seconds,
             "sessions": self.sessions,
@@ -170,6 +179,14 @@ class RunState:
             if path.name != STATE_FILE:
                 path.unlink()
         shutil.rmtree(self.dir)
+
+
+def saved_state(out: Path, name: str = STATE_FILE) -> bytes | None:
+    """A state file as it is on disk now (None: there is none), to notice another writer."""
+    try:
+        return (Path(out) / STATE_DIR / name).read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 class ScoringState:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 from .errors import BadInputError, ResourceError
@@ -88,21 +91,40 @@ def first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+OFFLINE = "no connection to the hub from this machine, and it is not in the local cache"
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the hub answers at all, found out in seconds: offline, huggingface_hub retries each
+    request for half a minute before it gives up. Without the hub, downloads use the local cache."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
 def download(repo_id: str, asked: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=not hub_reachable()))
     except Exception as err:  # offline, unknown repo, gated repo: each ends the same way for the user
-        reason = first_line(err)
-        offline = isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled))
+        offline = not hub_reachable() or isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled))
+        reason = OFFLINE if not hub_reachable() else first_line(err)
         where = f"{asked} (hub id {repo_id})" if asked != repo_id else repo_id
         if offline:
             raise ResourceError(
                 f"cannot download {where}: the Hugging Face hub is not reachable ({reason}). "
                 f"Download it on a machine with network access (huggingface-cli download {repo_id}) "
-                "and pass the local directory: streamprune run /path/to/model ..."
+                f"and pass its local directory in place of {asked}."
             ) from err
         raise BadInputError(
             f"cannot download {where} from the Hugging Face hub: {reason}. Check the id (and `hf auth login` "
@@ -136,9 +158,9 @@ def download_file(repo_id: str, filename: str, asked: str) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, filename))
+        return Path(hf_hub_download(repo_id, filename, local_files_only=not hub_reachable()))
     except Exception as err:
-        reason = first_line(err)
+        reason = OFFLINE if not hub_reachable() else first_line(err)
         raise ResourceError(
             f"cannot download {filename} of {asked} (hub id {repo_id}): {reason}. Without network, pass a local "
             f"directory or its config.json: streamprune plan /path/to/model ..."

@@ -312,9 +312,11 @@ def check_weights_finite(tensor: torch.Tensor, name: str, saved: str = "") -> No
         )
 
 
-def check_activations_finite(hidden: torch.Tensor, index: int, saved: str = "") -> None:
+def check_activations_finite(
+    hidden: torch.Tensor, index: int, saved: str = "", in_float32: str = "run the same command with --dtype float32"
+) -> None:
     """Refuse to go on when a layer's outputs overflowed: later layers, and any statistics taken
-    from them, would be computed from NaN."""
+    from them, would be computed from NaN. `in_float32` says how to compute in float32 instead."""
     nan = inf = 0
     rows = max(1, _FINITE_CHECK_ELEMENTS // max(1, hidden[0].numel()))
     for start in range(0, hidden.shape[0], rows):  # in slices, so that an offloaded buffer stays unmapped
@@ -323,7 +325,7 @@ def check_activations_finite(hidden: torch.Tensor, index: int, saved: str = "") 
         buffers.release(hidden, slice(start, start + rows))
     if nan or inf:
         hint = (
-            "The weights are finite, so the layer overflowed: rerun with --dtype float32."
+            f"The weights are finite, so the layer overflowed: {in_float32}."
             if hidden.dtype != torch.float32
             else "The weights are finite but overflow even in float32: the checkpoint is broken."
         )

@@ -60,16 +60,18 @@ def tiny_tokenizer(directory: Path) -> None:
 
 
 def make_tiny_model(
-    directory: Path, family: str = "llama", layers: int = 3, dtype=torch.float32, seed: int = 0
+    directory: Path, family: str = "llama", layers: int = 3, dtype=torch.float32, seed: int = 0, config=None,
+    max_shard_size: str = "60KB",
 ) -> Path:
+    """A random checkpoint of `family` (or of `config`) with the tiny tokenizer."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, layers)).to(dtype)
+    model = AutoModelForCausalLM.from_config(config or tiny_config(family, layers)).to(dtype)
     with torch.no_grad():  # trained-looking spread, so that scores are not all alike
         for param in model.parameters():
             param.normal_(0, 0.05 if param.dim() > 1 else 0.1).add_(1.0 if param.dim() == 1 else 0.0)
-    model.save_pretrained(directory, max_shard_size="60KB")  # several shards, layers split across them
+    model.save_pretrained(directory, max_shard_size=max_shard_size)  # by default several shards, layers split
     tiny_tokenizer(directory)
     return directory
 

@@ -10,7 +10,7 @@ A job: {"args": [...CLI args after "run"...], "log": path for the child's stdout
         "action": "kill" (SIGKILL before the call) | "kill-after" (SIGKILL after it returns) |
                   "half-kill" (write: half the bytes reach the file, then SIGKILL) |
                   "enospc" (write: half the bytes, then the disk is full) |
-                  "sigint" (Ctrl-C before the call, then carry on),
+                  "sigint" | "sigterm" | "sighup" (that signal before the call, then carry on),
         "counts": optional path where the child writes how often each event happened}
 """
 
@@ -30,6 +30,9 @@ from streamprune.writer import CheckpointWriter
 from transformers.models.llama import modeling_llama  # noqa: F401
 
 
+STOP_SIGNALS = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "sighup": signal.SIGHUP}
+
+
 def crash_at(job: dict) -> dict[str, int]:
     """Patch the four call sites; the job's event crashes at its n-th call, every event is counted."""
     counts = {"forward": 0, "write": 0, "replace": 0, "rmtree": 0}
@@ -40,8 +43,8 @@ def crash_at(job: dict) -> dict[str, int]:
             hit = job.get("event") == event and counts[event] == job["n"]
             if hit and job["action"] == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
-            if hit and job["action"] == "sigint":
-                os.kill(os.getpid(), signal.SIGINT)
+            if hit and job["action"] in STOP_SIGNALS:
+                os.kill(os.getpid(), STOP_SIGNALS[job["action"]])
             if hit and job["action"] in ("half-kill", "enospc") and write_half:
                 writer, data = args
                 view = memoryview(data).cast("B")

@@ -131,7 +131,7 @@ def test_hub_id_offline_fails_fast_and_suggests_a_local_path(tmp_path):
     )
     assert result.returncode == 4, result.stderr
     assert "HuggingFaceTB/SmolLM2-135M" in result.stderr and "not reachable" in result.stderr
-    assert "streamprune run /path/to/model" in result.stderr
+    assert "pass its local directory in place of smollm2-135m" in result.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -219,12 +219,17 @@ def test_full_disk_mid_shard_then_resume(model, crasher, reference, tmp_path):
     assert digest(out) == digest(ref_out)
 
 
-def test_ctrl_c_stops_at_the_next_layer_and_says_how_to_resume(model, crasher, reference, tmp_path):
+@pytest.mark.parametrize("action, name", [("sigint", "Ctrl-C"), ("sigterm", "SIGTERM"), ("sighup", "SIGHUP")])
+def test_a_stop_signal_stops_at_the_next_layer_and_says_how_to_resume(
+    model, crasher, reference, tmp_path, action, name
+):
+    """Ctrl-C, a scheduler's SIGTERM and a closed terminal's SIGHUP all stop the run the same way."""
     ref_out, _ = reference
     out = tmp_path / "out"
-    # Ctrl-C during layer 1's dense forward: layer 1 is finished and saved, then the run stops
-    ended, log, _ = crasher.run(model, out, event="forward", n=10, action="sigint")
+    # the signal during layer 1's dense forward: layer 1 is finished and saved, then the run stops
+    ended, log, _ = crasher.run(model, out, event="forward", n=10, action=action, quiet=False)
     assert ended == {"exit": 130}, log
+    assert f"{name}: stopping once the current layer is saved" in log, log
     assert "layers 0-1 of 4 are saved" in log, log
     assert f"to resume: streamprune run {model} --out {out}" in log, log
     state = json.loads((out / STATE_DIR / "state.json").read_text())
