@@ -2,6 +2,13 @@
 
     python benchmarks/quality.py [--limit 100] [--ppl-windows 40]     # about an hour on 2 CPU cores
     python benchmarks/quality.py --variants "RIA 50%,RIA 2:4"        # only these, in a section of their own
+    python benchmarks/quality.py --table methods --limit 50          # every method x sparsity x OWL: hours
+
+--table methods measures the methods issue's table: magnitude, Wanda, RIA and SparseGPT, each at
+50%, 60% and 70% unstructured with and without OWL, and at 2:4 and 4:8 (33 variants with dense).
+It takes several hours on a CPU, so it goes on where it stopped: every measured row is kept in
+benchmarks/quality-methods.json (with the commit it was measured at), and the table in RESULTS.md
+(section quality-methods) is rewritten after every variant from all rows measured so far.
 
 Variants: dense | magnitude 50% | Wanda 50% | Wanda 2:4 | Wanda 4:8 | magnitude 2:4 | RIA 50% |
 RIA 2:4. With --variants, the table of those rows goes to its own section ("quality-added"), under
@@ -23,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import C4, TASKS, conditions, evaluate, streamprune, write_section
+from common import C4, TASKS, code_version, conditions, evaluate, streamprune, write_section
 from smollm2 import build
 
 VARIANTS = [
@@ -36,6 +43,13 @@ VARIANTS = [
     ("RIA 50%", ["--method", "ria", "--sparsity", "0.5"]),
     ("RIA 2:4", ["--method", "ria", "--pattern", "2:4"]),
 ]
+METHOD_VARIANTS = [("dense", None)]
+for _label, _method in (("magnitude", "magnitude"), ("Wanda", "wanda"), ("RIA", "ria"), ("SparseGPT", "sparsegpt")):
+    for _percent in (50, 60, 70):
+        _flags = ["--method", _method, "--sparsity", f"{_percent / 100}"]
+        METHOD_VARIANTS += [(f"{_label} {_percent}%", _flags), (f"{_label} {_percent}% OWL", [*_flags, "--allocation", "owl"])]
+    METHOD_VARIANTS += [(f"{_label} {n}:{m}", ["--method", _method, "--pattern", f"{n}:{m}"]) for n, m in ((2, 4), (4, 8))]
+METHOD_ROWS = Path(__file__).resolve().parent / "quality-methods.json"
 
 
 def main() -> None:
@@ -43,7 +57,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="examples per zero-shot task")
     parser.add_argument("--ppl-windows", type=int, default=40, help="WikiText-2 windows of 512 tokens")
     parser.add_argument("--variants", help="comma-separated labels: measure only these (own section)")
+    parser.add_argument("--table", choices=["main", "methods"], default="main")
     args = parser.parse_args()
+    if args.table == "methods":
+        return methods_table(args)
     chosen = VARIANTS
     if args.variants:
         wanted = [label.strip() for label in args.variants.split(",")]
@@ -56,26 +73,63 @@ def main() -> None:
     rows = []
     try:
         for label, flags in chosen:
-            print(f"{label} ...", flush=True)
-            target, seconds = model, None
-            if flags is not None:
-                target = work / label.replace(" ", "_").replace("%", "").replace(":", "-")
-                streamprune(
-                    "run", str(model), "--out", str(target), *flags, "--calib", str(C4),
-                    "--nsamples", "128", "--seqlen", "512", "--seed", "0", "--quiet",
-                )  # fmt: skip
-                seconds = json.loads((target / "streamprune.json").read_text())["total_seconds"]
-            ppl, tasks = evaluate(target, work, args.ppl_windows, args.limit)
-            rows.append((label, ppl, tasks, seconds))
-            print(f"  ppl {ppl:.2f}, average acc {tasks['average_acc']:.4f}", flush=True)
+            rows.append(measure(label, flags, model, work, args))
+    finally:
+        shutil.rmtree(work)
+    options = f" --limit {args.limit} --ppl-windows {args.ppl_windows}" if (args.limit, args.ppl_windows) != (100, 40) else ""
+    options += f' --variants "{args.variants}"' if args.variants else ""
+    title = ": variants measured on their own, as for the quality table" if args.variants else ""
+    write_section("quality-added" if args.variants else "quality", table(title, options, rows, args))
+
+
+def measure(label: str, flags: list[str] | None, model: Path, work: Path, args) -> tuple:
+    """(label, perplexity, zero-shot results, pruning seconds or None for dense) of one variant."""
+    print(f"{label} ...", flush=True)
+    target, seconds = model, None
+    if flags is not None:
+        target = work / label.replace(" ", "_").replace("%", "").replace(":", "-")
+        streamprune(
+            "run", str(model), "--out", str(target), *flags, "--calib", str(C4),
+            "--nsamples", "128", "--seqlen", "512", "--seed", "0", "--quiet", "--force",
+        )  # fmt: skip
+        seconds = json.loads((target / "streamprune.json").read_text())["total_seconds"]
+    ppl, tasks = evaluate(target, work, args.ppl_windows, args.limit)
+    if flags is not None:
+        shutil.rmtree(target)  # a float32 SmolLM2 is 0.5 GB; 33 of them would fill the disk
+    print(f"  ppl {ppl:.2f}, average acc {tasks['average_acc']:.4f}", flush=True)
+    return label, ppl, tasks, seconds
+
+
+def methods_table(args) -> None:
+    """The methods table, going on from the rows benchmarks/quality-methods.json already holds
+    (measured with the same --limit and --ppl-windows)."""
+    settings = {"limit": args.limit, "ppl_windows": args.ppl_windows}
+    saved = json.loads(METHOD_ROWS.read_text()) if METHOD_ROWS.exists() else {"settings": settings, "rows": {}}
+    if saved["settings"] != settings:
+        sys.exit(f"{METHOD_ROWS} holds rows measured with {saved['settings']}; use those, or move the file away")
+    model = build()
+    work = Path(tempfile.mkdtemp())
+    try:
+        for label, flags in METHOD_VARIANTS:
+            if label in saved["rows"]:
+                continue
+            _, ppl, tasks, seconds = measure(label, flags, model, work, args)
+            saved["rows"][label] = {"ppl": ppl, "tasks": tasks, "seconds": seconds, "commit": code_version()}
+            METHOD_ROWS.write_text(json.dumps(saved, indent=1) + "\n")
+            rows = [(lbl, r["ppl"], r["tasks"], r["seconds"]) for lbl, _ in METHOD_VARIANTS if (r := saved["rows"].get(lbl))]
+            commits = sorted({r["commit"] for r in saved["rows"].values()})
+            title = f": every method, with and without OWL ({len(rows)} of {len(METHOD_VARIANTS)} variants measured)"
+            options = f" --table methods --limit {args.limit} --ppl-windows {args.ppl_windows}"
+            body = table(title, options, rows, args, f"Rows measured at commits {', '.join(commits)}; pruning times from "
+                         "different sessions are not comparable with each other.")  # fmt: skip
+            write_section("quality-methods", body)
     finally:
         shutil.rmtree(work)
 
-    options = f" --limit {args.limit} --ppl-windows {args.ppl_windows}" if (args.limit, args.ppl_windows) != (100, 40) else ""
-    options += f' --variants "{args.variants}"' if args.variants else ""
+
+def table(title: str, options: str, rows: list, args, note: str = "") -> str:
     lines = [
-        "## Quality of pruned SmolLM2-135M (streamed evaluation)"
-        + (": variants measured on their own, as for the quality table" if args.variants else ""),
+        "## Quality of pruned SmolLM2-135M (streamed evaluation)" + title,
         "",
         f"Command: `python benchmarks/quality.py{options}`."
         + " Pruning: calibration 128 x 512 tokens of `c4/c4_validation_2k.jsonl.gz`, seed 0, CPU, float32, "
@@ -84,7 +138,7 @@ def main() -> None:
         f"first {args.ppl_windows}. Zero-shot: `acc` of lm-evaluation-harness's prompts, the first {args.limit} "
         f"examples of each task (a sample: one standard error is up to {50 / args.limit**0.5:.0f} points at "
         f"n={args.limit}). "
-        "Average: mean `acc` of the seven tasks.",
+        "Average: mean `acc` of the seven tasks. " + note,
         "",
         conditions(),
         "",
@@ -95,8 +149,7 @@ def main() -> None:
         accs = " | ".join(f"{100 * tasks['tasks'][t]['acc']:.1f}" for t in TASKS)
         took = "-" if seconds is None else f"{seconds:.0f} s"
         lines.append(f"| {label} | {ppl:.2f} | {accs} | {100 * tasks['average_acc']:.1f} | {took} |")
-    body = "\n".join(lines)
-    write_section("quality-added" if args.variants else "quality", body)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,13 @@ def test_70b_at_the_papers_calibration_fits_a_24gb_gpu():
     assert plan["peak_ram_bytes"] - on_disk["peak_ram_bytes"] == 4 * 2**30 - 2048 * 8192 * 2 * 2
 
 
+def test_a_micro_batch_holds_at_most_every_sample():
+    """--batch-size 1000 with --nsamples 4 runs micro-batches of 4: the plan says what the run does."""
+    huge = estimate(LLAMA2_70B, Settings(device="cuda", nsamples=4, seqlen=2048, batch_size=1000))
+    assert huge == estimate(LLAMA2_70B, Settings(device="cuda", nsamples=4, seqlen=2048, batch_size=4))
+    assert huge != estimate(LLAMA2_70B, Settings(device="cuda", nsamples=4, seqlen=2048, batch_size=1))
+
+
 def test_peak_ram_does_not_depend_on_depth():
     shallow = Geometry(8, 1024, 2816, 16, 4, 64, 49152, True, False)
     deep = Geometry(64, 1024, 2816, 16, 4, 64, 49152, True, False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import C4, DATA, WIKITEXT, make_tiny_model, tree_digest
-from test_hostile import listing
+from test_hostile import listing, set_tensor
 from typer.testing import CliRunner
 
 from streamprune.cli import app, stop_signals_as_ctrl_c
@@ -95,6 +95,7 @@ def test_two_runs_started_at_once_one_writes_the_other_is_refused(model, tmp_pat
     runs = [start_run(model, out, "--nsamples", "32", "--seqlen", "64") for _ in range(2)]
     ended = sorted((run.wait(timeout=300), run.communicate()[1]) for run in runs)
     assert [code for code, _ in ended] == [0, 2], ended
+    assert "Warning" not in ended[0][1], ended[0][1]  # only streamprune's own output
     refusal = " ".join(ended[1][1].split())
     # refused while the other held --out, or after it had finished there
     assert "is in use by another streamprune process" in refusal or "already holds a completed run" in refusal
@@ -300,6 +301,23 @@ def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(signum):
             os.kill(os.getpid(), signum)
             time.sleep(5)  # the signal arrives at once: this sleep is interrupted
     assert signal.getsignal(signum) == before  # the process's own handling is back
+
+
+# -- advice that works as given ----------------------------------------------------------------
+
+
+def test_the_float16_overflow_advice_works_as_given(model, tmp_path):
+    """float16 tops out at 65504: a norm weight of 6e4 overflows layer 1's outputs, not float32's."""
+    set_tensor(model, "model.layers.1.post_attention_layernorm.weight", 6e4, count=64)
+    out = tmp_path / "out"
+    code, output = cli("run", model, "--out", out, *FAST, "--dtype", "float16")
+    assert code == 3 and "overflowed" in output, output
+    advice = "--dtype float32 --force"
+    assert advice in output, output
+    code, output = cli("run", model, "--out", out, *FAST, *advice.split())
+    assert code == 0, output
+    code, output = cli("eval", model, "--ppl", WIKITEXT, "--seqlen", "32", "--limit", "1", "--dtype", "float16")
+    assert code == 3 and "evaluate with --dtype float32" in output and "prun" not in output.lower(), output
 
 
 # -- a source that changed between an interrupted run and its resume -----------------------------
