@@ -45,7 +45,7 @@ class PruneConfig:
     dtype: str = "auto"  # compute dtype; auto: the checkpoint's
     batch_size: int | None = 1  # calibration samples per micro-batch; 1 is what the reference does; None: auto
     max_shard_size: str = "5GB"
-    checkpoint_every: int = 1  # save a resume point (activations + state) every this many layers
+    checkpoint_every: int | None = None  # a resume point (activations + state) every this many layers; None: the plan's
     checkpoint_minutes: float | None = None  # ... and also when this many minutes have passed
     offload: str = "auto"  # the activation buffer in RAM (cpu), in a file (disk), or cpu when it fits (auto)
     offload_dir: str | None = None  # where --offload disk puts it; default OUT/.streamprune/offload

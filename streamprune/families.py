@@ -37,6 +37,8 @@ FAMILIES = {
         Family("llama", "LlamaForCausalLM", "Llama"),  # Llama 2/3/3.x, SmolLM2, TinyLlama, ...
         Family("mistral", "MistralForCausalLM", "Mistral"),
         Family("qwen2", "Qwen2ForCausalLM", "Qwen2"),
+        Family("qwen3", "Qwen3ForCausalLM", "Qwen3"),  # q/k norms inside attention (kept, not pruned)
+        Family("olmo2", "Olmo2ForCausalLM", "Olmo2"),  # norms after attention and MLP, q/k norms
     )
 }
 SUPPORTED = ", ".join(f"{f.architecture} ({f.model_type})" for f in FAMILIES.values())

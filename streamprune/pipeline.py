@@ -182,6 +182,7 @@ class PruneRun:
             config.batch_size = settings.batch_size = plan.largest_batch(geometry, settings, max_vram)
         self.plan, problems = plan.fit(geometry, settings, max_ram, max_vram)
         config.offload = settings.offload
+        config.checkpoint_every = self.plan["checkpoint_every"]  # the default keeps within the write budget
         if not config.quiet or problems:
             print(plan.report(self.plan, settings, None, str(self.device), problems), file=sys.stderr)
         if problems:
@@ -685,7 +686,7 @@ def plan_command(config: PruneConfig) -> str:
     words += ["--sequential"] if config.sequential else []
     words += ["--seqlen", str(config.seqlen), "--batch-size", str(config.batch_size), "--dtype", config.dtype]
     words += ["--device", str(config.torch_device), "--offload", config.offload]
-    words += ["--checkpoint-every", str(config.checkpoint_every)]
+    words += ["--checkpoint-every", str(config.checkpoint_every)] if config.checkpoint_every else []
     words += ["--max-ram", config.max_ram] if config.max_ram else []
     words += ["--max-gpu-memory", config.max_gpu_memory] if config.max_gpu_memory else []
     return shlex.join(words)

@@ -115,7 +115,7 @@ class Settings:
     device: str = "cpu"  # "cpu" or "cuda"
     offload: str = "cpu"  # where the activation buffer lives: "cpu" (RAM) or "disk"
     overlap: bool = True
-    checkpoint_every: int = 1
+    checkpoint_every: int | None = None  # None: the fewest layers that keep within WRITE_BUDGET
     runtime_bytes: int = 0  # python + torch + transformers, resident before any model work
 
     def __post_init__(self):
@@ -161,7 +161,9 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     outside_bytes = g.outside_params * s.stored_bytes
     checkpoint_bytes = g.layers * stored_layer + outside_bytes
     # a resume point saves the buffer after every --checkpoint-every layers but the last, in each pass
-    resume_points = (math.ceil(g.layers / s.checkpoint_every) - 1) * (int(prune_calibrated) + int(owl))
+    passes = int(prune_calibrated) + int(owl)
+    every = s.checkpoint_every or checkpoint_every_within_budget(g.layers, passes, buffer, checkpoint_bytes)
+    resume_points = (math.ceil(g.layers / every) - 1) * passes
     flops_per_forward = 2 * g.linear_params * tokens + 2 * s.nsamples * g.heads * g.head_dim * s.seqlen * s.seqlen
     in_buffer = buffer if s.offload == "cpu" else 0
     return {
@@ -184,6 +186,8 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
         + (g.layers * stored_layer if owl else 0),
         # written: the output, and an activation checkpoint at every resume point but the last
         "bytes_written": checkpoint_bytes + resume_points * buffer,
+        "checkpoint_every": every,
+        "resume_points": resume_points,
         "disk_bytes": {
             "output checkpoint": checkpoint_bytes,
             "activation checkpoints": 2 * buffer if g.layers > 1 else 0,
@@ -194,6 +198,22 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
             + sum(method.prune_flops(rows, cols) for rows, cols in g.linear_shapes().values())
         ),
     }
+
+
+# The resume points' activation files may add at most this share of the output's size to what a
+# run writes: a 70B run saving its 4 GiB buffer after each of 80 layers would write 444 GiB, 3.4x
+# its output, SSD wear its owner did not ask for.
+WRITE_BUDGET = 0.2
+
+
+def checkpoint_every_within_budget(layers: int, passes: int, buffer_bytes: int, checkpoint_bytes: int) -> int:
+    """The default --checkpoint-every: the fewest layers between resume points whose activation
+    files (one buffer per resume point, in each of `passes` streamed passes) stay within
+    WRITE_BUDGET x the output checkpoint. `layers` means no resume point before the end."""
+    for every in range(1, layers + 1):
+        if (math.ceil(layers / every) - 1) * passes * buffer_bytes <= WRITE_BUDGET * checkpoint_bytes:
+            return every
+    return layers
 
 
 def _pass_bytes(g: Geometry, s: Settings, method, prune_calibrated: bool, owl: bool) -> tuple[int, int, int]:
@@ -421,7 +441,14 @@ def report(plan: dict, settings: Settings, times: dict | None, device_name: str,
     disk = ", ".join(f"{name} {format_size(n)}" for name, n in plan["disk_bytes"].items() if n)
     lines += [
         f"  disk       {format_size(sum(plan['disk_bytes'].values()))} ({disk})",
-        f"  I/O        read {format_size(plan['bytes_read'])}, write {format_size(plan['bytes_written'])}",
+        f"  I/O        read {format_size(plan['bytes_read'])}, write {format_size(plan['bytes_written'])}"
+        + (
+            f" ({plan['bytes_written'] / plan['checkpoint_bytes']:.2f}x the output: a resume point every "
+            f"{plan['checkpoint_every']} layer(s), {plan['resume_points']} in all; a kill redoes at most "
+            f"{plan['checkpoint_every']})"
+            if plan["buffer_bytes"]
+            else ""
+        ),
         f"  compute    {plan['flops'] / 1e12:,.1f} TFLOP",
     ]
     if times is not None:

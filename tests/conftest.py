@@ -20,8 +20,12 @@ C4 = DATA / "c4" / "c4_validation_2k.jsonl.gz"
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+# the tiny fixtures every equivalence test runs on: one per supported family, and their variants
+TINY_FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "olmo2")
+
+
 def tiny_config(family: str, layers: int = 3):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=512,
@@ -40,6 +44,10 @@ def tiny_config(family: str, layers: int = 3):
         return MistralConfig(**common, sliding_window=16)
     if family == "qwen2":  # biased q/k/v; sliding attention from layer 1 on
         return Qwen2Config(**common, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    if family == "qwen3":  # q/k RMSNorms per head; head_dim set apart from hidden / heads, as Qwen3's is
+        return Qwen3Config(**common, head_dim=32, use_sliding_window=False)
+    if family == "olmo2":  # RMSNorms after attention and after the MLP, q/k norms over all heads
+        return Olmo2Config(**common)
     raise ValueError(family)
 
 
@@ -79,7 +87,7 @@ def make_tiny_model(
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {family: make_tiny_model(root / family, family) for family in ("llama", "llama-tied", "mistral", "qwen2")}
+    return {family: make_tiny_model(root / family, family) for family in TINY_FAMILIES}
 
 
 @pytest.fixture(scope="session")

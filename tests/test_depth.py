@@ -27,6 +27,10 @@ from streamprune.depth import (
 from streamprune.errors import UsageError
 from streamprune.families import PRUNABLE_LINEARS
 
+# families whose config changes with depth (qwen2: sliding layers), and the newer layer layouts
+DEPTH_FAMILIES = ("llama", "qwen2", "qwen3", "olmo2")
+
+
 # -- pure functions ---------------------------------------------------------------------------------
 
 
@@ -152,7 +156,7 @@ def run_depth(model: Path, out: Path, **kwargs) -> dict:
 @pytest.fixture(scope="module")
 def tiny6(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("depth")
-    return {family: make_tiny_model(root / family, family, layers=6) for family in ("llama", "qwen2")}
+    return {family: make_tiny_model(root / family, family, layers=6) for family in DEPTH_FAMILIES}
 
 
 def calibration_ids(model: Path, nsamples: int, seqlen: int, seed: int = 1234) -> torch.Tensor:
@@ -174,7 +178,7 @@ def assert_scores_match(report: dict, reference: dict[int, float], criterion: st
             assert got[block] == pytest.approx(value, rel=rel), (block, got[block], value)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", DEPTH_FAMILIES)
 @pytest.mark.parametrize("criterion", ["magnitude", "bi", "ppl", "taylor"])
 def test_streamed_scores_equal_the_whole_model(tiny6, tmp_path, family, criterion):
     model = tiny6[family]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, WIKITEXT
+from conftest import DATA, TINY_FAMILIES, WIKITEXT
 from typer.testing import CliRunner
 
 from streamprune.cli import app
@@ -73,7 +73,7 @@ def test_ppl_windows_are_non_overlapping_and_limited(tiny_llama):
     assert len(ppl_windows(tokenizer, "one two three four five six seven eight nine ten", 3, 1)) == 1
 
 
-@pytest.mark.parametrize("family", ["llama", "llama-tied", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_streamed_equals_whole_model_on_tiny_models(tiny_models, family, tmp_path):
     from transformers import AutoTokenizer
 

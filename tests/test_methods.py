@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import C4, WIKITEXT
+from conftest import C4, TINY_FAMILIES, WIKITEXT
 from reference_wanda import LINEARS, load_full_model, wanda_reference
 from test_pipeline import load_state, mask_agreement, run, saved_ids
 from typer.testing import CliRunner
@@ -17,7 +17,6 @@ from streamprune.families import LayerRunner
 from streamprune.methods import Target
 from streamprune.methods.ria import RIA, ria_scores
 
-FAMILIES = ("llama", "llama-tied", "mistral", "qwen2")
 
 
 def ria_metric(weight: torch.Tensor, scaler_row: torch.Tensor, a: float = 0.5) -> torch.Tensor:
@@ -46,7 +45,7 @@ def test_ria_differs_from_wanda_where_a_channel_dominates():
     assert mask[0].tolist() == [True, False]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("pattern", [None, "2:4"])
 def test_streamed_ria_equals_whole_model_reference(tiny_models, tmp_path, family, pattern):
     out = tmp_path / "out"

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import WIKITEXT
+from conftest import TINY_FAMILIES, WIKITEXT
 from reference_owl import owl_reference
 from reference_wanda import LINEARS, load_full_model, wanda_reference
 from test_pipeline import load_state, mask_agreement, run, saved_ids
@@ -17,7 +17,6 @@ from streamprune.allocation import layer_outlier_ratio, owl_sparsities
 from streamprune.cli import app
 from streamprune.errors import UsageError
 
-FAMILIES = ("llama", "llama-tied", "mistral", "qwen2")
 
 
 def test_owl_sparsities_golden():
@@ -33,7 +32,7 @@ def test_outlier_ratio_golden_across_matrices():
     assert layer_outlier_ratio(lambda: iter(matrices), 5) == pytest.approx(10.0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_streamed_owl_allocation_equals_the_papers_procedure(tiny_models, tmp_path, family):
     out = tmp_path / "out"
     record = run(tiny_models[family], out, method="wanda", allocation="owl", sparsity=0.6, batch_size=1)

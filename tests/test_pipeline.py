@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import C4, WIKITEXT, tree_digest
+from conftest import C4, TINY_FAMILIES, WIKITEXT, tree_digest
 from reference_wanda import LINEARS, layer_outputs, load_full_model, wanda_reference
 from safetensors import safe_open
 
 from streamprune import PruneConfig, prune
 
-FAMILIES = ("llama", "llama-tied", "mistral", "qwen2")
 
 
 def load_state(directory: Path) -> dict[str, torch.Tensor]:
@@ -49,7 +48,7 @@ def mask_agreement(pruned: dict, reference_model) -> float:
     return same / total
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("pattern", [None, "2:4"])
 def test_streamed_wanda_equals_whole_model_reference(tiny_models, tmp_path, family, pattern):
     source = tiny_models[family]
@@ -75,7 +74,7 @@ def test_streamed_wanda_equals_whole_model_reference(tiny_models, tmp_path, fami
     assert tree_digest(source) == before
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_streamed_hidden_states_equal_full_model(tiny_models, tmp_path, family):
     """With dense propagation the buffers after each layer are the dense model's hidden states:
     the proof that masks (causal and sliding), rotary embeddings and attention match."""
@@ -142,17 +141,19 @@ def test_bfloat16_checkpoint_keeps_dtype_and_unpruned_bits(tmp_path):
         assert torch.equal(tensor[kept], before[name][kept])  # surviving weights bit-identical
 
 
-def test_magnitude_prunes_exact_count_per_matrix_without_calibration(tiny_llama, tmp_path):
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_magnitude_prunes_exact_count_per_matrix_without_calibration(tiny_models, tmp_path, family):
     out = tmp_path / "out"
-    record = run(tiny_llama, out, method="magnitude", sparsity=0.3, calib="/nonexistent")  # calib unused
+    record = run(tiny_models[family], out, method="magnitude", sparsity=0.3, calib="/nonexistent")  # calib unused
     assert record["calibration"] is None and not (out / "streamprune_calibration.json").exists()
-    source, pruned = load_state(tiny_llama), load_state(out)
-    for name, tensor in pruned.items():
-        if any(linear in name for linear in LINEARS):
-            assert int((tensor == 0).sum()) == int(tensor.numel() * 0.3), name
-            # exactly the smallest |W| are gone: every survivor is at least as large as every pruned weight
-            magnitude = source[name].abs()
-            assert magnitude[tensor != 0].min() >= magnitude[tensor == 0].max()
+    source, pruned = load_state(tiny_models[family]), load_state(out)
+    weights = {name: t for name, t in pruned.items() if name.endswith(".weight") and any(lin in name for lin in LINEARS)}
+    assert len(weights) == 7 * 3  # every Linear of the 3 layers (biases, as Qwen2's, are kept)
+    for name, tensor in weights.items():
+        assert int((tensor == 0).sum()) == int(tensor.numel() * 0.3), name
+        # exactly the smallest |W| are gone: every survivor is at least as large as every pruned weight
+        magnitude = source[name].abs()
+        assert magnitude[tensor != 0].min() >= magnitude[tensor == 0].max()
 
 
 def test_wanda_4_8_and_unstructured_ratio(tiny_llama, tmp_path):

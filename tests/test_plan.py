@@ -35,7 +35,7 @@ def test_llama2_70b_geometry_golden_numbers():
 
 
 def test_70b_at_the_papers_calibration_fits_a_24gb_gpu():
-    plan = estimate(LLAMA2_70B, Settings(device="cuda", nsamples=128, seqlen=2048))
+    plan = estimate(LLAMA2_70B, Settings(device="cuda", nsamples=128, seqlen=2048, checkpoint_every=1))
     assert plan["buffer_bytes"] == 128 * 2048 * 8192 * 2 == 4 * 2**30  # DESIGN.md section 4
     assert plan["layer_bytes"] == (855_638_016 + 2 * 8192) * 2
     assert plan["peak_vram_bytes"] < 24 * GB
@@ -48,6 +48,24 @@ def test_70b_at_the_papers_calibration_fits_a_24gb_gpu():
     # a RAM buffer is 4 GiB of the peak; on disk it is one micro-batch
     on_disk = estimate(LLAMA2_70B, Settings(device="cuda", offload="disk"))
     assert plan["peak_ram_bytes"] - on_disk["peak_ram_bytes"] == 4 * 2**30 - 2048 * 8192 * 2 * 2
+
+
+def test_the_default_resume_points_write_at_most_a_fifth_more_than_the_output():
+    """A 4 GiB buffer after each of 80 layers would write 444 GiB; by default a 70B run saves it
+    after every 12th layer: 6 resume points, 24 GiB, 1.19x the 128 GiB output."""
+    plan = estimate(LLAMA2_70B, Settings(device="cuda", nsamples=128, seqlen=2048))
+    assert plan["checkpoint_every"] == 12 and plan["resume_points"] == 6
+    assert plan["bytes_written"] == plan["checkpoint_bytes"] + 6 * 4 * 2**30 <= 1.2 * plan["checkpoint_bytes"]
+    every_layer = estimate(LLAMA2_70B, Settings(device="cuda", nsamples=128, seqlen=2048, checkpoint_every=1))
+    assert every_layer["bytes_written"] > 3.4 * every_layer["checkpoint_bytes"]
+    # OWL's pass saves resume points too: fewer in each pass, the same budget
+    owl = estimate(LLAMA2_70B, Settings(device="cuda", nsamples=128, seqlen=2048, allocation="owl"))
+    assert owl["bytes_written"] <= 1.2 * owl["checkpoint_bytes"] and owl["checkpoint_every"] > 12
+
+
+def test_the_plan_says_how_much_a_run_writes(tiny_llama):
+    result = CliRunner().invoke(app, ["plan", "llama-70b", "--device", "rtx4090"])
+    assert "write 152.48 GiB (1.19x the output: a resume point every 12 layer(s), 6 in all" in result.output
 
 
 def test_a_micro_batch_holds_at_most_every_sample():

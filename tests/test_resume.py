@@ -20,8 +20,10 @@ from conftest import ROOT, WIKITEXT, make_tiny_model, tree_digest
 
 from streamprune.runstate import STATE_DIR
 
-# 4 layers of 148 KB in 100 KB shards: layers straddle shards, and shards straddle layers
-ARGS = ["--calib", str(WIKITEXT), "--nsamples", "4", "--seqlen", "32", "--max-shard-size", "100KB"]
+# 4 layers of 148 KB in 100 KB shards: layers straddle shards, and shards straddle layers; a resume
+# point after every layer (the default would save fewer where OWL or --reconstruct write more)
+ARGS = ["--calib", str(WIKITEXT), "--nsamples", "4", "--seqlen", "32", "--max-shard-size", "100KB",
+        "--checkpoint-every", "1"]  # fmt: skip
 # the parts of the run record that are measurements of one process, not results
 # (the plan's peaks include the resident size of the process at the start)
 VOLATILE = ("total_seconds", "peak_rss_bytes", "peak_vram_bytes", "rss_after_step_bytes", "sessions", "plan")

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import C4
+from conftest import C4, TINY_FAMILIES
 from reference_sparsegpt import sparsegpt_reference
 from reference_wanda import LINEARS, load_full_model
 from test_pipeline import load_state, mask_agreement, run, saved_ids
@@ -21,7 +21,6 @@ from streamprune.errors import BadInputError, UsageError
 from streamprune.methods import Target, method_named
 from streamprune.methods.sparsegpt import Hessian, SparseGPT
 
-FAMILIES = ("llama", "llama-tied", "mistral", "qwen2")
 CPU = torch.device("cpu")
 
 
@@ -83,7 +82,7 @@ def test_hessian_accumulates_as_the_reference_and_merges_in_any_split():
         torch.testing.assert_close(statistic.H, expected)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize(("pattern", "blocksize"), [(None, 128), (None, 32), ("2:4", 16)])
 def test_streamed_sparsegpt_equals_whole_model_reference(tiny_models, tmp_path, family, pattern, blocksize):
     """One sample per micro-batch, as the reference: the same masks and weights (up to float
