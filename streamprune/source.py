@@ -22,14 +22,25 @@ ALIASES = {
     "mistral-7b": "mistralai/Mistral-7B-v0.1",
     "qwen2-7b": "Qwen/Qwen2-7B",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3-1.7b": "Qwen/Qwen3-1.7B",
+    "qwen3-4b": "Qwen/Qwen3-4B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "qwen3-32b": "Qwen/Qwen3-32B",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
+    "llama-3.3-70b": "meta-llama/Llama-3.3-70B-Instruct",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B",
 }
 
 
-def _llama(hidden, intermediate, layers, heads, kv_heads, vocab, positions, dtype, model_type="llama", tied=False):
-    architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+def _llama(
+    hidden, intermediate, layers, heads, kv_heads, vocab, positions, dtype, model_type="llama", tied=False, head_dim=None
+):
+    architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM"}  # fmt: skip
     return {
         "architectures": [architecture[model_type]],
         "model_type": model_type,
@@ -42,6 +53,7 @@ def _llama(hidden, intermediate, layers, heads, kv_heads, vocab, positions, dtyp
         "max_position_embeddings": positions,
         "torch_dtype": dtype,
         "tie_word_embeddings": tied,
+        **({"head_dim": head_dim} if head_dim else {}),
     }
 
 
@@ -58,6 +70,14 @@ ALIAS_CONFIGS = {
     "mistralai/Mistral-7B-v0.1": _llama(4096, 14336, 32, 32, 8, 32000, 32768, "bfloat16", "mistral"),
     "Qwen/Qwen2-7B": _llama(3584, 18944, 28, 28, 4, 152064, 131072, "bfloat16", "qwen2"),
     "HuggingFaceTB/SmolLM2-135M": _llama(576, 1536, 30, 9, 3, 49152, 8192, "bfloat16", tied=True),
+    "meta-llama/Llama-3.2-1B": _llama(2048, 8192, 16, 32, 8, 128256, 131072, "bfloat16", tied=True, head_dim=64),
+    "meta-llama/Llama-3.2-3B": _llama(3072, 8192, 28, 24, 8, 128256, 131072, "bfloat16", tied=True, head_dim=128),
+    "meta-llama/Llama-3.3-70B-Instruct": _llama(8192, 28672, 80, 64, 8, 128256, 131072, "bfloat16"),
+    "Qwen/Qwen3-0.6B": _llama(1024, 3072, 28, 16, 8, 151936, 40960, "bfloat16", "qwen3", tied=True, head_dim=128),
+    "Qwen/Qwen3-1.7B": _llama(2048, 6144, 28, 16, 8, 151936, 40960, "bfloat16", "qwen3", tied=True, head_dim=128),
+    "Qwen/Qwen3-4B": _llama(2560, 9728, 36, 32, 8, 151936, 40960, "bfloat16", "qwen3", tied=True, head_dim=128),
+    "Qwen/Qwen3-8B": _llama(4096, 12288, 36, 32, 8, 151936, 40960, "bfloat16", "qwen3", head_dim=128),
+    "Qwen/Qwen3-32B": _llama(5120, 25600, 64, 64, 8, 151936, 40960, "bfloat16", "qwen3", head_dim=128),
 }
 # Only what a checkpoint needs: config, tokenizer, safetensors weights. Never pickles or code.
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]

@@ -68,6 +68,18 @@ def test_the_plan_says_how_much_a_run_writes(tiny_llama):
     assert "write 152.48 GiB (1.19x the output: a resume point every 12 layer(s), 6 in all" in result.output
 
 
+@pytest.mark.parametrize(
+    "alias, billions",  # "Number of Parameters" on each model's card
+    [("llama-3.2-1b", 1.23), ("llama-3.2-3b", 3.21), ("llama-3.3-70b", 70.6), ("qwen3-0.6b", 0.6),
+     ("qwen3-1.7b", 1.7), ("qwen3-4b", 4.0), ("qwen3-8b", 8.2), ("qwen3-32b", 32.8)],
+)  # fmt: skip
+def test_the_built_in_sizes_of_the_newer_aliases_give_their_published_parameter_counts(alias, billions):
+    from streamprune.source import ALIASES
+
+    params = estimate(Geometry.from_config(ALIAS_CONFIGS[ALIASES[alias]]), Settings())["params"]
+    assert abs(params / 1e9 - billions) / billions < 0.02, params
+
+
 def test_a_micro_batch_holds_at_most_every_sample():
     """--batch-size 1000 with --nsamples 4 runs micro-batches of 4: the plan says what the run does."""
     huge = estimate(LLAMA2_70B, Settings(device="cuda", nsamples=4, seqlen=2048, batch_size=1000))
