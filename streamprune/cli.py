@@ -413,6 +413,18 @@ def depth(
     overlap: bool = typer.Option(
         True, "--overlap/--no-overlap", help="Read the next block while this one computes."
     ),
+    reconstruct: bool = typer.Option(
+        False,
+        "--reconstruct",
+        help="Heal each seam: the block before a removed span is trained (Adam, all its Linears) so that, on the "
+        "shortened model's inputs, it produces what the span produced in the dense model. One more pass over "
+        "the blocks, on --reconstruct-nsamples x --reconstruct-seqlen tokens of --calib.",
+    ),
+    reconstruct_epochs: int = typer.Option(4, help="--reconstruct: passes over the samples per seam block."),
+    reconstruct_lr: float = typer.Option(1e-3, help="--reconstruct: Adam's learning rate."),
+    reconstruct_batch_size: int = typer.Option(1, help="--reconstruct: samples per optimizer step."),
+    reconstruct_nsamples: int = typer.Option(32, help="--reconstruct: calibration sequences to train on."),
+    reconstruct_seqlen: int = typer.Option(512, help="--reconstruct: tokens per training sequence."),
     force: bool = typer.Option(False, "--force", help="Replace the checkpoint in a non-empty --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -452,6 +464,12 @@ def depth(
             max_shard_size=max_shard_size,
             checkpoint_minutes=checkpoint_minutes,
             overlap=overlap,
+            reconstruct=reconstruct,
+            reconstruct_epochs=reconstruct_epochs,
+            reconstruct_lr=reconstruct_lr,
+            reconstruct_batch_size=reconstruct_batch_size,
+            reconstruct_nsamples=reconstruct_nsamples,
+            reconstruct_seqlen=reconstruct_seqlen,
             force=force,
             quiet=quiet,
         )

@@ -44,6 +44,7 @@ from .outdir import (
     prepare_output_dir,
     write_json,
 )
+from .reconstruct import ReconstructSettings, reconstruct_layer, trainable
 from .runstate import (
     DEPTH_STATE_FILE,
     ScoringState,
@@ -95,6 +96,13 @@ class DepthConfig:
     max_shard_size: str = "5GB"
     checkpoint_minutes: float = 5.0  # save the scoring's progress this often (0: after every block)
     overlap: bool = True  # read the next block while this one computes
+    # --reconstruct: the block before each removed span is trained to produce what the span produced
+    reconstruct: bool = False
+    reconstruct_epochs: int = 4
+    reconstruct_lr: float = 1e-3
+    reconstruct_batch_size: int = 1
+    reconstruct_nsamples: int = 32  # its own calibration windows: the scoring's 10 x 128 are too few to train on
+    reconstruct_seqlen: int = 512
     force: bool = False
     quiet: bool = False
 
@@ -105,7 +113,10 @@ class DepthConfig:
             raise UsageError("give --remove K (blocks) or --ratio R (fraction of blocks), or --scores-only")
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise UsageError(f"--ratio {self.ratio} is outside (0, 1): it is the fraction of blocks removed, e.g. 0.2")
-        check_positive(self, "remove", "nsamples", "seqlen", "batch_size", "max_streams")
+        check_positive(self, "remove", "nsamples", "seqlen", "batch_size", "max_streams", "reconstruct_epochs",
+                       "reconstruct_lr", "reconstruct_batch_size", "reconstruct_nsamples", "reconstruct_seqlen")  # fmt: skip
+        if self.reconstruct and self.scores_only:
+            raise UsageError("--reconstruct heals the shortened checkpoint; --scores-only writes none. Drop one")
         for name in ("keep_first", "keep_last", "checkpoint_minutes"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
@@ -487,10 +498,16 @@ def depth(config: DepthConfig) -> dict:
             count = removal_count(source.num_layers, config.remove, config.ratio, config.keep_first, config.keep_last)
         calib_path = None if config.criterion == "magnitude" else calibration_path(config.calib)
         structure = scoring_identity(config, source, count, calib_path)
-        return score_and_write(config, source, structure, count, calib_path, lock, started)
+        heal_ids = None
+        if config.reconstruct:  # sampled now: bad calibration text is found before anything is written
+            heal_ids = healing_ids(config, source, calibration_path(config.calib))
+        return score_and_write(config, source, structure, count, calib_path, heal_ids, lock, started)
 
 
-def score_and_write(config: DepthConfig, source: Source, structure: dict, count, calib_path, lock, started) -> dict:
+def score_and_write(
+    config: DepthConfig, source: Source, structure: dict, count, calib_path, heal_ids, lock, started
+) -> dict:
+    """Steps 2-5: the scores (reused or computed), the report, the shortened checkpoint."""
     # 2-3. the scores: reused from an earlier run into --out with these exact settings (stopped
     # while writing, or --scores-only), else computed, going on from a stopped scoring's last save
     allowed = candidates(source.num_layers, config.keep_first, config.keep_last)
@@ -519,8 +536,12 @@ def score_and_write(config: DepthConfig, source: Source, structure: dict, count,
     if config.scores_only:
         return report
 
-    # 5. the shortened checkpoint: kept blocks renumbered 0..K-1, everything else as it was
-    report["output_files"], report["output_bytes"] = write_shortened(config, source, report["kept"])
+    # 5. the shortened checkpoint: kept blocks renumbered 0..K-1, everything else as it was but the
+    # blocks healed by --reconstruct
+    healed = {}
+    if heal_ids is not None:
+        healed, report["reconstruct"] = heal_seams(config, source, report["kept"], heal_ids)
+    report["output_files"], report["output_bytes"] = write_shortened(config, source, report["kept"], healed)
     report["total_seconds"] = time.perf_counter() - started
     write_json(config.out / RECORD_FILE, report)
     return report
@@ -617,9 +638,10 @@ def depth_report(config: DepthConfig, source: Source, structure, rounds, calibra
     }
 
 
-def write_shortened(config: DepthConfig, source: Source, kept: list[int]) -> tuple[list[str], int]:
-    """The checkpoint of blocks `kept` (renumbered 0..K-1), everything else byte for byte, and its
-    config.json made consistent; returns (shard files, bytes)."""
+def write_shortened(config: DepthConfig, source: Source, kept: list[int], healed: dict) -> tuple[list[str], int]:
+    """The checkpoint of blocks `kept` (renumbered 0..K-1), everything else byte for byte but the
+    tensors in `healed` (source name -> trained tensor), and its config.json made consistent;
+    returns (shard files, bytes)."""
     info, names = source.checkpoint.tensors, source.layer_names
     renamed = [(name, name) for name in names[None]]
     for new, old in enumerate(kept):
@@ -630,7 +652,7 @@ def write_shortened(config: DepthConfig, source: Source, kept: list[int]) -> tup
     check_free_space(config.out, {"output checkpoint": writer.total_bytes})
     try:
         for source_name, out_name in tqdm(renamed, desc="writing", unit="tensor", disable=config.quiet):
-            tensor = source.checkpoint.read(source_name)
+            tensor = healed[source_name] if source_name in healed else source.checkpoint.read(source_name)
             check_weights_finite(tensor, source_name)
             writer.write(out_name, tensor)
         writer.finish()
@@ -640,6 +662,66 @@ def write_shortened(config: DepthConfig, source: Source, kept: list[int]) -> tup
     copy_support_files(source.directory, config.out)
     write_json(config.out / "config.json", shortened_config(source.checkpoint.config, kept))
     return writer.files, writer.total_bytes
+
+
+# -- --reconstruct: healing the seams ------------------------------------------------------------------
+
+
+def seams(kept: list[int], num_layers: int) -> dict[int, int]:
+    """{kept block: the last block of the removed span right after it}. A span at the very start has
+    no block before it to heal."""
+    found, seam = {}, None
+    for index in range(num_layers):
+        if index in kept:
+            seam = index
+        elif seam is not None:
+            found[seam] = index  # the span goes on to here
+    return found
+
+
+def healing_ids(config: DepthConfig, source: Source, calib_path: Path) -> torch.Tensor:
+    """The calibration windows the seams train on, [reconstruct_nsamples, reconstruct_seqlen]."""
+    from types import SimpleNamespace
+
+    seqlen = source.capped_seqlen(config.reconstruct_seqlen)
+    settings = SimpleNamespace(calib=config.calib, nsamples=config.reconstruct_nsamples, seed=config.seed)
+    calibration = sample_calibration(settings, calib_path, file_sha256(calib_path), source.directory, seqlen)
+    source.check_token_ids(calibration["input_ids"])
+    return calibration["input_ids"]
+
+
+def heal_seams(config: DepthConfig, source: Source, kept: list[int], input_ids: torch.Tensor) -> tuple[dict, dict]:
+    """One pass over every block with two streams: the dense model's, and the shortened model's.
+    At a seam (a kept block followed by a removed span) the block is trained, on the shortened
+    stream's inputs, toward the dense stream's output after the span (what the span produced);
+    the shortened stream then goes through the trained block. Returns ({source tensor name: trained
+    tensor} for the seam blocks, {seam block: first and last epoch's mean loss})."""
+    settings = ReconstructSettings(config.reconstruct_epochs, config.reconstruct_lr, config.reconstruct_batch_size)
+    span_end = seams(kept, source.num_layers)
+    blocks = Blocks(source, config.batch_size, config.overlap, config.quiet)
+    shortened = embed(source.checkpoint, input_ids, source.dtype)  # [n, seqlen, hidden]
+    dense = shortened.clone()
+    healed, losses, seam = {}, {}, None  # seam: (index, layer, tensors) waiting for its span's end
+    for _, index, stored in blocks.stream(list(range(source.num_layers)), 0, "healing seams"):
+        layer = blocks.build(index, stored)
+        blocks.forward(layer, index, dense)
+        if index in span_end:
+            seam = (index, layer, stored)  # its dense output is in `dense`; it trains once the span has run
+        elif index in kept:
+            blocks.forward(layer, index, shortened)
+        if seam is not None and span_end[seam[0]] == index:
+            seam_index, seam_layer, seam_stored = seam
+            with torch.enable_grad():
+                losses[seam_index] = reconstruct_layer(
+                    source.runner, seam_layer, seam_index, shortened, dense, settings, config.seed
+                )
+            for local in trainable(seam_layer, settings.train_norms):
+                name = LAYER_PREFIX.format(index=seam_index) + local
+                healed[name] = seam_layer.get_parameter(local).data.to("cpu", seam_stored[local].dtype)
+            blocks.forward(seam_layer, seam_index, shortened)
+            seam = None
+        check_activations_finite(dense, index, in_float32=IN_FLOAT32)
+    return healed, losses
 
 
 def earlier_scores(out: Path, structure: dict) -> dict | None:
@@ -683,6 +765,11 @@ def summary(report: dict) -> str:
         lines.append(
             f"removed blocks {', '.join(map(str, report['removed']))}: {report['num_hidden_layers']} -> "
             f"{len(report['kept'])} blocks; wrote {report['arguments']['out']}"
+        )
+    for seam, losses in report.get("reconstruct", {}).items():
+        lines.append(
+            f"healed block {seam}: mean squared error to the removed span's output "
+            f"{losses['loss_first_epoch']:.4g} (first epoch) -> {losses['loss_last_epoch']:.4g} (last)"
         )
     lines.append(f"scores: {SCORES_JSON}, {SCORES_CSV}, chart: {SCORES_PNG}")
     return "\n".join(lines)

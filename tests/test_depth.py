@@ -22,6 +22,7 @@ from streamprune.depth import (
     depth,
     lowest,
     removal_count,
+    seams,
     shortened_config,
 )
 from streamprune.errors import UsageError
@@ -189,16 +190,17 @@ def test_streamed_scores_equal_the_whole_model(tiny6, tmp_path, family, criterio
     assert report["removed"] == lowest(reference, list(range(1, 5)), 2)
 
 
-def test_shortened_checkpoint_is_the_whole_model_without_those_blocks(tiny6, tmp_path):
+@pytest.mark.parametrize("family", DEPTH_FAMILIES)
+def test_shortened_checkpoint_is_the_whole_model_without_those_blocks(tiny6, tmp_path, family):
     from transformers import AutoModelForCausalLM
 
-    source = tiny6["qwen2"]  # sliding layers: layer_types and max_window_layers must follow the blocks
+    source = tiny6[family]  # qwen2's sliding layers: layer_types and max_window_layers must follow the blocks
     before = tree_digest(source)
     report = run_depth(source, tmp_path / "out", criterion="bi", remove=2)
     removed = report["removed"]
     out = tmp_path / "out"
     config = json.loads((out / "config.json").read_text())
-    assert config["num_hidden_layers"] == 4 and len(config["layer_types"]) == 4
+    assert config["num_hidden_layers"] == 4 and len(config.get("layer_types") or "1234") == 4
     shortened = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa").eval()
     reference = whole_model(source)
     without_blocks(reference, removed)
@@ -532,3 +534,62 @@ def test_a_stopped_scoring_with_other_settings_is_refused(tiny6, tmp_path, monke
     assert (tmp_path / "out" / ".streamprune" / "depth.json").read_bytes() == state_before
     report = run_depth(tiny6["llama"], tmp_path / "out", criterion="ppl", force=True)
     assert report["criterion"] == "ppl" and not (tmp_path / "out" / ".streamprune").exists()
+
+
+# -- --reconstruct ------------------------------------------------------------------------------------
+
+
+def test_seams_are_the_kept_blocks_before_each_removed_span():
+    assert seams([0, 1, 4, 5], 6) == {1: 3}
+    assert seams([0, 2, 3, 5], 6) == {0: 1, 3: 4}
+    assert seams([2, 3, 4], 6) == {4: 5}  # blocks 0-1 have no block before them to heal
+
+
+def tensors_of(model_dir: Path) -> dict[str, torch.Tensor]:
+    checkpoint = Checkpoint(model_dir)
+    return {name: checkpoint.read(name) for name in checkpoint.tensors}
+
+
+def held_out_error(model_dir: Path, reference, ids: torch.Tensor) -> float:
+    """Mean squared difference of the last hidden state from the dense model's, on `ids`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        ours = model(ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
+        dense = reference(ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
+    return float(torch.nn.functional.mse_loss(ours, dense))
+
+
+def test_reconstruct_heals_the_seam_on_held_out_text(tiny6, tmp_path):
+    """The block before the removed span is trained; every other tensor is the source's; the
+    shortened model's last hidden state comes closer to the dense model's on text it never saw."""
+    source = tiny6["llama"]
+    before = tree_digest(source)
+    plain = run_depth(source, tmp_path / "plain", criterion="bi", remove=2)
+    healed = run_depth(source, tmp_path / "healed", criterion="bi", remove=2, reconstruct=True,
+                       reconstruct_nsamples=16, reconstruct_seqlen=64, reconstruct_epochs=8)  # fmt: skip
+    assert healed["removed"] == plain["removed"]
+    seam_blocks = seams(healed["kept"], 6)
+    assert set(map(int, healed["reconstruct"])) == set(seam_blocks) and seam_blocks
+    for losses in healed["reconstruct"].values():
+        assert losses["loss_last_epoch"] < losses["loss_first_epoch"]
+    plain_state, healed_state = tensors_of(tmp_path / "plain"), tensors_of(tmp_path / "healed")
+    assert plain_state.keys() == healed_state.keys()
+    for name in plain_state:
+        new_index = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        is_seam_linear = (
+            new_index is not None and healed["kept"][new_index] in seam_blocks and name.endswith("_proj.weight")
+        )
+        assert torch.equal(plain_state[name], healed_state[name]) != is_seam_linear, name
+    reference = whole_model(source)
+    held_out = calibration_ids(source, 4, 64, seed=99)  # other windows than the 16 x 64 trained on
+    assert held_out_error(tmp_path / "healed", reference, held_out) < held_out_error(tmp_path / "plain", reference,
+                                                                                      held_out)  # fmt: skip
+    assert tree_digest(source) == before
+
+
+def test_reconstruct_needs_a_checkpoint_to_heal(tiny6, tmp_path):
+    with pytest.raises(UsageError, match="--scores-only"):
+        run_depth(tiny6["llama"], tmp_path / "o", scores_only=True, remove=None, reconstruct=True)
+
