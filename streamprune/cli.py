@@ -93,6 +93,11 @@ def run(
     reconstruct_lr: float = typer.Option(1e-3, help="--reconstruct: Adam's learning rate."),
     reconstruct_batch_size: int = typer.Option(1, help="--reconstruct: calibration samples per optimizer step."),
     reconstruct_norms: bool = typer.Option(False, "--reconstruct-norms", help="--reconstruct: train the norms too."),
+    reconstruct_optimizer: str = typer.Option(
+        "adam",
+        help="--reconstruct: adam (torch, float32 moments) or adam8bit (bitsandbytes' 8-bit Adam: the moments "
+        "take 2 bytes a weight instead of 8; `pip install bitsandbytes`).",
+    ),
     calib: str = typer.Option(
         "c4",
         help='Calibration text: a .txt, .jsonl or .jsonl.gz file ("text" field per line), or c4 to fetch '
@@ -188,6 +193,7 @@ def run(
             reconstruct_lr=reconstruct_lr,
             reconstruct_batch_size=reconstruct_batch_size,
             reconstruct_norms=reconstruct_norms,
+            reconstruct_optimizer=reconstruct_optimizer,
             calib=calib,
             nsamples=nsamples,
             seqlen=seqlen,
@@ -238,6 +244,7 @@ def plan_command(
     reconstruct: bool = typer.Option(False, "--reconstruct", help="As for run: a second buffer, training state."),
     reconstruct_epochs: int = typer.Option(4, help="As for run."),
     reconstruct_batch_size: int = typer.Option(1, help="As for run."),
+    reconstruct_optimizer: str = typer.Option("adam", help="As for run: adam or adam8bit (a quarter of the moments)."),
     sparsity: Optional[float] = typer.Option(
         None, help="As for run (checked; how many weights are zeroed does not change memory or time)."
     ),
@@ -273,7 +280,7 @@ def plan_command(
     from .config import OFFLOAD, check_choice, check_positive, check_sparsity, keep_block, parse_limit
     from .methods import METHODS, Target, method_named
     from .plan import plan_model
-    from .reconstruct import ReconstructSettings
+    from .reconstruct import OPTIMIZERS, ReconstructSettings
 
     with user_errors(on_interrupt="interrupted", on_gpu_oom="Use --device cpu."):
         check_choice("--method", method, METHODS)
@@ -281,6 +288,7 @@ def plan_command(
         method_options = {"percdamp": percdamp, "blocksize": blocksize}
         method_named(method, **method_options).check_target(Target(sparsity, keep_block(pattern)))
         check_choice("--allocation", allocation, ALLOCATIONS)
+        check_choice("--reconstruct-optimizer", reconstruct_optimizer, OPTIMIZERS)
         if allocation == "owl":
             check_owl(sparsity, pattern, OWL_M, OWL_LAMBDA)
         check_choice("--offload", offload, OFFLOAD)
@@ -294,7 +302,9 @@ def plan_command(
             method_options=method_options,
             allocation=allocation,
             sequential=sequential,
-            reconstruct=ReconstructSettings(epochs=reconstruct_epochs, batch_size=reconstruct_batch_size)
+            reconstruct=ReconstructSettings(
+                epochs=reconstruct_epochs, batch_size=reconstruct_batch_size, optimizer=reconstruct_optimizer
+            )
             if reconstruct
             else None,
             pattern=pattern,
@@ -423,6 +433,7 @@ def depth(
     reconstruct_epochs: int = typer.Option(4, help="--reconstruct: passes over the samples per seam block."),
     reconstruct_lr: float = typer.Option(1e-3, help="--reconstruct: Adam's learning rate."),
     reconstruct_batch_size: int = typer.Option(1, help="--reconstruct: samples per optimizer step."),
+    reconstruct_optimizer: str = typer.Option("adam", help="--reconstruct: adam or adam8bit, as for run."),
     reconstruct_nsamples: int = typer.Option(32, help="--reconstruct: calibration sequences to train on."),
     reconstruct_seqlen: int = typer.Option(512, help="--reconstruct: tokens per training sequence."),
     force: bool = typer.Option(False, "--force", help="Replace the checkpoint in a non-empty --out."),
@@ -468,6 +479,7 @@ def depth(
             reconstruct_epochs=reconstruct_epochs,
             reconstruct_lr=reconstruct_lr,
             reconstruct_batch_size=reconstruct_batch_size,
+            reconstruct_optimizer=reconstruct_optimizer,
             reconstruct_nsamples=reconstruct_nsamples,
             reconstruct_seqlen=reconstruct_seqlen,
             force=force,

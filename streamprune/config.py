@@ -37,6 +37,7 @@ class PruneConfig:
     reconstruct_lr: float = 1e-3
     reconstruct_batch_size: int = 1
     reconstruct_norms: bool = False  # also train the norms' weights
+    reconstruct_optimizer: str = "adam"  # or adam8bit (bitsandbytes)
     calib: str = "c4"  # "c4" or a .txt / .jsonl / .jsonl.gz path
     nsamples: int = 128
     seqlen: int = 2048
@@ -70,6 +71,9 @@ class PruneConfig:
             check_owl(self.sparsity, self.pattern, self.owl_m, self.owl_lambda)
         check_positive(self, "checkpoint_minutes", "nsamples", "seqlen", "batch_size", "checkpoint_every",
                        "reconstruct_epochs", "reconstruct_lr", "reconstruct_batch_size")  # fmt: skip
+        from .reconstruct import OPTIMIZERS
+
+        check_choice("--reconstruct-optimizer", self.reconstruct_optimizer, OPTIMIZERS)
         if self.reconstruct and self.propagate == "dense":
             raise UsageError(
                 "--reconstruct trains each pruned layer on the pruned stream's inputs, which --propagate dense "
@@ -108,7 +112,7 @@ class PruneConfig:
         if not self.reconstruct:
             return None
         return ReconstructSettings(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_batch_size,
-                                   self.reconstruct_norms)  # fmt: skip
+                                   self.reconstruct_norms, self.reconstruct_optimizer)  # fmt: skip
 
     def allocation_settings(self) -> dict | None:
         """The allocation's settings for the run identity and record; None for uniform."""

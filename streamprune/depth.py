@@ -44,7 +44,7 @@ from .outdir import (
     prepare_output_dir,
     write_json,
 )
-from .reconstruct import ReconstructSettings, reconstruct_layer, trainable
+from .reconstruct import OPTIMIZERS, ReconstructSettings, reconstruct_layer, trainable
 from .runstate import (
     DEPTH_STATE_FILE,
     ScoringState,
@@ -101,6 +101,7 @@ class DepthConfig:
     reconstruct_epochs: int = 4
     reconstruct_lr: float = 1e-3
     reconstruct_batch_size: int = 1
+    reconstruct_optimizer: str = "adam"  # or adam8bit
     reconstruct_nsamples: int = 32  # its own calibration windows: the scoring's 10 x 128 are too few to train on
     reconstruct_seqlen: int = 512
     force: bool = False
@@ -115,6 +116,7 @@ class DepthConfig:
             raise UsageError(f"--ratio {self.ratio} is outside (0, 1): it is the fraction of blocks removed, e.g. 0.2")
         check_positive(self, "remove", "nsamples", "seqlen", "batch_size", "max_streams", "reconstruct_epochs",
                        "reconstruct_lr", "reconstruct_batch_size", "reconstruct_nsamples", "reconstruct_seqlen")  # fmt: skip
+        check_choice("--reconstruct-optimizer", self.reconstruct_optimizer, OPTIMIZERS)
         if self.reconstruct and self.scores_only:
             raise UsageError("--reconstruct heals the shortened checkpoint; --scores-only writes none. Drop one")
         for name in ("keep_first", "keep_last", "checkpoint_minutes"):
@@ -696,7 +698,10 @@ def heal_seams(config: DepthConfig, source: Source, kept: list[int], input_ids: 
     stream's inputs, toward the dense stream's output after the span (what the span produced);
     the shortened stream then goes through the trained block. Returns ({source tensor name: trained
     tensor} for the seam blocks, {seam block: first and last epoch's mean loss})."""
-    settings = ReconstructSettings(config.reconstruct_epochs, config.reconstruct_lr, config.reconstruct_batch_size)
+    settings = ReconstructSettings(
+        config.reconstruct_epochs, config.reconstruct_lr, config.reconstruct_batch_size,
+        optimizer=config.reconstruct_optimizer,
+    )  # fmt: skip
     span_end = seams(kept, source.num_layers)
     blocks = Blocks(source, config.batch_size, config.overlap, config.quiet)
     shortened = embed(source.checkpoint, input_ids, source.dtype)  # [n, seqlen, hidden]

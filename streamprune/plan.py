@@ -247,15 +247,16 @@ def _forwards_per_layer(s: Settings, statistics: bool) -> float:
 
 def _reconstruct_bytes(g: Geometry, s: Settings) -> int:
     """--reconstruct's training of one layer: a float32 copy of the layer (unless it computes in
-    float32), the trained weights' gradients and Adam's two moments (float32), the masks, one
-    optimizer step's inputs and targets, and the activations autograd keeps for the backward
-    (about three times a forward's, in float32)."""
+    float32), the trained weights' gradients (float32) and Adam's two moments (float32, or one byte
+    each with adam8bit), the masks, one optimizer step's inputs and targets, and the activations
+    autograd keeps for the backward (about three times a forward's, in float32)."""
     r = s.reconstruct
     linear = g.linear_params
     copy = g.layer_params * 4 if s.compute_bytes != 4 else 0
+    moments = linear * (2 if r.optimizer == "adam8bit" else 8)
     batch = r.batch_size * s.seqlen * g.hidden * 4 * 2
     step = Settings(**{**s.__dict__, "batch_size": r.batch_size, "compute_bytes": 4})
-    return copy + linear * 4 * 3 + linear + batch + 3 * _forward_bytes(g, step)
+    return copy + linear * 4 + moments + linear + batch + 3 * _forward_bytes(g, step)
 
 
 def _forward_bytes(g: Geometry, s: Settings) -> int:

@@ -18,12 +18,13 @@ def linear_weights(state: dict) -> dict[str, torch.Tensor]:
     return {name: t for name, t in state.items() if name.endswith(tuple(f"{linear}.weight" for linear in LINEARS))}
 
 
-@pytest.mark.parametrize("pattern", [None, "2:4"])
-def test_reconstruction_keeps_every_zero_and_trains_the_survivors(tiny_llama, tmp_path, pattern):
+@pytest.mark.parametrize("pattern, optimizer", [(None, "adam"), ("2:4", "adam"), ("2:4", "adam8bit")])
+def test_reconstruction_keeps_every_zero_and_trains_the_survivors(tiny_llama, tmp_path, pattern, optimizer):
     # magnitude's masks do not depend on the stream: the same zeros with and without training
     plain, trained = tmp_path / "plain", tmp_path / "trained"
     run(tiny_llama, plain, method="magnitude", pattern=pattern)
-    record = run(tiny_llama, trained, method="magnitude", pattern=pattern, **LEARN)
+    record = run(tiny_llama, trained, method="magnitude", pattern=pattern, **LEARN, reconstruct_optimizer=optimizer)
+    assert record["arguments"]["reconstruct_optimizer"] == optimizer
     before, after = linear_weights(load_state(plain)), linear_weights(load_state(trained))
     for name, weight in after.items():
         assert torch.equal(weight == 0, before[name] == 0), name
@@ -60,3 +61,19 @@ def test_reconstruction_flags_are_checked(tiny_llama, tmp_path):
     with pytest.raises(UsageError, match="--reconstruct-lr must be positive"):
         run(tiny_llama, tmp_path / "b", reconstruct=True, reconstruct_lr=0)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_8bit_optimizer_plans_a_quarter_of_the_moments():
+    """A 70B layer's 856M Linear weights: Adam's float32 moments take 6.4 GiB; 8-bit ones 1.6 GiB."""
+    from test_plan import LLAMA2_70B
+
+    from streamprune.plan import Settings, estimate
+    from streamprune.reconstruct import ReconstructSettings
+
+    def vram(optimizer):
+        settings = Settings(device="cuda", reconstruct=ReconstructSettings(optimizer=optimizer))
+        return estimate(LLAMA2_70B, settings)["peak_vram_bytes"]
+
+    assert vram("adam") - vram("adam8bit") == LLAMA2_70B.linear_params * 6
+    assert vram("adam8bit") < 16 * 2**30 < vram("adam") < 22 * 2**30
+
