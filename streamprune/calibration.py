@@ -92,8 +92,8 @@ def fetch_c4() -> Path:
     except Exception as err:  # network, auth and offline errors all end the same way for the user
         raise ResourceError(
             f"cannot download the C4 calibration shard ({C4_REPO}/{C4_SHARD}) from the Hugging Face hub: "
-            f"{OFFLINE if not hub_reachable() else first_line(err)}. Offline, pass local text instead: --calib PATH (.txt, .jsonl or .jsonl.gz "
-            'with a "text" field, e.g. a C4 .json.gz shard).'
+            f"{OFFLINE if not hub_reachable() else first_line(err)}. Offline, pass local text instead: --calib PATH "
+            '(.txt, .jsonl or .jsonl.gz with a "text" field, e.g. a C4 .json.gz shard).'
         ) from err
 
 

@@ -114,8 +114,9 @@ class DepthConfig:
             raise UsageError("give --remove K (blocks) or --ratio R (fraction of blocks), or --scores-only")
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise UsageError(f"--ratio {self.ratio} is outside (0, 1): it is the fraction of blocks removed, e.g. 0.2")
-        check_positive(self, "remove", "nsamples", "seqlen", "batch_size", "max_streams", "reconstruct_epochs",
-                       "reconstruct_lr", "reconstruct_batch_size", "reconstruct_nsamples", "reconstruct_seqlen")  # fmt: skip
+        check_positive(self, "remove", "nsamples", "seqlen", "batch_size", "max_streams")
+        check_positive(self, "reconstruct_epochs", "reconstruct_lr", "reconstruct_batch_size", "reconstruct_nsamples",
+                       "reconstruct_seqlen")  # fmt: skip
         check_choice("--reconstruct-optimizer", self.reconstruct_optimizer, OPTIMIZERS)
         if self.reconstruct and self.scores_only:
             raise UsageError("--reconstruct heals the shortened checkpoint; --scores-only writes none. Drop one")
@@ -320,8 +321,7 @@ def ppl_scores(
     scores, passes = saved.get("scores", {}), saved.get("passes", 0)
     first = saved.get("first", 0)  # the first of the blocks whose skip streams this pass carries
     streams_per_pass = saved.get("streams_per_pass", streams_per_pass)  # a resumed pass keeps its group
-    norm_weight, head = load_head(blocks.source)
-    eps = getattr(blocks.runner.config, "rms_norm_eps", 1e-6)
+    norm, head = load_head(blocks.source)
     while first < len(model):
         group = model[first : first + streams_per_pass]
         if position:  # resumed inside this pass
@@ -349,7 +349,7 @@ def ppl_scores(
             saves.after_block("ppl", position + 1, data, tensors)
         del main
         for skipped, stream in streams.items():
-            scores[skipped] = math.exp(mean_nll(stream, input_ids, norm_weight, head, eps))
+            scores[skipped] = math.exp(mean_nll(stream, input_ids, norm, head))
         del streams
         first, position = first + streams_per_pass, 0
         data = {"first": first, "passes": passes, "streams_per_pass": streams_per_pass, "scores": scores}
@@ -357,11 +357,11 @@ def ppl_scores(
     return scores, passes
 
 
-def mean_nll(hidden: torch.Tensor, input_ids: torch.Tensor, norm_weight, head, eps: float) -> float:
+def mean_nll(hidden: torch.Tensor, input_ids: torch.Tensor, norm: torch.nn.Module, head: torch.Tensor) -> float:
     """Mean next-token loss over all samples: hidden [n, seqlen, h] predicts input_ids [n, seqlen]."""
     total = 0.0
     for sample, ids in zip(hidden, input_ids):
-        total -= float(token_logprobs(sample[:-1], ids[1:], norm_weight, head, eps).double().sum())
+        total -= float(token_logprobs(sample[:-1], ids[1:], norm, head).double().sum())
     return total / (input_ids.shape[0] * (input_ids.shape[1] - 1))
 
 
@@ -415,13 +415,12 @@ def head_gradient(blocks: Blocks, hidden: torch.Tensor, input_ids: torch.Tensor)
     """dL/dh of the last block's output [n, seqlen, hidden]; L = sum of token losses / tokens, so
     samples add up."""
     device = blocks.runner.device
-    norm_weight, head = load_head(blocks.source)
-    eps = getattr(blocks.runner.config, "rms_norm_eps", 1e-6)
+    norm, head = load_head(blocks.source)
     tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
     grad = torch.zeros_like(hidden)
     for k in range(hidden.shape[0]):
         h = hidden[k, :-1].to(device).requires_grad_(True)
-        loss = -token_logprobs(h, input_ids[k, 1:], norm_weight, head, eps).sum() / tokens
+        loss = -token_logprobs(h, input_ids[k, 1:], norm, head).sum() / tokens
         loss.backward()
         grad[k, :-1] = h.grad.to("cpu", grad.dtype)
     return grad

@@ -223,13 +223,12 @@ def stream_logprobs(source: Source, sequences: list[Sequence], config: EvalConfi
             bar.update()
     bar.close()
 
-    norm_weight, head = load_head(source)
-    eps = getattr(source.runner.config, "rms_norm_eps", 1e-6)
+    norm, head = load_head(source)
     results = []
     for i, sequence in enumerate(sequences):
         start = offsets[i] + sequence.target_start - 1  # the position that predicts the first target
         targets = torch.tensor(sequence.tokens[sequence.target_start :], dtype=torch.int64)
-        results.append(token_logprobs(hidden[start : start + len(targets)], targets, norm_weight, head, eps))
+        results.append(token_logprobs(hidden[start : start + len(targets)], targets, norm, head))
         buffers.release(hidden, slice(start, start + len(targets)))
     return results
 

