@@ -94,7 +94,7 @@ def test_resumes_byte_identical_and_refuses_another_method(tiny_llama, tmp_path,
 
     monkeypatch.setattr(LayerRunner, "forward", forward_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_llama, tmp_path / "out", method=method)
+        run(tiny_llama, tmp_path / "out", method=method, checkpoint_every=1)  # a resume point after layer 0
     monkeypatch.setattr(LayerRunner, "forward", real_forward)
     with pytest.raises(UsageError, match=rf'--method: the run in .* used "{method}", this command asks for "wanda"'):
         run(tiny_llama, tmp_path / "out", method="wanda")
