@@ -92,17 +92,34 @@ def streamprune(*args: str) -> None:
         sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
 
 
-def evaluate(model: Path, work: Path, ppl_windows: int, limit: int) -> tuple[float, dict]:
-    """(WikiText-2 perplexity over the first `ppl_windows` 512-token windows, the zero-shot results
-    over the first `limit` examples of each task), from `streamprune eval`. Two evaluations:
-    --limit means different things to perplexity and to the tasks."""
-    ppl_json, tasks_json = work / "ppl.json", work / "tasks.json"
+def pick_labels(text: str, known, what: str) -> list[str]:
+    """The comma-separated labels of `text`, each one of `known`; otherwise the benchmark ends
+    naming the unknown ones and the choices."""
+    wanted = [label.strip() for label in text.split(",")]
+    unknown = [label for label in wanted if label not in known]
+    if unknown:
+        sys.exit(f"unknown {what} {unknown}; choose from: {', '.join(known)}")
+    return wanted
+
+
+def perplexity(model: Path, work: Path, ppl_windows: int) -> float:
+    """WikiText-2 perplexity over the first `ppl_windows` 512-token windows, from `streamprune eval`."""
+    ppl_json = work / "ppl.json"
     streamprune(
         "eval", str(model), "--ppl", str(DATA / "wikitext2" / "wiki.test.raw"), "--seqlen", "512",
         "--limit", str(ppl_windows), "--output", str(ppl_json), "--quiet",
     )  # fmt: skip
+    return json.loads(ppl_json.read_text())["perplexity"]["ppl"]
+
+
+def evaluate(model: Path, work: Path, ppl_windows: int, limit: int) -> tuple[float, dict]:
+    """(WikiText-2 perplexity over the first `ppl_windows` 512-token windows, the zero-shot results
+    over the first `limit` examples of each task), from `streamprune eval`. Two evaluations:
+    --limit means different things to perplexity and to the tasks."""
+    tasks_json = work / "tasks.json"
+    ppl = perplexity(model, work, ppl_windows)
     streamprune(
         "eval", str(model), "--tasks", ",".join(TASKS), "--data-dir", str(DATA / "zeroshot"),
         "--seqlen", "512", "--limit", str(limit), "--output", str(tasks_json), "--quiet",
     )  # fmt: skip
-    return json.loads(ppl_json.read_text())["perplexity"]["ppl"], json.loads(tasks_json.read_text())
+    return ppl, json.loads(tasks_json.read_text())

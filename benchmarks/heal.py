@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import C4, DATA, conditions, streamprune, write_section
+from common import C4, conditions, perplexity, pick_labels, streamprune, write_section
 from smollm2 import build
 
 RUN = ["--calib", str(C4), "--nsamples", "32", "--seqlen", "512", "--seed", "0", "--quiet", "--force"]
@@ -41,13 +41,11 @@ PAIRS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated, from: {', '.join(PAIRS)}")
+    choices = f"comma-separated, from: {', '.join(PAIRS)}".replace("%", "%%")  # argparse formats help with %
+    parser.add_argument("--pairs", default=",".join(PAIRS), help=choices)
     parser.add_argument("--ppl-windows", type=int, default=40)
     args = parser.parse_args()
-    wanted = [label.strip() for label in args.pairs.split(",")]
-    unknown = [label for label in wanted if label not in PAIRS]
-    if unknown:
-        sys.exit(f"unknown pairs {unknown}; choose from: {', '.join(PAIRS)}")
+    wanted = pick_labels(args.pairs, PAIRS, "pairs")
     model = build()
     work = Path(tempfile.mkdtemp())
     try:
@@ -72,15 +70,6 @@ def prune(command: str, model: Path, out: Path, flags: list[str]) -> float:
     """Run the real command; its record's total time in seconds."""
     streamprune(command, str(model), "--out", str(out), *flags)
     return json.loads((out / "streamprune.json").read_text())["total_seconds"]
-
-
-def perplexity(model: Path, work: Path, windows: int) -> float:
-    ppl_json = work / "ppl.json"
-    streamprune(
-        "eval", str(model), "--ppl", str(DATA / "wikitext2" / "wiki.test.raw"), "--seqlen", "512",
-        "--limit", str(windows), "--output", str(ppl_json), "--quiet",
-    )  # fmt: skip
-    return json.loads(ppl_json.read_text())["perplexity"]["ppl"]
 
 
 def recovery(dense: float, pruned: float, healed: float) -> float:

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import C4, DATA, conditions, streamprune, write_section
+from common import C4, conditions, perplexity, pick_labels, streamprune, write_section
 from smollm2 import build
 
 VARIANTS = {
@@ -50,15 +50,13 @@ for _label, _method in (("magnitude", "magnitude"), ("Wanda", "wanda"), ("RIA", 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variants", required=True, help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    choices = f"comma-separated, from: {', '.join(VARIANTS)}".replace("%", "%%")  # argparse formats help with %
+    parser.add_argument("--variants", required=True, help=choices)
     parser.add_argument("--section", required=True, help="RESULTS.md section: perplexity-SECTION")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--ppl-windows", type=int, default=40)
     args = parser.parse_args()
-    wanted = [label.strip() for label in args.variants.split(",")]
-    unknown = [label for label in wanted if label not in VARIANTS]
-    if unknown:
-        sys.exit(f"unknown variants {unknown}; choose from: {', '.join(VARIANTS)}")
+    wanted = pick_labels(args.variants, VARIANTS, "variants")
     model = build()
     work = Path(tempfile.mkdtemp())
     rows = []
@@ -83,12 +81,7 @@ def measure(label: str, model: Path, work: Path, args) -> tuple[str, float, dict
             "--nsamples", str(args.nsamples), "--seqlen", "512", "--seed", "0", "--quiet",
         )  # fmt: skip
         record = json.loads((target / "streamprune.json").read_text())
-    ppl_json = work / "ppl.json"
-    streamprune(
-        "eval", str(target), "--ppl", str(DATA / "wikitext2" / "wiki.test.raw"), "--seqlen", "512",
-        "--limit", str(args.ppl_windows), "--output", str(ppl_json), "--quiet",
-    )  # fmt: skip
-    return label, json.loads(ppl_json.read_text())["perplexity"]["ppl"], record
+    return label, perplexity(target, work, args.ppl_windows), record
 
 
 def table(rows: list, args, wanted: int) -> str:

@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import C4, TASKS, code_version, conditions, evaluate, streamprune, write_section
+from common import C4, TASKS, code_version, conditions, evaluate, pick_labels, streamprune, write_section
 from smollm2 import build
 
 VARIANTS = [
@@ -63,10 +63,7 @@ def main() -> None:
         return methods_table(args)
     chosen = VARIANTS
     if args.variants:
-        wanted = [label.strip() for label in args.variants.split(",")]
-        unknown = [label for label in wanted if label not in dict(VARIANTS)]
-        if unknown:
-            sys.exit(f"unknown variants {unknown}; choose from: {', '.join(label for label, _ in VARIANTS)}")
+        wanted = pick_labels(args.variants, dict(VARIANTS), "variants")
         chosen = [(label, flags) for label, flags in VARIANTS if label in wanted]
     model = build()
     work = Path(tempfile.mkdtemp())

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInputError, ResourceError
-from .source import OFFLINE, first_line, hub_reachable
+from .source import hub_failure, hub_reachable
 
 CALIBRATION_FILE = "streamprune_calibration.json"  # beside a run's output: the exact token ids it used
 C4_REPO = "allenai/c4"
@@ -92,7 +92,7 @@ def fetch_c4() -> Path:
     except Exception as err:  # network, auth and offline errors all end the same way for the user
         raise ResourceError(
             f"cannot download the C4 calibration shard ({C4_REPO}/{C4_SHARD}) from the Hugging Face hub: "
-            f"{OFFLINE if not hub_reachable() else first_line(err)}. Offline, pass local text instead: --calib PATH "
+            f"{hub_failure(err)}. Offline, pass local text instead: --calib PATH "
             '(.txt, .jsonl or .jsonl.gz with a "text" field, e.g. a C4 .json.gz shard).'
         ) from err
 

@@ -692,27 +692,33 @@ def healing_ids(config: DepthConfig, source: Source, calib_path: Path) -> torch.
 
 
 def heal_seams(config: DepthConfig, source: Source, kept: list[int], input_ids: torch.Tensor) -> tuple[dict, dict]:
-    """One pass over every block with two streams: the dense model's, and the shortened model's.
-    At a seam (a kept block followed by a removed span) the block is trained, on the shortened
-    stream's inputs, toward the dense stream's output after the span (what the span produced);
-    the shortened stream then goes through the trained block. Returns ({source tensor name: trained
+    """One pass over the blocks up to the last removed span, with two streams: the dense model's,
+    and the shortened model's (the same until the first seam, so it is split off there). At a seam
+    (a kept block followed by a removed span) the block is trained, on the shortened stream's
+    inputs, toward the dense stream's output after the span (what the span produced); the
+    shortened stream then goes through the trained block. Returns ({source tensor name: trained
     tensor} for the seam blocks, {seam block: first and last epoch's mean loss})."""
     settings = ReconstructSettings(
         config.reconstruct_epochs, config.reconstruct_lr, config.reconstruct_batch_size,
         optimizer=config.reconstruct_optimizer,
     )  # fmt: skip
     span_end = seams(kept, source.num_layers)
+    if not span_end:
+        return {}, {}
+    last = max(span_end.values())  # nothing after the last span is trained
     blocks = Blocks(source, config.batch_size, config.overlap, config.quiet)
-    shortened = embed(source.checkpoint, input_ids, source.dtype)  # [n, seqlen, hidden]
-    dense = shortened.clone()
+    dense = embed(source.checkpoint, input_ids, source.dtype)  # [n, seqlen, hidden]
+    shortened = None  # the shortened model's stream, from the first seam on
     healed, losses, seam = {}, {}, None  # seam: (index, layer, tensors) waiting for its span's end
-    for _, index, stored in blocks.stream(list(range(source.num_layers)), 0, "healing seams"):
+    for _, index, stored in blocks.stream(list(range(last + 1)), 0, "healing seams"):
         layer = blocks.build(index, stored)
+        if index in span_end and shortened is None:
+            shortened = dense.clone()
+        if shortened is not None and index in kept and index not in span_end:
+            blocks.forward(layer, index, shortened)
         blocks.forward(layer, index, dense)
         if index in span_end:
             seam = (index, layer, stored)  # its dense output is in `dense`; it trains once the span has run
-        elif index in kept:
-            blocks.forward(layer, index, shortened)
         if seam is not None and span_end[seam[0]] == index:
             seam_index, seam_layer, seam_stored = seam
             with torch.enable_grad():
@@ -722,7 +728,8 @@ def heal_seams(config: DepthConfig, source: Source, kept: list[int], input_ids: 
             for local in trainable(seam_layer, settings.train_norms):
                 name = LAYER_PREFIX.format(index=seam_index) + local
                 healed[name] = seam_layer.get_parameter(local).data.to("cpu", seam_stored[local].dtype)
-            blocks.forward(seam_layer, seam_index, shortened)
+            if index < last:
+                blocks.forward(seam_layer, seam_index, shortened)
             seam = None
         check_activations_finite(dense, index, in_float32=IN_FLOAT32)
     return healed, losses

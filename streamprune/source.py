@@ -133,6 +133,11 @@ def hub_reachable() -> bool:
     return True
 
 
+def hub_failure(err: Exception) -> str:
+    """Why a download failed, in a line: offline, huggingface_hub's own words mean nothing to the user."""
+    return OFFLINE if not hub_reachable() else first_line(err)
+
+
 def download(repo_id: str, asked: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
@@ -141,7 +146,7 @@ def download(repo_id: str, asked: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=not hub_reachable()))
     except Exception as err:  # offline, unknown repo, gated repo: each ends the same way for the user
         offline = not hub_reachable() or isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled))
-        reason = OFFLINE if not hub_reachable() else first_line(err)
+        reason = hub_failure(err)
         where = f"{asked} (hub id {repo_id})" if asked != repo_id else repo_id
         if offline:
             raise ResourceError(
@@ -183,7 +188,7 @@ def download_file(repo_id: str, filename: str, asked: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, filename, local_files_only=not hub_reachable()))
     except Exception as err:
-        reason = OFFLINE if not hub_reachable() else first_line(err)
+        reason = hub_failure(err)
         raise ResourceError(
             f"cannot download {filename} of {asked} (hub id {repo_id}): {reason}. Without network, pass a local "
             f"directory or its config.json: streamprune plan /path/to/model ..."
