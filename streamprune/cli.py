@@ -489,6 +489,65 @@ def depth(
     typer.echo(summary(report))
 
 
+@app.command()
+def heal(
+    model: str = typer.Argument(..., help="The pruned model to heal: a local directory, a hub id or an alias."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory for the healed checkpoint."),
+    data: str = typer.Option("c4", help="Training text: c4 (the shard run calibrates on) or a local .jsonl[.gz]/.txt file."),
+    steps: int = typer.Option(200, help="Optimizer steps."),
+    batch_size: int = typer.Option(4, help="Sequences per optimizer step."),
+    seqlen: int = typer.Option(512, help="Tokens per training sequence (capped at max_position_embeddings)."),
+    lr: float = typer.Option(2e-4, help="Peak learning rate (linear warmup over 5%% of the steps, then cosine to 0)."),
+    lora_rank: int = typer.Option(16, help="LoRA rank r of every adapter."),
+    lora_alpha: float = typer.Option(32.0, help="LoRA alpha: the delta is scaled by alpha / r."),
+    base: str = typer.Option(
+        "auto",
+        help="The frozen base in memory: nf4 (QLoRA, bitsandbytes 4-bit), int8 (bitsandbytes LLM.int8), bf16 or "
+        "fp32; auto: nf4 on a GPU, fp32 on a CPU. The output is always the source's dtype.",
+    ),
+    optimizer: str = typer.Option("adam", help="adam, or adam8bit (bitsandbytes: a quarter of the moments' memory)."),
+    seed: int = typer.Option(0, help="Seed for the training windows and the adapters' initial values."),
+    device: str = typer.Option("auto", help="Compute device: auto (cuda if available), cpu, cuda, cuda:N."),
+    checkpoint_every: int = typer.Option(
+        50, help="Save the adapters, optimizer and step in --out every N steps; the same command resumes there."
+    ),
+    gradient_checkpointing: bool = typer.Option(
+        True, "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute each block's activations in the backward pass: far less memory, ~30%% more time.",
+    ),  # fmt: skip
+    max_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
+    eval_ppl: Optional[Path] = typer.Option(None, help="After healing, perplexity of the output on this text file."),
+    eval_seqlen: int = typer.Option(512, help="Window length for --eval-ppl."),
+    force: bool = typer.Option(False, "--force", help="Start over in a non-empty --out (an unfinished heal is discarded)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Heal a pruned model with LoRA (QLoRA with --base nf4) and write the merged checkpoint.
+
+    The whole model is held in memory (see `streamprune plan MODEL --heal`); for models that do not
+    fit, heal layer by layer with `streamprune run ... --reconstruct`. Every weight that is zero in
+    MODEL is still exactly zero in the output: each adapter's delta acts through its Linear's mask,
+    in training and in the merge. Beside the checkpoint: adapter/ (peft) and streamprune.json.
+    """
+    from .heal import HealConfig, summary
+    from .heal import heal as run_heal
+
+    with user_errors(
+        on_interrupt=f"interrupted; the adapters and optimizer saved every --checkpoint-every steps are kept in "
+        f"--out. To resume: {resume_command()}",
+        on_gpu_oom=f"Lower --batch-size (now {batch_size}) or --seqlen, or use --base nf4. Resume with the same "
+        "command after changing nothing else, or start over with --force.",
+        on_disk_full=f"The training state saved so far is kept; free some space, then: {resume_command()}",
+    ):
+        config = HealConfig(
+            model=model, out=out, data=data, steps=steps, batch_size=batch_size, seqlen=seqlen, lr=lr,
+            lora_rank=lora_rank, lora_alpha=lora_alpha, base=base, optimizer=optimizer, seed=seed, device=device,
+            checkpoint_every=checkpoint_every, gradient_checkpointing=gradient_checkpointing,
+            max_shard_size=max_shard_size, eval_ppl=eval_ppl, eval_seqlen=eval_seqlen, force=force, quiet=quiet,
+        )  # fmt: skip
+        record = run_heal(config)
+    typer.echo(summary(record))
+
+
 @contextmanager
 def user_errors(on_interrupt: str, on_gpu_oom: str, on_disk_full: str | None = None):
     """What the user can act on becomes a message and its exit code (README); anything else is a

@@ -1,11 +1,11 @@
-"""Crash `streamprune run` at chosen points, for tests/test_resume.py.
+"""Crash `streamprune run` (or heal) at chosen points, for tests/test_resume.py.
 
 Started once as a subprocess: it imports streamprune and its heavy dependencies (computing
 nothing, so no thread pool exists yet to be broken by fork), then for each job (one JSON line on
 stdin) forks a child that patches one call site, runs the CLI and dies or exits there. The parent
 answers each job with one JSON line: how the child ended. Forking saves the ~5 s import per job.
 
-A job: {"args": [...CLI args after "run"...], "log": path for the child's stdout and stderr,
+A job: {"command": "run" (the default) or "heal", "args": [...CLI args after the command...], "log": path for the child's stdout and stderr,
         "event": "forward" | "write" | "replace" | "rmtree" | null, "n": 1-based call number,
         "action": "kill" (SIGKILL before the call) | "kill-after" (SIGKILL after it returns) |
                   "half-kill" (write: half the bytes reach the file, then SIGKILL) |
@@ -24,6 +24,8 @@ import signal
 import sys
 
 import streamprune.cli
+import peft  # noqa: F401
+import streamprune.heal  # noqa: F401
 import streamprune.pipeline  # noqa: F401  (imported before the fork, like everything heavy)
 from streamprune.families import LayerRunner
 from streamprune.writer import CheckpointWriter
@@ -72,10 +74,11 @@ def child(job: dict) -> None:
     os.dup2(log, 1)
     os.dup2(log, 2)
     counts = crash_at(job)
-    sys.argv = ["streamprune", "run", *job["args"]]  # as the installed command would see them
+    command = job.get("command", "run")
+    sys.argv = ["streamprune", command, *job["args"]]  # as the installed command would see them
     code = 0
     try:
-        streamprune.cli.app(["run", *job["args"]], prog_name="streamprune")
+        streamprune.cli.app([command, *job["args"]], prog_name="streamprune")
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else 1
     except BaseException as err:  # an unexpected crash is a test failure, reported as exit 99

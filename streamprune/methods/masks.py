@@ -64,3 +64,20 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Never `weight * ~mask`: a negative weight times zero is -0.0, which some runtimes mishandle.
     """
     return torch.where(mask | (weight == 0), torch.zeros((), dtype=weight.dtype, device=weight.device), weight)
+
+
+_BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.uint8)  # bit j of a byte holds column 8 * byte + j
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """A bool matrix [rows, cols] in one bit an entry: uint8 [rows, ceil(cols / 8)]."""
+    rows, cols = flags.shape
+    padded = torch.zeros(rows, -(-cols // 8) * 8, dtype=torch.uint8, device=flags.device)
+    padded[:, :cols] = flags
+    return (padded.view(rows, -1, 8) * _BIT_WEIGHTS.to(flags.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """pack_bits' inverse: the bool matrix [rows, cols]."""
+    bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS.to(packed.device)) != 0  # [rows, bytes, 8]
+    return bits.view(packed.shape[0], -1)[:, :cols]
