@@ -250,8 +250,12 @@ def plan_command(
     ),
     pattern: Optional[str] = typer.Option(None, help="N:M, as for run."),
     nsamples: int = typer.Option(128, help="Calibration sequences, as for run."),
-    seqlen: int = typer.Option(2048, help="Tokens per calibration sequence, as for run."),
-    batch_size: int = typer.Option(1, help="Calibration sequences per micro-batch, as for run."),
+    seqlen: Optional[int] = typer.Option(
+        None, help="Tokens per sequence, as for run (default 2048) or heal (default 512)."
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, help="Sequences per micro-batch, as for run (default 1), or per step, as for heal (default 4)."
+    ),
     dtype: str = typer.Option("auto", help="Compute dtype: auto (the config's), float32, bfloat16, float16."),
     device: str = typer.Option(
         "auto",
@@ -269,11 +273,26 @@ def plan_command(
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="As for run."),
     read_speed: str = typer.Option("2GB", help="Disk read speed per second assumed for the time estimate."),
     write_speed: str = typer.Option("1GB", help="Disk write speed per second assumed for the time estimate."),
+    heal: bool = typer.Option(
+        False, "--heal", help="Plan `streamprune heal` (LoRA, the whole model in memory) instead of a run."
+    ),
+    base: str = typer.Option("auto", help="--heal: the frozen base, as for heal (nf4, int8, bf16, fp32)."),
+    lora_rank: int = typer.Option(16, help="--heal: LoRA rank, as for heal."),
+    steps: int = typer.Option(200, help="--heal: optimizer steps, as for heal."),
+    optimizer: str = typer.Option("adam", help="--heal: adam or adam8bit, as for heal."),
+    gradient_checkpointing: bool = typer.Option(
+        True, "--gradient-checkpointing/--no-gradient-checkpointing", help="--heal: as for heal."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of the report."),
 ) -> None:
     """What a run will need, from config.json alone, before you start it: peak RAM and GPU memory,
     disk, bytes read and written, FLOPs and a time estimate; whether it fits, and which flag would
-    make it fit. Example: streamprune plan llama-70b --sparsity 0.5 --device rtx4090 --max-ram 32GB"""
+    make it fit. Example: streamprune plan llama-70b --sparsity 0.5 --device rtx4090 --max-ram 32GB.
+    With --heal, the same for `streamprune heal`: streamprune plan qwen3-8b --heal --device rtx4090"""
+    if heal:
+        return plan_heal_command(model, device, base, lora_rank, batch_size or 4, seqlen or 512, steps, optimizer,
+                                 gradient_checkpointing, max_ram, max_gpu_memory, as_json)  # fmt: skip
+    seqlen, batch_size = seqlen or 2048, batch_size or 1
     from types import SimpleNamespace
 
     from .allocation import ALLOCATIONS, OWL_LAMBDA, OWL_M, check_owl
@@ -321,6 +340,29 @@ def plan_command(
             read_bytes_per_second=parse_limit("--read-speed", read_speed),
             write_bytes_per_second=parse_limit("--write-speed", write_speed),
         )
+    typer.echo(json.dumps(numbers, indent=2) if as_json else text)
+    if not numbers["fits"]:
+        raise typer.Exit(EXIT_RESOURCES)
+
+
+def plan_heal_command(model, device, base, lora_rank, batch_size, seqlen, steps, optimizer, checkpointing, max_ram,
+                      max_gpu_memory, as_json) -> None:  # fmt: skip
+    from types import SimpleNamespace
+
+    from .config import check_choice, check_positive, parse_limit
+    from .heal import BASES
+    from .plan import plan_heal
+
+    with user_errors(on_interrupt="interrupted", on_gpu_oom="Use --device cpu."):
+        check_choice("--base", base, BASES)
+        check_choice("--optimizer", optimizer, ("adam", "adam8bit"))
+        counts = SimpleNamespace(lora_rank=lora_rank, batch_size=batch_size, seqlen=seqlen, steps=steps)
+        check_positive(counts, "lora_rank", "batch_size", "seqlen", "steps")
+        text, numbers = plan_heal(
+            model, device=device, base=base, rank=lora_rank, batch_size=batch_size, seqlen=seqlen, steps=steps,
+            optimizer=optimizer, checkpointing=checkpointing, max_ram=parse_limit("--max-ram", max_ram),
+            max_gpu_memory=parse_limit("--max-gpu-memory", max_gpu_memory),
+        )  # fmt: skip
     typer.echo(json.dumps(numbers, indent=2) if as_json else text)
     if not numbers["fits"]:
         raise typer.Exit(EXIT_RESOURCES)

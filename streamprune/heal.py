@@ -154,7 +154,7 @@ def heal(config: HealConfig) -> dict:
         if config.eval_ppl is not None:
             record["evaluation"] = evaluate_output(config)
         write_json(config.out / RECORD_FILE, record)
-        shutil.rmtree(config.out / HEAL_STATE_DIR)
+        shutil.rmtree(config.out / HEAL_STATE_DIR, ignore_errors=True)  # none when no save was due
     return record
 
 
@@ -279,11 +279,25 @@ def add_adapters(model: torch.nn.Module, keep: dict[str, torch.Tensor], config: 
 
 
 def masked_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's LoRA Linear, but the delta (B A) x scaling is applied through the keep-mask: the
-    pruned weights stay zero in the model that trains, as in the one that is written."""
-    result = self.base_layer(x, *args, **kwargs)
+    """peft's LoRA Linear, but the delta (B A) x scaling acts through the keep-mask, so the pruned
+    weights stay zero in the model that trains as in the one that is written. One matmul with
+    base + delta: a masked delta cannot take LoRA's low-rank shortcut x A^T B^T anyway."""
     delta = masked_delta(self)
-    return result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
+    weight = base_weight(self.base_layer).to(delta.dtype) + delta  # [out, in]
+    return F.linear(x.to(weight.dtype), weight).to(x.dtype)
+
+
+def base_weight(linear: torch.nn.Module) -> torch.Tensor:
+    """The frozen base's weight [out, in] as the model computes with it: bitsandbytes' NF4 blocks
+    dequantized (what its own forward does), int8 rows times their absmax / 127, or the plain weight."""
+    import bitsandbytes as bnb
+
+    weight = linear.weight
+    if isinstance(linear, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if isinstance(linear, bnb.nn.Linear8bitLt):
+        return weight.data.float() * weight.SCB.float().unsqueeze(1) / 127
+    return weight
 
 
 def masked_delta(lora_linear) -> torch.Tensor:

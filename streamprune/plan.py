@@ -545,3 +545,91 @@ def plan_model(
         "problems": problems,
     }
     return text, numbers
+
+
+# -- streamprune heal: the whole model in memory -----------------------------------------------------------
+
+# bytes a projection weight takes as heal's frozen base: NF4 is 4 bits plus a float32 absmax per
+# block of 64 (bitsandbytes' default blocks), int8 one byte plus a float32 absmax per row
+BASE_BYTES_PER_WEIGHT = {"nf4": 0.5 + 4 / 64, "int8": 1.0, "bf16": 2.0, "fp32": 4.0}
+HEAL_OPTIMIZER_BYTES = {"adam": 16, "adam8bit": 10}  # an adapter weight: value, gradient, two moments
+
+
+def heal_memory(g: Geometry, base: str, compute_bytes: int, rank: int, batch: int, seqlen: int, optimizer: str,
+                checkpointing: bool) -> dict[str, int]:  # fmt: skip
+    """Peak bytes of `streamprune heal` on its device, by part."""
+    tokens = batch * seqlen
+    layer_linears = g.linear_params
+    adapter_params = g.layers * sum(rank * (rows + cols) for rows, cols in g.linear_shapes().values())
+    # one block's autograd state: q, k, v, attention, o and norm outputs (~6 x hidden) and the MLP's
+    # gate, up, activation and product (~4 x intermediate) a token, in the compute dtype
+    block_activations = tokens * (6 * g.hidden + 4 * g.intermediate + (g.heads + 2 * g.kv_heads) * g.head_dim)
+    block_activations *= compute_bytes
+    return {
+        "frozen base": int(g.layers * layer_linears * BASE_BYTES_PER_WEIGHT[base]),
+        "masks": g.layers * layer_linears // 8,
+        "embeddings, norms, head": (g.outside_params + g.layers * 2 * g.hidden) * compute_bytes,
+        "adapters and optimizer": adapter_params * HEAL_OPTIMIZER_BYTES[optimizer],
+        # with checkpointing each block keeps only its input; one block at a time is recomputed
+        "activations": (g.layers * tokens * g.hidden * compute_bytes + block_activations) if checkpointing
+        else g.layers * block_activations,
+        # a block's weights as computed: the base dequantized plus the masked delta, float32, kept for backward
+        "block weights": 2 * layer_linears * 4,
+        "logits": 3 * tokens * g.vocab * 4,  # float32 logits, their log-softmax and its gradient
+    }
+
+
+def heal_flops(g: Geometry, tokens: int, checkpointing: bool) -> float:
+    """One optimizer step: forward (twice with checkpointing), the input gradient through every
+    Linear and the head, and each masked delta's full [out, in] gradient."""
+    linears, head = 2 * tokens * g.layers * g.linear_params, 2 * tokens * g.vocab * g.hidden
+    return linears * (3 + (1 if checkpointing else 0)) + 2 * head
+
+
+def plan_heal(model: str, device: str = "auto", base: str = "auto", rank: int = 16, batch_size: int = 4,
+              seqlen: int = 512, steps: int = 200, optimizer: str = "adam", checkpointing: bool = True,
+              max_ram: int | None = None, max_gpu_memory: int | None = None) -> tuple[str, dict]:  # fmt: skip
+    """`streamprune plan MODEL --heal`: whether LoRA healing fits, and how long it takes."""
+    from .families import family_of
+    from .source import fetch_config
+
+    config, where = fetch_config(model)
+    family_of(config)
+    g = Geometry.from_config(config)
+    seqlen = min(seqlen, config.get("max_position_embeddings") or seqlen)
+    device_name, flops, kind, max_gpu_memory = plan_device(device, torch.float32, max_gpu_memory)
+    if base == "auto":
+        base = "nf4" if kind == "cuda" else "fp32"
+    compute_bytes = 2 if base == "bf16" or (kind == "cuda" and base in ("nf4", "int8")) else 4
+    parts = heal_memory(g, base, compute_bytes, rank, batch_size, seqlen, optimizer, checkpointing)
+    peak = sum(parts.values())
+    runtime = current_rss_bytes()
+    limit = max_gpu_memory if kind == "cuda" else (max_ram or default_limits(runtime, None)[0])
+    needed = peak if kind == "cuda" else peak + runtime
+    problems = []
+    if limit is not None and needed > limit:
+        problems.append(
+            f"heal needs {format_size(needed)} on the {'GPU' if kind == 'cuda' else 'CPU'}, which has "
+            f"{format_size(limit)}"
+            + (f"; the frozen base alone is {format_size(parts['frozen base'])}" if parts["frozen base"] > limit / 2 else "")
+            + ". Heal layer by layer instead, one block in memory at a time: streamprune run MODEL --reconstruct "
+            "(plan it with: streamprune plan MODEL --reconstruct)"
+            + ("" if base == "nf4" else ", or try --base nf4")
+        )
+    step_flops = heal_flops(g, batch_size * seqlen, checkpointing)
+    total_seconds = steps * step_flops / flops if flops else None
+    lines = [
+        f"{model}: {config.get('architectures', ['?'])[0]}, {g.layers} layers (config from {where})",
+        f"heal plan: LoRA rank {rank} on {7 * g.layers} Linears ({format_size(parts['adapters and optimizer'])} "
+        f"with {optimizer}), base {base}, {batch_size} x {seqlen} tokens a step, gradient checkpointing "
+        f"{'on' if checkpointing else 'off'}",
+        f"  peak {'VRAM' if kind == 'cuda' else 'RAM '} {format_size(needed)} ("
+        + ", ".join(f"{name} {format_size(n)}" for name, n in parts.items())
+        + (f", runtime {format_size(runtime)}" if kind == "cpu" else "") + ")",
+        f"  compute    {steps * step_flops / 1e12:,.1f} TFLOP for {steps} steps"
+        + (f", ~{_duration(total_seconds)} on {device_name}" if total_seconds else ""),
+        *([f"  does not fit: {p}" for p in problems] or ["  fits the limits"]),
+    ]
+    numbers = {"parts": parts, "peak_bytes": needed, "limit_bytes": limit, "device": device_name, "base": base,
+               "flops": steps * step_flops, "seconds": total_seconds, "fits": not problems, "problems": problems}  # fmt: skip
+    return "\n".join(lines), numbers

@@ -172,3 +172,25 @@ def test_a_different_setting_is_refused_when_resuming(pruned, tmp_path):
         HealConfig(model=str(model), out=tmp_path / "x", base="nf3")
     with pytest.raises(UsageError, match="--steps"):
         HealConfig(model=str(model), out=tmp_path / "x", steps=0)
+
+
+def test_the_plan_says_whether_healing_fits_and_points_70b_to_block_reconstruction():
+    from typer.testing import CliRunner
+
+    from streamprune.cli import app
+
+    runner = CliRunner()
+    big = runner.invoke(app, ["plan", "llama-70b", "--heal", "--device", "rtx4090", "--json"])
+    assert big.exit_code == 4, big.output
+    numbers = json.loads(big.output)
+    assert not numbers["fits"] and numbers["base"] == "nf4"
+    assert numbers["parts"]["frozen base"] > 24 * 10**9  # 69B projection weights at 4.06 bits
+    assert "streamprune run MODEL --reconstruct" in numbers["problems"][0]
+    small = runner.invoke(app, ["plan", "qwen3-8b", "--heal", "--device", "rtx4090", "--json"])
+    assert small.exit_code == 0, small.output
+    numbers = json.loads(small.output)
+    assert numbers["fits"] and numbers["peak_bytes"] < 24 * 10**9
+    fp32 = runner.invoke(app, ["plan", "qwen3-8b", "--heal", "--device", "rtx4090", "--base", "fp32", "--json"])
+    assert fp32.exit_code == 4 and "--base nf4" in json.loads(fp32.output)["problems"][0]
+    bad = runner.invoke(app, ["plan", "qwen3-8b", "--heal", "--base", "nf3"])
+    assert bad.exit_code == 2 and "--base" in bad.output
