@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pruned", default=",".join(PRUNED), help=f"comma-separated, from: {', '.join(PRUNED)}".replace("%", "%%"))
     parser.add_argument("--healing", default=",".join(HEALINGS), help=f"comma-separated, from: {', '.join(HEALINGS)}")
-    parser.add_argument("--steps", type=int, default=64, help="LoRA steps of 512 tokens (about 20 min on 2 cores)")
+    parser.add_argument("--steps", type=int, default=80, help="LoRA steps of 512 tokens (about 10 min on 2 free cores)")
     parser.add_argument("--ppl-windows", type=int, default=40)
     args = parser.parse_args()
     wanted = pick_labels(args.pruned, PRUNED, "pruned models")
@@ -117,7 +117,7 @@ def table(cells: dict, args) -> str:
     lines = [
         "## Healing pruned SmolLM2-135M: perplexity before and after",
         "",
-        f"Command: `python benchmarks/heal.py" + (f" --steps {args.steps}" if args.steps != 64 else "")
+        f"Command: `python benchmarks/heal.py" + (f" --steps {args.steps}" if args.steps != 80 else "")
         + (f" --ppl-windows {args.ppl_windows}" if args.ppl_windows != 40 else "") + "` (cells kept in "
         "benchmarks/heal.json). reconstruct: `--reconstruct` on the pruning (4 epochs, Adam, lr 1e-3, 32 x 512 "
         f"C4 tokens); LoRA: `streamprune heal` (rank 16 through the masks, {args.steps} steps x 512 C4 tokens, "

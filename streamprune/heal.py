@@ -236,7 +236,10 @@ def frozen_linear(weight: torch.Tensor, base: str, compute: torch.dtype, device:
         linear = torch.nn.Linear(in_features, out_features, bias=False, device="meta")
         linear.weight = torch.nn.Parameter(weight.to(device, compute), requires_grad=False)
         return linear
-    import bitsandbytes as bnb
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise UsageError(f"--base {base} needs bitsandbytes: pip install 'streamprune[heal]', or use --base bf16") from err
 
     data = weight.to(torch.float32 if device.type == "cpu" else torch.float16)
     if base == "nf4":
@@ -256,8 +259,10 @@ def add_adapters(model: torch.nn.Module, keep: dict[str, torch.Tensor], config: 
     """peft LoRA (rank r, alpha, no dropout; A seeded by --seed, B zero, float32) on every target
     Linear of `model` (changed in place), each delta applied through its Linear's keep-mask;
     returns (the PeftModel around it, {adapter parameter name: parameter})."""
-    from peft import LoraConfig, get_peft_model
-
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise UsageError("streamprune heal needs peft: pip install 'streamprune[heal]' (peft and bitsandbytes)") from err
     if config.gradient_checkpointing:  # named activation checkpointing from transformers 5.2x on
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
