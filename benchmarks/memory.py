@@ -19,7 +19,7 @@ Every figure is the peak resident set size of a separate process, read from /usr
 Beside each run's measured peak, the peak its plan predicted (the run record's plan, computed before
 the run from config.json and the runtime's resident size at that moment).
 
-    python benchmarks/memory.py [--part run|eval|eval-offload|wide|methods|all]   # over an hour on 2 cores
+    python benchmarks/memory.py [--part run|eval|eval-offload|wide|methods|reconstruct|all]   # over an hour on 2 cores
 
 Writes its tables to benchmarks/RESULTS.md, one section per part (memory, memory-eval,
 memory-eval-offload, memory-wide, memory-methods).
@@ -263,13 +263,49 @@ def measure_methods(smol: Path) -> None:
     write_section("memory-methods", "\n".join(lines))
 
 
+def measure_reconstruct(smol: Path) -> None:
+    """--reconstruct holds one layer's training state and a second (dense-stream) buffer: flat in
+    depth too (8 vs 32 synthetic layers, the same calibration)."""
+    rows = []
+    for layers in (8, 32):
+        model = synthetic_model(layers, smol)
+        for label, extra in (("Wanda 50%", ()), ("Wanda 50% + reconstruct", ("--reconstruct",))):
+            print(f"measuring {label} on {layers} layers ...", flush=True)
+            started = time.perf_counter()
+            measured, planned = run_rss(model, 16, 256, *extra)
+            rows.append((layers, label, measured, planned, time.perf_counter() - started))
+    lines = [
+        "## Peak memory of block reconstruction (`run --reconstruct`, CPU, float32), 8 vs 32 layers",
+        "",
+        "Command: `python benchmarks/memory.py --part reconstruct`. Synthetic float32 Llama (hidden 1024), "
+        "calibration 16 x 256; --reconstruct with its defaults (4 epochs, batch 1, Adam). Peak RSS of each "
+        "process from `/usr/bin/time -v`; planned: the run record's plan (one run each, shared machine).",
+        "",
+        conditions(),
+        "",
+        "| layers | run | peak RSS | planned | planned / measured | wall time |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for layers, label, measured, planned, seconds in rows:
+        lines.append(f"| {layers} | {label} | {measured / MIB:.0f} MiB | {planned / MIB:.0f} MiB | "
+                     f"{planned / measured:.3f} | {seconds:.0f} s |")  # fmt: skip
+    peaks = {(row[0], row[1]): row[2] for row in rows}
+    ratio = peaks[(32, "Wanda 50% + reconstruct")] / peaks[(8, "Wanda 50% + reconstruct")]
+    lines.append(f"\n- With --reconstruct: peak RSS at 32 layers / at 8 layers **{ratio:.3f}** (bar: within 1.10).")
+    write_section("memory-reconstruct", "\n".join(lines))
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["run", "eval", "eval-offload", "wide", "methods", "all"], default="all")
+    parser.add_argument("--part", choices=["run", "eval", "eval-offload", "wide", "methods", "reconstruct", "all"], default="all")
     part = parser.parse_args().part
     smol = build()
+    if part in ("reconstruct", "all"):
+        measure_reconstruct(smol)
+    if part == "reconstruct":
+        return
     if part in ("methods", "all"):
         measure_methods(smol)
     if part == "methods":

@@ -2,11 +2,14 @@
 OWL dashed, log scale), and OWL's per-layer sparsities, drawn from the `perplexity-*` sections of
 RESULTS.md (written by perplexity.py from real runs; nothing here is measured or typed in).
 
-    python benchmarks/plots.py      # writes benchmarks/ppl_vs_sparsity.png and benchmarks/owl_layers.png
+    python benchmarks/plots.py      # writes benchmarks/ppl_vs_sparsity.png, owl_layers.png and heal.png
+
+heal.png: perplexity before and after each healing, from benchmarks/heal.json (written by heal.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -96,7 +99,49 @@ def owl_chart(layers: dict, width: int = 720) -> Image.Image:
     return image
 
 
+HEAL_BARS = {"none": (127, 127, 127), "reconstruct": (31, 119, 180), "LoRA": (44, 160, 44), "both": (214, 39, 40)}
+
+
+def heal_chart(cells: dict, width: int = 720, height: int = 400) -> Image.Image:
+    """Perplexity of each pruned model before healing and after each healing (log scale), from
+    benchmarks/heal.json (written by heal.py from real runs), with the dense model's as a line."""
+    image = Image.new("RGB", (width, height), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    left, right, top, bottom = 60, width - 120, 30, height - 60
+    models = list(dict.fromkeys(key.split(" | ")[0] for key in cells if " | " in key))
+    values = [math.log10(cell["ppl"]) for cell in cells.values()]
+    low, high = math.floor(min(values)), math.ceil(max(values))
+
+    def y_of(ppl: float) -> float:
+        return bottom - (math.log10(ppl) - low) / (high - low) * (bottom - top)
+
+    for decade in range(low, high + 1):
+        draw.line([left, y_of(10**decade), right, y_of(10**decade)], fill=(225, 225, 225))
+        draw.text((8, y_of(10**decade) - 6), f"{10**decade:g}", fill="black", font=font)
+    group = (right - left) / max(1, len(models))
+    bar = group / (len(HEAL_BARS) + 1)
+    for index, model in enumerate(models):
+        x0 = left + index * group + bar / 2
+        for offset, (healing, color) in enumerate(HEAL_BARS.items()):
+            cell = cells.get(f"{model} | {healing}")
+            if cell:
+                x = x0 + offset * bar
+                draw.rectangle([x, y_of(cell["ppl"]), x + bar - 2, bottom], fill=color)
+        draw.text((x0, bottom + 8), model, fill="black", font=font)
+    dense = cells["dense"]["ppl"]
+    draw.line([left, y_of(dense), right, y_of(dense)], fill="black", width=1)
+    draw.text((right + 6, y_of(dense) - 6), f"dense {dense:.1f}", fill="black", font=font)
+    for row, (healing, color) in enumerate(HEAL_BARS.items()):
+        draw.text((right + 6, top + 16 * row), "pruned" if healing == "none" else healing, fill=color, font=font)
+    draw.text((left, height - 24), "SmolLM2-135M: WikiText-2 ppl (log scale) pruned, and healed three ways", fill="black")
+    return image
+
+
 def main() -> None:
+    heal = HERE / "heal.json"
+    if heal.exists():
+        heal_chart(json.loads(heal.read_text())["cells"]).save(HERE / "heal.png")
+        print(f"wrote {HERE / 'heal.png'}")
     curves, layers = measured()
     if curves:
         ppl_chart(curves).save(HERE / "ppl_vs_sparsity.png")

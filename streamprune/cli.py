@@ -539,7 +539,7 @@ def heal(
     steps: int = typer.Option(200, help="Optimizer steps."),
     batch_size: int = typer.Option(4, help="Sequences per optimizer step."),
     seqlen: int = typer.Option(512, help="Tokens per training sequence (capped at max_position_embeddings)."),
-    lr: float = typer.Option(2e-4, help="Peak learning rate (linear warmup over 5%% of the steps, then cosine to 0)."),
+    lr: float = typer.Option(2e-4, help="Peak learning rate (linear warmup over 5% of the steps, then cosine to 0)."),
     lora_rank: int = typer.Option(16, help="LoRA rank r of every adapter."),
     lora_alpha: float = typer.Option(32.0, help="LoRA alpha: the delta is scaled by alpha / r."),
     base: str = typer.Option(
@@ -555,7 +555,7 @@ def heal(
     ),
     gradient_checkpointing: bool = typer.Option(
         True, "--gradient-checkpointing/--no-gradient-checkpointing",
-        help="Recompute each block's activations in the backward pass: far less memory, ~30%% more time.",
+        help="Recompute each block's activations in the backward pass: far less memory, ~30% more time.",
     ),  # fmt: skip
     max_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
     eval_ppl: Optional[Path] = typer.Option(None, help="After healing, perplexity of the output on this text file."),

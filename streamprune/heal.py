@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import buffers
 from .calibration import calibration_path, file_sha256, sample_calibration
 from .config import check_choice, check_positive, parse_device, parse_shard_size
 from .errors import UsageError
@@ -121,6 +122,7 @@ def heal(config: HealConfig) -> dict:
     """Train LoRA adapters on the pruned `config.model`, merge them through its masks, write the
     checkpoint to `config.out`; returns the record (also written as streamprune.json)."""
     started = time.perf_counter()
+    buffers.return_freed_memory_to_the_system()  # every step frees and reallocates each block's weights
     source = open_source(config.model, torch.device("cpu"), "float32")  # checks only; the model loads below
     check_not_source(config.out, source.directory)
     with OutputLock(config.out) as lock:

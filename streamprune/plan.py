@@ -561,10 +561,14 @@ def heal_memory(g: Geometry, base: str, compute_bytes: int, rank: int, batch: in
     tokens = batch * seqlen
     layer_linears = g.linear_params
     adapter_params = g.layers * sum(rank * (rows + cols) for rows, cols in g.linear_shapes().values())
-    # one block's autograd state: q, k, v, attention, o and norm outputs (~6 x hidden) and the MLP's
-    # gate, up, activation and product (~4 x intermediate) a token, in the compute dtype
-    block_activations = tokens * (6 * g.hidden + 4 * g.intermediate + (g.heads + 2 * g.kv_heads) * g.head_dim)
+    # one block's autograd state a token, in the compute dtype: the norms' inputs and scaled outputs,
+    # the rotated q and k, attention's inputs and output, the MLP's gate, up, activation and product;
+    # fitted to SmolLM2's measured peaks (benchmarks/RESULTS.md, heal-memory), ~2x a bare count
+    block_activations = tokens * (12 * g.hidden + 8 * g.intermediate + 2 * (g.heads + 2 * g.kv_heads) * g.head_dim)
     block_activations *= compute_bytes
+    # a block's weights as computed, kept for backward: base dequantized plus masked delta (float32)
+    # and the unpacked keep-mask (1 byte a weight)
+    block_weights = g.linear_params * (4 + 1)
     return {
         "frozen base": int(g.layers * layer_linears * BASE_BYTES_PER_WEIGHT[base]),
         "masks": g.layers * layer_linears // 8,
@@ -573,8 +577,7 @@ def heal_memory(g: Geometry, base: str, compute_bytes: int, rank: int, batch: in
         # with checkpointing each block keeps only its input; one block at a time is recomputed
         "activations": (g.layers * tokens * g.hidden * compute_bytes + block_activations) if checkpointing
         else g.layers * block_activations,
-        # a block's weights as computed: the base dequantized plus the masked delta, float32, kept for backward
-        "block weights": 2 * layer_linears * 4,
+        "block weights": block_weights if checkpointing else g.layers * block_weights,
         "logits": 3 * tokens * g.vocab * 4,  # float32 logits, their log-softmax and its gradient
     }
 
@@ -594,7 +597,10 @@ def plan_heal(model: str, device: str = "auto", base: str = "auto", rank: int = 
     from .source import fetch_config
 
     config, where = fetch_config(model)
-    family_of(config)
+    family_of(config).classes()
+    import peft  # noqa: F401  (heal's heavy imports, so that the runtime measured below is heal's)
+    import transformers.models.auto.tokenization_auto  # noqa: F401
+
     g = Geometry.from_config(config)
     seqlen = min(seqlen, config.get("max_position_embeddings") or seqlen)
     device_name, flops, kind, max_gpu_memory = plan_device(device, torch.float32, max_gpu_memory)
