@@ -45,8 +45,9 @@ WIDE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, n
 SYNTHETIC = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4)
 
 
-def synthetic_model(layers: int, tokenizer_dir: Path, geometry: dict = SYNTHETIC, name: str = "h1024") -> Path:
-    """A random float32 Llama of `layers` layers (tied embeddings, SmolLM2's tokenizer), cached."""
+def synthetic_model(layers: int, tokenizer_dir: Path, geometry: dict = SYNTHETIC, name: str = "h1024",
+                    dtype: str = "float32") -> Path:  # fmt: skip
+    """A random Llama of `layers` layers in `dtype` (tied embeddings, SmolLM2's tokenizer), cached."""
     out = DEFAULT_CACHE / f"synthetic-llama-{name}-l{layers}"
     if (out / "model.safetensors.index.json").is_file():
         return out
@@ -57,7 +58,7 @@ def synthetic_model(layers: int, tokenizer_dir: Path, geometry: dict = SYNTHETIC
     config = LlamaConfig(
         vocab_size=49152, num_hidden_layers=layers, tie_word_embeddings=True, max_position_embeddings=2048, **geometry
     )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     staged = Path(tempfile.mkdtemp(dir=DEFAULT_CACHE))
     model.save_pretrained(staged, max_shard_size="200MB")
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staged)

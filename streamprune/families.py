@@ -133,8 +133,14 @@ class LayerRunner:
     """
 
     def __init__(self, model_dir, family: Family, device: torch.device, dtype: torch.dtype):
+        """model_dir: a checkpoint directory, or a config.json already parsed (a dict: the plan's probe)."""
         # sdpa: a config built without it means eager attention, where a None mask is *no* mask
-        self.config: PretrainedConfig = AutoConfig.from_pretrained(model_dir, attn_implementation="sdpa")
+        if isinstance(model_dir, dict):
+            fields = {k: v for k, v in model_dir.items() if k != "model_type"}
+            self.config: PretrainedConfig = AutoConfig.for_model(family.model_type, **fields)
+            self.config._attn_implementation = "sdpa"
+        else:
+            self.config = AutoConfig.from_pretrained(model_dir, attn_implementation="sdpa")
         self.device, self.dtype = device, dtype
         self.layer_class, rotary_class, self.norm_class = family.classes()
         self.rotary = rotary_class(config=self.config).to(device)

@@ -165,6 +165,8 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     every = s.checkpoint_every or checkpoint_every_within_budget(g.layers, passes, buffer, checkpoint_bytes)
     resume_points = (math.ceil(g.layers / every) - 1) * passes
     flops_per_forward = 2 * g.linear_params * tokens + 2 * s.nsamples * g.heads * g.head_dim * s.seqlen * s.seqlen
+    forward_flops = g.layers * (_forwards_per_layer(s, method.needs_calibration) + int(owl)) * flops_per_forward
+    prune_flops = g.layers * sum(method.prune_flops(rows, cols) for rows, cols in g.linear_shapes().values())
     in_buffer = buffer if s.offload == "cpu" else 0
     return {
         "params": g.layers * g.layer_params + g.outside_params,
@@ -193,10 +195,11 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
             "activation checkpoints": 2 * buffer if g.layers > 1 else 0,
             "offloaded buffer": buffer if s.offload == "disk" else 0,
         },
-        "flops": g.layers * (
-            (_forwards_per_layer(s, method.needs_calibration) + int(owl)) * flops_per_forward
-            + sum(method.prune_flops(rows, cols) for rows, cols in g.linear_shapes().values())
-        ),
+        "forward_flops": forward_flops,
+        "prune_flops": prune_flops,
+        "flops": forward_flops + prune_flops,
+        # every pruned weight's score is sorted (or selected) once, and every weight checked
+        "sorted_scores": g.layers * g.linear_params,
     }
 
 
@@ -321,13 +324,56 @@ def _embedding_ram(g: Geometry, s: Settings, tokens: int, buffer: int) -> int:
     return table + gathered + (buffer if s.offload == "cpu" else run_tokens * 2 * 4096)
 
 
-def seconds(
-    plan: dict, flops_per_second: float, read_bytes_per_second: float, write_bytes_per_second: float, overlap: bool
-) -> dict:
-    """Compute and I/O time; with overlap the run takes about the larger, without it the sum."""
-    compute = plan["flops"] / flops_per_second
+def seconds(plan: dict, rates: dict, read_bytes_per_second: float, write_bytes_per_second: float, overlap: bool) -> dict:
+    """Compute and I/O time; with overlap the run takes about the larger, without it the sum.
+    `rates`: FLOP/s of the layer forwards and of the float32 solve, scores sorted per second."""
+    compute = (plan["forward_flops"] / rates["forward"] + plan["prune_flops"] / rates["solve"]
+               + plan["sorted_scores"] / rates["sort"])  # fmt: skip
     io = plan["bytes_read"] / read_bytes_per_second + plan["bytes_written"] / write_bytes_per_second
     return {"compute": compute, "io": io, "total": max(compute, io) if overlap else compute + io}
+
+
+PROBE_TOKENS = 128  # a probe forward: long enough for full-size matmuls, short enough for 70B on a CPU
+PROBE_SORT_ROWS = 64
+
+
+def probe_rates(config: dict, compute: torch.dtype, device: torch.device) -> dict:
+    """What the run computes, timed here (best of two after a warm-up): one decoder layer of this
+    geometry in the compute dtype on the device, forwarding PROBE_TOKENS tokens (attention, norms and
+    rotary included; its weights one constant, as a matmul's speed does not depend on them); a
+    float32 matmul (SparseGPT's solve); a row sort of float32 scores (every mask). A square-matmul
+    probe alone was 4-13x optimistic on this CPU: small layers and bfloat16 run far below its rate."""
+    from .families import FAMILIES, LayerRunner
+
+    g = Geometry.from_config(config)
+    runner = LayerRunner(config, FAMILIES[config["model_type"]], device, compute)
+    tensors = {name: torch.full(p.shape, 0.01 if p.dim() == 2 else 1.0, dtype=compute)
+               for name, p in runner.skeleton(0).state_dict().items()}  # fmt: skip
+    hidden = torch.randn(1, PROBE_TOKENS, g.hidden, dtype=compute, device=device)
+    with torch.no_grad():
+        layer = runner.build(0, tensors)
+        forward = _best_seconds(lambda: runner.forward(layer, 0, hidden), device)
+    del layer, tensors
+    flops = 2 * g.linear_params * PROBE_TOKENS + 2 * g.heads * g.head_dim * PROBE_TOKENS**2
+    widest = max(cols for _, cols in g.linear_shapes().values())
+    scores = torch.rand(PROBE_SORT_ROWS, widest, device=device)
+    sort = _best_seconds(lambda: torch.sort(scores, dim=1, stable=True), device)
+    solve = measure_cpu_flops(torch.float32) if device.type == "cpu" else flops / forward
+    return {"forward": flops / forward, "solve": solve, "sort": scores.numel() / sort}
+
+
+def _best_seconds(work, device: torch.device) -> float:
+    work()  # warm-up
+    best = math.inf
+    for _ in range(2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 def measure_cpu_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5) -> float:
@@ -469,24 +515,42 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def plan_device(device: str, compute: torch.dtype, max_gpu_memory: int | None) -> tuple:
-    """(name, assumed FLOP/s or None, "cpu" or "cuda", GPU memory limit) for `plan --device`: auto,
-    cpu (its matmul rate measured), cuda[:N] (this machine's GPU) or a GPU named in GPU_PEAK_TFLOPS."""
+def plan_device(device: str, compute: torch.dtype, max_gpu_memory: int | None, config: dict) -> tuple:
+    """(name, rates or None, "cpu" or "cuda", GPU memory limit) for `plan --device`: auto, cpu or
+    cuda[:N] (this machine's: its rates probed, see probe_rates) or a GPU named in GPU_PEAK_TFLOPS
+    (its rates assumed from the peak)."""
     from .errors import UsageError
 
     named = device.lower().replace("-", "")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if named in GPU_PEAK_TFLOPS:
-        return device, gpu_flops(named), "cuda", max_gpu_memory or GPU_MEMORY_GB[named] * 10**9
+        return device, assumed_rates(gpu_flops(named)), "cuda", max_gpu_memory or GPU_MEMORY_GB[named] * 10**9
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device}: torch sees no GPU here; name one instead, e.g. --device rtx4090")
         name = torch.cuda.get_device_name(torch.device(device))
-        return name, gpu_flops(name), "cuda", max_gpu_memory or default_limits(0, torch.device(device))[1]
+        limit = max_gpu_memory or default_limits(0, torch.device(device))[1]
+        return name, local_rates(config, compute, torch.device(device), limit), "cuda", limit
     if device == "cpu":
-        return "this CPU (measured)", measure_cpu_flops(compute), "cpu", max_gpu_memory
+        rates = local_rates(config, compute, torch.device("cpu"), available_ram_bytes())
+        return "this CPU (probed)", rates, "cpu", max_gpu_memory
     raise UsageError(f"--device {device!r}: use auto, cpu, cuda, or one of {', '.join(GPU_PEAK_TFLOPS)}")
+
+
+def assumed_rates(flops: float | None) -> dict | None:
+    """A GPU that is not here: its assumed FLOP/s for everything, sorts negligible."""
+    return None if flops is None else {"forward": flops, "solve": flops, "sort": 1e11}
+
+
+def local_rates(config: dict, compute: torch.dtype, device: torch.device, memory: int | None) -> dict:
+    """probe_rates where one layer in the compute dtype takes at most a quarter of `memory`;
+    otherwise a square matmul's rate in the compute dtype for everything (optimistic)."""
+    layer_bytes = Geometry.from_config(config).layer_params * compute.itemsize
+    if memory is not None and layer_bytes > memory / 4:
+        rate = measure_cpu_flops(compute) if device.type == "cpu" else gpu_flops(torch.cuda.get_device_name(device))
+        return {"forward": rate, "solve": rate, "sort": 1e9}
+    return probe_rates(config, compute, device)
 
 
 def plan_model(
@@ -518,15 +582,15 @@ def plan_model(
     compute = stored if dtype == "auto" else DTYPES[dtype]
     seqlen = run_settings.pop("seqlen", Settings.seqlen)
     seqlen = min(seqlen, config.get("max_position_embeddings") or seqlen)
-    device_name, flops, kind, max_gpu_memory = plan_device(device, compute, max_gpu_memory)
+    device_name, rates, kind, max_gpu_memory = plan_device(device, compute, max_gpu_memory, config)
     settings = Settings(**run_settings, seqlen=seqlen, stored_bytes=stored.itemsize, compute_bytes=compute.itemsize,
                         device=kind, runtime_bytes=current_rss_bytes())  # fmt: skip
     if max_ram is None:
         max_ram = default_limits(settings.runtime_bytes, None)[0]
     plan, problems = fit(geometry, settings, max_ram, max_gpu_memory)
     times = None
-    if flops is not None:
-        times = seconds(plan, flops, read_bytes_per_second, write_bytes_per_second, settings.overlap)
+    if rates is not None:
+        times = seconds(plan, rates, read_bytes_per_second, write_bytes_per_second, settings.overlap)
     head = (
         f"{model}: {config.get('architectures', ['?'])[0]}, {geometry.layers} layers, hidden {geometry.hidden}, "
         f"stored {str(stored).removeprefix('torch.')}, compute {str(compute).removeprefix('torch.')} "
@@ -603,7 +667,7 @@ def plan_heal(model: str, device: str = "auto", base: str = "auto", rank: int = 
 
     g = Geometry.from_config(config)
     seqlen = min(seqlen, config.get("max_position_embeddings") or seqlen)
-    device_name, flops, kind, max_gpu_memory = plan_device(device, torch.float32, max_gpu_memory)
+    device_name, rates, kind, max_gpu_memory = plan_device(device, torch.float32, max_gpu_memory, config)
     if base == "auto":
         base = "nf4" if kind == "cuda" else "fp32"
     compute_bytes = 2 if base == "bf16" or (kind == "cuda" and base in ("nf4", "int8")) else 4
@@ -623,7 +687,7 @@ def plan_heal(model: str, device: str = "auto", base: str = "auto", rank: int = 
             + ("" if base == "nf4" else ", or try --base nf4")
         )
     step_flops = heal_flops(g, batch_size * seqlen, checkpointing)
-    total_seconds = steps * step_flops / flops if flops else None
+    total_seconds = steps * step_flops / rates["forward"] if rates else None
     lines = [
         f"{model}: {config.get('architectures', ['?'])[0]}, {g.layers} layers (config from {where})",
         f"heal plan: LoRA rank {rank} on {7 * g.layers} Linears ({format_size(parts['adapters and optimizer'])} "
