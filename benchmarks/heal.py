@@ -117,7 +117,7 @@ def table(cells: dict, args) -> str:
     lines = [
         "## Healing pruned SmolLM2-135M: perplexity before and after",
         "",
-        f"Command: `python benchmarks/heal.py" + (f" --steps {args.steps}" if args.steps != 80 else "")
+        "Command: `python benchmarks/heal.py" + (f" --steps {args.steps}" if args.steps != 80 else "")
         + (f" --ppl-windows {args.ppl_windows}" if args.ppl_windows != 40 else "") + "` (cells kept in "
         "benchmarks/heal.json). reconstruct: `--reconstruct` on the pruning (4 epochs, Adam, lr 1e-3, 32 x 512 "
         f"C4 tokens); LoRA: `streamprune heal` (rank 16 through the masks, {args.steps} steps x 512 C4 tokens, "

@@ -59,7 +59,6 @@ from .stream import (
     Source,
     check_activations_finite,
     check_weights_finite,
-    embed,
     forward_batches,
     load_head,
     open_source,
@@ -321,7 +320,7 @@ def ppl_scores(
     scores, passes = saved.get("scores", {}), saved.get("passes", 0)
     first = saved.get("first", 0)  # the first of the blocks whose skip streams this pass carries
     streams_per_pass = saved.get("streams_per_pass", streams_per_pass)  # a resumed pass keeps its group
-    norm, head = load_head(blocks.source)
+    head = load_head(blocks.source)
     while first < len(model):
         group = model[first : first + streams_per_pass]
         if position:  # resumed inside this pass
@@ -349,7 +348,7 @@ def ppl_scores(
             saves.after_block("ppl", position + 1, data, tensors)
         del main
         for skipped, stream in streams.items():
-            scores[skipped] = math.exp(mean_nll(stream, input_ids, norm, head))
+            scores[skipped] = math.exp(mean_nll(stream, input_ids, head))
         del streams
         first, position = first + streams_per_pass, 0
         data = {"first": first, "passes": passes, "streams_per_pass": streams_per_pass, "scores": scores}
@@ -357,11 +356,11 @@ def ppl_scores(
     return scores, passes
 
 
-def mean_nll(hidden: torch.Tensor, input_ids: torch.Tensor, norm: torch.nn.Module, head: torch.Tensor) -> float:
+def mean_nll(hidden: torch.Tensor, input_ids: torch.Tensor, head) -> float:
     """Mean next-token loss over all samples: hidden [n, seqlen, h] predicts input_ids [n, seqlen]."""
     total = 0.0
     for sample, ids in zip(hidden, input_ids):
-        total -= float(token_logprobs(sample[:-1], ids[1:], norm, head).double().sum())
+        total -= float(token_logprobs(sample[:-1], ids[1:], head).double().sum())
     return total / (input_ids.shape[0] * (input_ids.shape[1] - 1))
 
 
@@ -415,12 +414,12 @@ def head_gradient(blocks: Blocks, hidden: torch.Tensor, input_ids: torch.Tensor)
     """dL/dh of the last block's output [n, seqlen, hidden]; L = sum of token losses / tokens, so
     samples add up."""
     device = blocks.runner.device
-    norm, head = load_head(blocks.source)
+    head = load_head(blocks.source)
     tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
     grad = torch.zeros_like(hidden)
     for k in range(hidden.shape[0]):
         h = hidden[k, :-1].to(device).requires_grad_(True)
-        loss = -token_logprobs(h, input_ids[k, 1:], norm, head).sum() / tokens
+        loss = -token_logprobs(h, input_ids[k, 1:], head).sum() / tokens
         loss.backward()
         grad[k, :-1] = h.grad.to("cpu", grad.dtype)
     return grad
@@ -458,7 +457,7 @@ def score_blocks(
     """(score per block of `model`, passes over the weights) for config.criterion."""
     if config.criterion == "magnitude":
         return block_magnitude_scores(blocks, model, saves), 1
-    hidden = embed(blocks.source.checkpoint, input_ids, blocks.source.dtype)  # [n, seqlen, hidden]
+    hidden = blocks.source.embed(input_ids)  # [n, seqlen, hidden]
     if config.criterion == "bi":
         return bi_scores(blocks, model, hidden, saves), 1
     if config.criterion == "taylor":
@@ -707,7 +706,7 @@ def heal_seams(config: DepthConfig, source: Source, kept: list[int], input_ids: 
         return {}, {}
     last = max(span_end.values())  # nothing after the last span is trained
     blocks = Blocks(source, config.batch_size, config.overlap, config.quiet)
-    dense = embed(source.checkpoint, input_ids, source.dtype)  # [n, seqlen, hidden]
+    dense = source.embed(input_ids)  # [n, seqlen, hidden]
     shortened = None  # the shortened model's stream, from the first seam on
     healed, losses, seam = {}, {}, None  # seam: (index, layer, tensors) waiting for its span's end
     for _, index, stored in blocks.stream(list(range(last + 1)), 0, "healing seams"):

@@ -23,7 +23,7 @@ from .config import check_dtype, check_positive, parse_device
 from .errors import BadInputError, ResourceError, UsageError
 from .outdir import check_destination, check_not_source, write_json
 from .sizes import format_size
-from .stream import LayerReader, Source, check_activations_finite, embed, load_head, open_source, token_logprobs
+from .stream import LayerReader, Source, check_activations_finite, load_head, open_source, token_logprobs
 from .tasks import TASKS, load_task
 
 
@@ -208,7 +208,7 @@ def stream_logprobs(source: Source, sequences: list[Sequence], config: EvalConfi
     source.check_token_ids(flat_ids)
     width = source.runner.config.hidden_size
     hidden = activation_buffer(len(flat_ids), width, source.dtype, config.offload_dir)  # [tokens, hidden]
-    embed(source.checkpoint, flat_ids.unsqueeze(0), source.dtype, out=hidden.unsqueeze(0))
+    source.embed(flat_ids.unsqueeze(0), out=hidden.unsqueeze(0))
     batches = length_batches(lengths, config.batch_tokens)
 
     bar = tqdm(desc="evaluating", unit="layer", total=source.num_layers, disable=config.quiet, dynamic_ncols=True)
@@ -223,12 +223,12 @@ def stream_logprobs(source: Source, sequences: list[Sequence], config: EvalConfi
             bar.update()
     bar.close()
 
-    norm, head = load_head(source)
+    head = load_head(source)
     results = []
     for i, sequence in enumerate(sequences):
         start = offsets[i] + sequence.target_start - 1  # the position that predicts the first target
         targets = torch.tensor(sequence.tokens[sequence.target_start :], dtype=torch.int64)
-        results.append(token_logprobs(hidden[start : start + len(targets)], targets, norm, head))
+        results.append(token_logprobs(hidden[start : start + len(targets)], targets, head))
         buffers.release(hidden, slice(start, start + len(targets)))
     return results
 

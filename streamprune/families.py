@@ -23,6 +23,10 @@ class Family:
     model_type: str  # config.json "model_type"
     architecture: str  # config.json "architectures"[0]
     class_prefix: str  # transformers class names: f"{prefix}DecoderLayer", f"{prefix}RotaryEmbedding"
+    # transformers' attention implementation for this family's layers: sdpa, or eager where sdpa
+    # cannot compute what the model does (Gemma 2's attention logit soft-capping)
+    attention: str = "sdpa"
+    scaled_embedding: bool = False  # embeddings times sqrt(hidden_size), in the compute dtype (Gemma)
 
     def classes(self) -> tuple[type, type, type]:
         """transformers' decoder layer, rotary embedding and RMSNorm classes of the family (the
@@ -40,6 +44,9 @@ FAMILIES = {
         Family("qwen2", "Qwen2ForCausalLM", "Qwen2"),
         Family("qwen3", "Qwen3ForCausalLM", "Qwen3"),  # q/k norms inside attention (kept, not pruned)
         Family("olmo2", "Olmo2ForCausalLM", "Olmo2"),  # norms after attention and MLP, q/k norms
+        # norms before and after attention and MLP, sliding and global layers, soft-capped attention
+        # and final logits, scaled embeddings, tied head
+        Family("gemma2", "Gemma2ForCausalLM", "Gemma2", attention="eager", scaled_embedding=True),
     )
 }
 SUPPORTED = ", ".join(f"{f.architecture} ({f.model_type})" for f in FAMILIES.values())
@@ -134,13 +141,14 @@ class LayerRunner:
 
     def __init__(self, model_dir, family: Family, device: torch.device, dtype: torch.dtype):
         """model_dir: a checkpoint directory, or a config.json already parsed (a dict: the plan's probe)."""
-        # sdpa: a config built without it means eager attention, where a None mask is *no* mask
+        # set explicitly: a config built without it means eager attention, and the masks made below
+        # must be the ones for the implementation the layers use
         if isinstance(model_dir, dict):
             fields = {k: v for k, v in model_dir.items() if k != "model_type"}
             self.config: PretrainedConfig = AutoConfig.for_model(family.model_type, **fields)
-            self.config._attn_implementation = "sdpa"
+            self.config._attn_implementation = family.attention
         else:
-            self.config = AutoConfig.from_pretrained(model_dir, attn_implementation="sdpa")
+            self.config = AutoConfig.from_pretrained(model_dir, attn_implementation=family.attention)
         self.device, self.dtype = device, dtype
         self.layer_class, rotary_class, self.norm_class = family.classes()
         self.rotary = rotary_class(config=self.config).to(device)

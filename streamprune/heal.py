@@ -205,6 +205,8 @@ def load_base(source: Source, config: HealConfig) -> tuple[torch.nn.Module, dict
             set_tensor(model, name, tensor.to(device, compute))
     rotary = type(model.model.rotary_emb)  # its inverse frequencies are computed, not stored
     model.model.rotary_emb = rotary(config=model.config).to(device)
+    if source.embedding_scale is not None:  # Gemma's scale: a computed buffer too
+        model.model.embed_tokens.embed_scale = torch.tensor(source.embedding_scale, device=device)
     if getattr(model.config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]

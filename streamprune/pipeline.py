@@ -61,7 +61,6 @@ from .stream import (
     LayerReader,
     check_activations_finite,
     check_weights_finite,
-    embed,
     forward_batches,
     open_source,
 )
@@ -430,7 +429,7 @@ class PruneRun:
         if self.state.activations is not None:
             self.state.load_activations(out=self.hidden)
         else:
-            embed(self.source.checkpoint, self.calibration["input_ids"], self.source.dtype, out=self.hidden)
+            self.source.embed(self.calibration["input_ids"], out=self.hidden)
 
     def fill_dense_buffer(self) -> None:
         """--reconstruct: the dense stream's inputs of the first layer to do: a resume point's, or

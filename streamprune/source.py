@@ -30,6 +30,9 @@ ALIASES = {
     "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
     "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
     "llama-3.3-70b": "meta-llama/Llama-3.3-70B-Instruct",
+    "gemma-2-2b": "google/gemma-2-2b",
+    "gemma-2-9b": "google/gemma-2-9b",
+    "gemma-2-27b": "google/gemma-2-27b",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B",
@@ -41,7 +44,7 @@ def _llama(
     head_dim=None,
 ):  # fmt: skip
     architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # fmt: skip
+                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}  # fmt: skip
     return {
         "architectures": [architecture[model_type]],
         "model_type": model_type,
@@ -79,6 +82,9 @@ ALIAS_CONFIGS = {
     "Qwen/Qwen3-4B": _llama(2560, 9728, 36, 32, 8, 151936, 40960, "bfloat16", "qwen3", tied=True, head_dim=128),
     "Qwen/Qwen3-8B": _llama(4096, 12288, 36, 32, 8, 151936, 40960, "bfloat16", "qwen3", head_dim=128),
     "Qwen/Qwen3-32B": _llama(5120, 25600, 64, 64, 8, 151936, 40960, "bfloat16", "qwen3", head_dim=128),
+    "google/gemma-2-2b": _llama(2304, 9216, 26, 8, 4, 256000, 8192, "float32", "gemma2", tied=True, head_dim=256),
+    "google/gemma-2-9b": _llama(3584, 14336, 42, 16, 8, 256000, 8192, "float32", "gemma2", tied=True, head_dim=256),
+    "google/gemma-2-27b": _llama(4608, 36864, 46, 32, 16, 256000, 8192, "float32", "gemma2", tied=True, head_dim=128),
 }
 # Only what a checkpoint needs: config, tokenizer, safetensors weights. Never pickles or code.
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]

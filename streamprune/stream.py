@@ -48,6 +48,15 @@ class Source:
         """`seqlen`, at most the model's max_position_embeddings."""
         return min(seqlen, getattr(self.runner.config, "max_position_embeddings", None) or seqlen)
 
+    @property
+    def embedding_scale(self) -> float | None:
+        """What the family multiplies embeddings by (Gemma: sqrt(hidden_size)), or None."""
+        return self.runner.config.hidden_size**0.5 if self.family.scaled_embedding else None
+
+    def embed(self, input_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """embed() with this source's checkpoint, compute dtype and embedding scale."""
+        return embed(self.checkpoint, input_ids, self.dtype, out=out, scale=self.embedding_scale)
+
     def check_token_ids(self, ids: torch.Tensor) -> None:
         """Refuse token ids the embedding has no row for: the tokenizer belongs to another model."""
         vocab = self.checkpoint.tensors[EMBEDDING].shape[0]
@@ -233,9 +242,11 @@ def forward_batches(
 
 
 def embed(
-    checkpoint: Checkpoint, input_ids: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+    checkpoint: Checkpoint, input_ids: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """The tokens' embeddings, [*input_ids.shape, hidden] on the CPU (into `out` if given).
+    """The tokens' embeddings, [*input_ids.shape, hidden] on the CPU (into `out` if given), times
+    `scale` in `dtype` where the family scales them (Source.embedding_scale).
 
     The embedding matrix (2 GB for Llama-3-70B) is read in slices of rows, and each slice fills
     the tokens that fall in it, a bounded run of tokens at a time: neither the whole matrix nor a
@@ -253,6 +264,8 @@ def embed(
         positions = ((flat_ids >= first) & (flat_ids < first + rows_per_slice)).nonzero().squeeze(1)
         if positions.numel():
             table = checkpoint.read(EMBEDDING, rows=slice(first, first + rows_per_slice)).to(dtype)
+            if scale is not None:  # as the model does: the rows in the compute dtype, times the scale in it
+                table = table * torch.tensor(scale, dtype=dtype)
             for run in positions.split(tokens_per_copy):
                 flat_hidden[run] = table[flat_ids[run] - first]
                 buffers.release(hidden)
@@ -262,9 +275,23 @@ def embed(
 # -- the end of the stream: final norm and LM head -----------------------------------------------------
 
 
-def load_head(source: Source) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The final norm (the family's own RMSNorm class, its weight loaded) and lm_head [vocab,
-    hidden] (the embedding when tied), on the compute device in the compute dtype."""
+class Head(torch.nn.Module):
+    """The end of the model: final norm (the family's own RMSNorm class), lm_head [vocab, hidden]
+    (the embedding when tied) and, where the config asks for it, the final logits' soft-capping."""
+
+    def __init__(self, norm: torch.nn.Module, weight: torch.Tensor, softcap: float | None):
+        super().__init__()
+        self.norm, self.weight, self.softcap = norm, weight, softcap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(self.norm(hidden), self.weight)
+        if self.softcap is not None:  # as Gemma 2's forward: logits / cap, tanh, * cap
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def load_head(source: Source) -> Head:
+    """The model's Head on the compute device in the compute dtype."""
     checkpoint, runner = source.checkpoint, source.runner
     head_name = "lm_head.weight" if "lm_head.weight" in checkpoint.tensors else EMBEDDING
     norm_weight, head = checkpoint.read("model.norm.weight"), checkpoint.read(head_name)
@@ -272,21 +299,20 @@ def load_head(source: Source) -> tuple[torch.nn.Module, torch.Tensor]:
     check_weights_finite(head, head_name)
     norm = runner.norm_class(norm_weight.shape[0], eps=getattr(runner.config, "rms_norm_eps", 1e-6))
     norm.weight = torch.nn.Parameter(norm_weight.to(runner.device, source.dtype), requires_grad=False)
-    return norm.to(runner.device), head.to(runner.device, source.dtype)
+    softcap = getattr(runner.config, "final_logit_softcapping", None)
+    return Head(norm.to(runner.device), head.to(runner.device, source.dtype), softcap)
 
 
-def token_logprobs(
-    hidden: torch.Tensor, targets: torch.Tensor, norm: torch.nn.Module, head: torch.Tensor
-) -> torch.Tensor:
+def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Head) -> torch.Tensor:
     """log p(targets[t] | hidden[t]) as float32 on the CPU, for the last layer's outputs hidden
-    [T, hidden_size] and targets [T]: final norm, then the head, a chunk of tokens at a time so
-    that the float32 logits [chunk, vocab] stay under _HEAD_CHUNK_BYTES."""
-    chunk = max(1, _HEAD_CHUNK_BYTES // (head.shape[0] * 4))
+    [T, hidden_size] and targets [T], a chunk of tokens at a time so that the float32 logits
+    [chunk, vocab] stay under _HEAD_CHUNK_BYTES."""
+    chunk = max(1, _HEAD_CHUNK_BYTES // (head.weight.shape[0] * 4))
     pieces = []
     for first in range(0, len(targets), chunk):
-        h = hidden[first : first + chunk].to(head.device)
-        logits = torch.nn.functional.linear(norm(h), head).float()  # [chunk, vocab]
-        picked = targets[first : first + chunk].to(head.device)
+        h = hidden[first : first + chunk].to(head.weight.device)
+        logits = head(h).float()  # [chunk, vocab]
+        picked = targets[first : first + chunk].to(head.weight.device)
         pieces.append((logits.log_softmax(-1).gather(1, picked.unsqueeze(1)).squeeze(1)).cpu())
     return torch.cat(pieces)
 

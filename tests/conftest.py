@@ -21,11 +21,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 # the tiny fixtures every equivalence test runs on: one per supported family, and their variants
-TINY_FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "olmo2")
+TINY_FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "olmo2", "gemma2")
 
 
 def tiny_config(family: str, layers: int = 3):
-    from transformers import LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config, Qwen3Config
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=512,
@@ -48,7 +48,20 @@ def tiny_config(family: str, layers: int = 3):
         return Qwen3Config(**common, head_dim=32, use_sliding_window=False)
     if family == "olmo2":  # RMSNorms after attention and after the MLP, q/k norms over all heads
         return Olmo2Config(**common)
+    if family == "gemma2":  # sliding and global layers alternate; soft-capped attention and logits; tied
+        return Gemma2Config(**common, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+                            attn_logit_softcapping=50.0, final_logit_softcapping=30.0)  # fmt: skip
     raise ValueError(family)
+
+
+def attention(model_dir: Path) -> str:
+    """The attention implementation streamprune runs the model's family with (sdpa, or eager where
+    sdpa cannot compute what the model does): whole-model references must use the same."""
+    import json
+
+    from streamprune.families import FAMILIES
+
+    return FAMILIES[json.loads((Path(model_dir) / "config.json").read_text())["model_type"]].attention
 
 
 def tiny_tokenizer(directory: Path) -> None:

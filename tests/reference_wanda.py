@@ -10,6 +10,7 @@ topk over each group of M, statistics from the dense layer, next inputs from the
 from __future__ import annotations
 
 import torch
+from conftest import attention
 from transformers import AutoModelForCausalLM
 
 # the names streamprune prunes; the reference itself prunes every nn.Linear of a layer (find_layers),
@@ -18,7 +19,7 @@ from streamprune.families import PRUNABLE_LINEARS as LINEARS  # noqa: F401
 
 
 def load_full_model(model_dir, dtype=torch.float32):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention(model_dir)).eval()
 
 
 def capture_layer0_inputs(model, input_ids: torch.Tensor):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WIKITEXT, make_tiny_model, tree_digest
+from conftest import WIKITEXT, attention, make_tiny_model, tree_digest
 from typer.testing import CliRunner
 
 from streamprune.checkpoint import Checkpoint
@@ -29,7 +29,7 @@ from streamprune.errors import UsageError
 from streamprune.families import PRUNABLE_LINEARS
 
 # families whose config changes with depth (qwen2: sliding layers), and the newer layer layouts
-DEPTH_FAMILIES = ("llama", "qwen2", "qwen3", "olmo2")
+DEPTH_FAMILIES = ("llama", "qwen2", "qwen3", "olmo2", "gemma2")
 
 
 # -- pure functions ---------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def test_shortened_config_changes_only_what_must_change():
 def whole_model(path: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention(path), dtype=torch.float32).eval()
 
 
 def without_blocks(model, removed: list[int]):
@@ -201,7 +201,7 @@ def test_shortened_checkpoint_is_the_whole_model_without_those_blocks(tiny6, tmp
     out = tmp_path / "out"
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 4 and len(config.get("layer_types") or "1234") == 4
-    shortened = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa").eval()
+    shortened = AutoModelForCausalLM.from_pretrained(out, attn_implementation=attention(out)).eval()
     reference = whole_model(source)
     without_blocks(reference, removed)
     ids = calibration_ids(source, 2, 32)

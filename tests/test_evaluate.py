@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, TINY_FAMILIES, WIKITEXT
+from conftest import DATA, TINY_FAMILIES, WIKITEXT, attention
 from typer.testing import CliRunner
 
 from streamprune.cli import app
@@ -21,7 +21,7 @@ ZEROSHOT = DATA / "zeroshot"
 def whole_model(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention(model_dir)).eval()
 
 
 @torch.no_grad()
