@@ -472,6 +472,14 @@ if event == "block":  # before the n-th block read
         return real_tensors(self, index)
 
     streamprune.depth.Blocks.tensors = tensors
+elif event == "train":  # before the n-th seam block's training (--reconstruct)
+    real_reconstruct = streamprune.depth.reconstruct_layer
+
+    def reconstruct_layer(*args, **kwargs):
+        count_and_maybe_die()
+        return real_reconstruct(*args, **kwargs)
+
+    streamprune.depth.reconstruct_layer = reconstruct_layer
 else:  # "save": the n-th save's tensor files are written, depth.json does not name them yet
     real_write_atomic = streamprune.runstate.write_atomic
 
@@ -587,6 +595,31 @@ def test_reconstruct_heals_the_seam_on_held_out_text(tiny6, tmp_path):
     assert held_out_error(tmp_path / "healed", reference, held_out) < held_out_error(tmp_path / "plain", reference,
                                                                                       held_out)  # fmt: skip
     assert tree_digest(source) == before
+
+
+def test_a_heal_killed_mid_seam_resumes_to_the_same_bytes(tiny6, tmp_path):
+    """SIGKILL as the seam's training begins (the scores were saved before the healing pass): the
+    same command reuses the scores, heals again and writes what an uninterrupted run writes, byte
+    for byte."""
+    import subprocess
+    import sys
+
+    model = tiny6["llama"]
+    heal = dict(criterion="bi", remove=2, keep_first=1, keep_last=1, reconstruct=True, reconstruct_nsamples=4,
+                reconstruct_seqlen=32, reconstruct_epochs=2)  # fmt: skip
+    reference = run_depth(model, tmp_path / "reference", **heal)
+    assert reference["reconstruct"], reference["removed"]  # a seam to kill in
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    args = ["depth", str(model), "--out", str(tmp_path / "out"), "--calib", str(WIKITEXT), "--nsamples", "4",
+            "--seqlen", "32", "--remove", "2", "--keep-first", "1", "--keep-last", "1", "--criterion", "bi",
+            "--reconstruct", "--reconstruct-nsamples", "4", "--reconstruct-seqlen", "32", "--reconstruct-epochs", "2",
+            "--quiet"]  # fmt: skip
+    killed = subprocess.run([sys.executable, str(killer), "train", "1", *args], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_depth(model, tmp_path / "out", **heal)
+    assert resumed["reconstruct"] == reference["reconstruct"]
+    assert weights_digest(tmp_path / "out") == weights_digest(tmp_path / "reference")
 
 
 def test_reconstruct_needs_a_checkpoint_to_heal(tiny6, tmp_path):
