@@ -19,7 +19,7 @@ Every figure is the peak resident set size of a separate process, read from /usr
 Beside each run's measured peak, the peak its plan predicted (the run record's plan, computed before
 the run from config.json and the runtime's resident size at that moment).
 
-    python benchmarks/memory.py [--part run|eval|eval-offload|wide|methods|reconstruct|all]   # over an hour on 2 cores
+    python benchmarks/memory.py [--part run|eval|eval-offload|wide|methods|reconstruct|heal|all]   # over an hour on 2 cores
 
 Writes its tables to benchmarks/RESULTS.md, one section per part (memory, memory-eval,
 memory-eval-offload, memory-wide, memory-methods).
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -296,13 +297,52 @@ def measure_reconstruct(smol: Path) -> None:
     write_section("memory-reconstruct", "\n".join(lines))
 
 
+def measure_heal(smol: Path) -> None:
+    """`streamprune heal`'s peak RSS on SmolLM2-135M (2 steps; the peak is reached in the first)
+    against `plan --heal`, with and without gradient checkpointing, batches of 1 and 2 x 512."""
+    rows = []
+    for checkpointing in ("--gradient-checkpointing", "--no-gradient-checkpointing"):
+        for batch in (1, 2):
+            flags = ["--batch-size", str(batch), "--seqlen", "512", "--base", "fp32", checkpointing]
+            plan = subprocess.run([sys.executable, "-m", "streamprune", "plan", str(smol), "--heal", "--device", "cpu",
+                                   "--json", *flags], capture_output=True, text=True, check=True)  # fmt: skip
+            planned = json.loads(plan.stdout)["peak_bytes"]
+            out = Path(tempfile.mkdtemp()) / "out"
+            try:
+                measured = max_rss_bytes([sys.executable, "-m", "streamprune", "heal", str(smol), "--out", str(out),
+                                          "--data", str(C4), "--steps", "2", "--quiet", *flags])  # fmt: skip
+            finally:
+                shutil.rmtree(out.parent)
+            rows.append((checkpointing.removeprefix("--"), batch, measured, planned))
+            print(f"heal {checkpointing} batch {batch}: {measured / MIB:.0f} MiB, planned {planned / MIB:.0f}", flush=True)
+    lines = [
+        "## Peak memory of `streamprune heal` (SmolLM2-135M, CPU, fp32 base), measured and planned",
+        "",
+        "Command: `python benchmarks/memory.py --part heal`. Two LoRA steps of 512-token sequences (rank 16); "
+        "peak RSS of the process from `/usr/bin/time -v`; planned: `streamprune plan --heal --device cpu` with "
+        "the same flags.",
+        "",
+        conditions(),
+        "",
+        "| gradient checkpointing | batch | peak RSS | planned | planned / measured |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {gc} | {batch} | {measured / MIB:.0f} MiB | {planned / MIB:.0f} MiB | {planned / measured:.3f} |"
+              for gc, batch, measured, planned in rows]  # fmt: skip
+    write_section("memory-heal", "\n".join(lines))
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["run", "eval", "eval-offload", "wide", "methods", "reconstruct", "all"], default="all")
+    parser.add_argument("--part", choices=["run", "eval", "eval-offload", "wide", "methods", "reconstruct", "heal", "all"], default="all")
     part = parser.parse_args().part
     smol = build()
+    if part in ("heal", "all"):
+        measure_heal(smol)
+    if part == "heal":
+        return
     if part in ("reconstruct", "all"):
         measure_reconstruct(smol)
     if part == "reconstruct":
