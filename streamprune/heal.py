@@ -40,7 +40,7 @@ from .calibration import calibration_path, file_sha256, sample_calibration
 from .config import check_choice, check_positive, parse_device, parse_shard_size
 from .errors import UsageError
 from .families import LAYER_PREFIX, PRUNABLE_LINEARS
-from .methods.masks import pack_bits, unpack_bits
+from .methods.masks import apply_mask, pack_bits, unpack_bits
 from .outdir import (
     RECORD_FILE,
     OutputLock,
@@ -51,7 +51,7 @@ from .outdir import (
     prepare_output_dir,
     write_json,
 )
-from .reconstruct import make_optimizer
+from .reconstruct import OPTIMIZERS, make_optimizer
 from .runstate import check_free_space, check_same_structure, source_fingerprint
 from .stream import Source, check_weights_finite, open_source
 from .writer import CheckpointWriter, write_atomic
@@ -94,21 +94,16 @@ class HealConfig:
         check_positive(self, "steps", "batch_size", "seqlen", "lr", "lora_rank", "lora_alpha", "checkpoint_every",
                        "eval_seqlen")  # fmt: skip
         check_choice("--base", self.base, BASES)
-        check_choice("--optimizer", self.optimizer, ("adam", "adam8bit"))
+        check_choice("--optimizer", self.optimizer, OPTIMIZERS)
         self.torch_device = parse_device(self.device)
         self.max_shard_bytes = parse_shard_size(self.max_shard_size)
-        if self.base == "auto":
-            self.base = "nf4" if self.torch_device.type == "cuda" else "fp32"
+        self.base = resolve_base(self.base, self.torch_device.type)
         if self.eval_ppl is not None and not Path(self.eval_ppl).is_file():
             raise UsageError(f"--eval-ppl {self.eval_ppl} is not a file; give a text file, e.g. wiki.test.raw")
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """Activations, norms, embeddings and adapters: float32, except bf16 where the base is bf16
-        or a quantized base runs on a GPU (QLoRA's compute dtype)."""
-        if self.base == "bf16" or (self.base in ("nf4", "int8") and self.torch_device.type == "cuda"):
-            return torch.bfloat16
-        return torch.float32
+        return compute_dtype(self.base, self.torch_device.type)
 
     def identity(self, source: Source, data_sha256: str) -> dict:
         """What shapes the result: a saved state made with other values cannot be resumed."""
@@ -116,6 +111,21 @@ class HealConfig:
                 "gradient_checkpointing")  # fmt: skip
         return {"source": source_fingerprint(source.checkpoint), "data_sha256": data_sha256,
                 **{key: getattr(self, key) for key in keys}}  # fmt: skip
+
+
+def resolve_base(base: str, device_type: str) -> str:
+    """--base auto: nf4 on a GPU (QLoRA), fp32 on a CPU."""
+    if base != "auto":
+        return base
+    return "nf4" if device_type == "cuda" else "fp32"
+
+
+def compute_dtype(base: str, device_type: str) -> torch.dtype:
+    """Activations, norms, embeddings and adapters: float32, except bf16 where the base is bf16
+    or a quantized base runs on a GPU (QLoRA's compute dtype)."""
+    if base == "bf16" or (base in ("nf4", "int8") and device_type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
 
 
 def heal(config: HealConfig) -> dict:
@@ -132,12 +142,13 @@ def heal(config: HealConfig) -> dict:
             check_output_dir(config.out, config.force)
         check_destination(config.out, "--out")
         data_path = calibration_path(config.data)
-        identity = config.identity(source, file_sha256(data_path))
+        data_sha256 = file_sha256(data_path)
+        identity = config.identity(source, data_sha256)
         if state is not None and not config.force:
             check_same_structure(state["identity"], identity, config.out, "an unfinished heal")
         else:
             state = None
-        ids = training_ids(config, source, data_path)  # bad text is found before anything is written
+        ids = training_ids(config, source, data_path, data_sha256)  # bad text is found before anything is written
         lock.acquire()
         if state is None:
             prepare_output_dir(config.out, config.force)
@@ -160,11 +171,11 @@ def heal(config: HealConfig) -> dict:
     return record
 
 
-def training_ids(config: HealConfig, source: Source, path: Path) -> torch.Tensor:
+def training_ids(config: HealConfig, source: Source, path: Path, sha256: str) -> torch.Tensor:
     """steps x batch_size windows of seqlen tokens of --data, [steps * batch_size, seqlen]."""
     seqlen = source.capped_seqlen(config.seqlen)
     settings = SimpleNamespace(calib=config.data, nsamples=config.steps * config.batch_size, seed=config.seed)
-    ids = sample_calibration(settings, path, file_sha256(path), source.directory, seqlen)["input_ids"]
+    ids = sample_calibration(settings, path, sha256, source.directory, seqlen)["input_ids"]
     source.check_token_ids(ids)
     return ids
 
@@ -298,13 +309,14 @@ def masked_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 def base_weight(linear: torch.nn.Module) -> torch.Tensor:
     """The frozen base's weight [out, in] as the model computes with it: bitsandbytes' NF4 blocks
-    dequantized (what its own forward does), int8 rows times their absmax / 127, or the plain weight."""
-    import bitsandbytes as bnb
-
+    dequantized (what its own forward does), int8 rows times their absmax / 127, or the plain weight
+    (which needs no bitsandbytes)."""
     weight = linear.weight
-    if isinstance(linear, bnb.nn.Linear4bit):
+    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes' Params4bit
+        import bitsandbytes as bnb
+
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-    if isinstance(linear, bnb.nn.Linear8bitLt):
+    if getattr(weight, "SCB", None) is not None:  # bitsandbytes' Int8Params
         return weight.data.float() * weight.SCB.float().unsqueeze(1) / 127
     return weight
 
@@ -402,7 +414,7 @@ def write_merged(config: HealConfig, source: Source, model, keep: dict) -> tuple
                 if module_name in keep:
                     delta = masked_delta(model.get_submodule(module_name)).to("cpu", torch.float32)
                     merged = (tensor.to(torch.float32) + delta).to(tensor.dtype)
-                    tensor = torch.where(tensor == 0, torch.zeros((), dtype=tensor.dtype), merged)  # +0.0, not -0.0
+                    tensor = apply_mask(merged, tensor == 0)  # the source's zeros, +0.0
                 writer.write(name, tensor)
         writer.finish()
     except BaseException:

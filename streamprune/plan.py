@@ -543,13 +543,13 @@ def assumed_rates(flops: float | None) -> dict | None:
     return None if flops is None else {"forward": flops, "solve": flops, "sort": 1e11}
 
 
-def local_rates(config: dict, compute: torch.dtype, device: torch.device, memory: int | None) -> dict:
+def local_rates(config: dict, compute: torch.dtype, device: torch.device, memory: int | None) -> dict | None:
     """probe_rates where one layer in the compute dtype takes at most a quarter of `memory`;
     otherwise a square matmul's rate in the compute dtype for everything (optimistic)."""
     layer_bytes = Geometry.from_config(config).layer_params * compute.itemsize
     if memory is not None and layer_bytes > memory / 4:
         rate = measure_cpu_flops(compute) if device.type == "cpu" else gpu_flops(torch.cuda.get_device_name(device))
-        return {"forward": rate, "solve": rate, "sort": 1e9}
+        return None if rate is None else {"forward": rate, "solve": rate, "sort": 1e9}
     return probe_rates(config, compute, device)
 
 
@@ -623,7 +623,6 @@ def heal_memory(g: Geometry, base: str, compute_bytes: int, rank: int, batch: in
                 checkpointing: bool) -> dict[str, int]:  # fmt: skip
     """Peak bytes of `streamprune heal` on its device, by part."""
     tokens = batch * seqlen
-    layer_linears = g.linear_params
     adapter_params = g.layers * sum(rank * (rows + cols) for rows, cols in g.linear_shapes().values())
     # one block's autograd state a token, in the compute dtype: the norms' inputs and scaled outputs,
     # the rotated q and k, attention's inputs and output, the MLP's gate, up, activation and product;
@@ -634,8 +633,8 @@ def heal_memory(g: Geometry, base: str, compute_bytes: int, rank: int, batch: in
     # and the unpacked keep-mask (1 byte a weight)
     block_weights = g.linear_params * (4 + 1)
     return {
-        "frozen base": int(g.layers * layer_linears * BASE_BYTES_PER_WEIGHT[base]),
-        "masks": g.layers * layer_linears // 8,
+        "frozen base": int(g.layers * g.linear_params * BASE_BYTES_PER_WEIGHT[base]),
+        "masks": g.layers * g.linear_params // 8,
         "embeddings, norms, head": (g.outside_params + g.layers * 2 * g.hidden) * compute_bytes,
         "adapters and optimizer": adapter_params * HEAL_OPTIMIZER_BYTES[optimizer],
         # with checkpointing each block keeps only its input; one block at a time is recomputed
@@ -658,6 +657,7 @@ def plan_heal(model: str, device: str = "auto", base: str = "auto", rank: int = 
               max_ram: int | None = None, max_gpu_memory: int | None = None) -> tuple[str, dict]:  # fmt: skip
     """`streamprune plan MODEL --heal`: whether LoRA healing fits, and how long it takes."""
     from .families import family_of
+    from .heal import compute_dtype, resolve_base
     from .source import fetch_config
 
     config, where = fetch_config(model)
@@ -668,9 +668,8 @@ def plan_heal(model: str, device: str = "auto", base: str = "auto", rank: int = 
     g = Geometry.from_config(config)
     seqlen = min(seqlen, config.get("max_position_embeddings") or seqlen)
     device_name, rates, kind, max_gpu_memory = plan_device(device, torch.float32, max_gpu_memory, config)
-    if base == "auto":
-        base = "nf4" if kind == "cuda" else "fp32"
-    compute_bytes = 2 if base == "bf16" or (kind == "cuda" and base in ("nf4", "int8")) else 4
+    base = resolve_base(base, kind)
+    compute_bytes = compute_dtype(base, kind).itemsize
     parts = heal_memory(g, base, compute_bytes, rank, batch_size, seqlen, optimizer, checkpointing)
     peak = sum(parts.values())
     runtime = current_rss_bytes()
