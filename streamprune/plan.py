@@ -626,7 +626,7 @@ def heal_memory(g: Geometry, base: str, compute_bytes: int, rank: int, batch: in
     adapter_params = g.layers * sum(rank * (rows + cols) for rows, cols in g.linear_shapes().values())
     # one block's autograd state a token, in the compute dtype: the norms' inputs and scaled outputs,
     # the rotated q and k, attention's inputs and output, the MLP's gate, up, activation and product;
-    # fitted to SmolLM2's measured peaks (benchmarks/RESULTS.md, heal-memory), ~2x a bare count
+    # fitted to heal's measured peaks on SmolLM2 without checkpointing (README, Status), ~2x a bare count
     block_activations = tokens * (12 * g.hidden + 8 * g.intermediate + 2 * (g.heads + 2 * g.kv_heads) * g.head_dim)
     block_activations *= compute_bytes
     # a block's weights as computed, kept for backward: base dequantized plus masked delta (float32)
