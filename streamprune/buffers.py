@@ -13,6 +13,7 @@ import ctypes
 import mmap
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -90,3 +91,10 @@ def release(buffer: torch.Tensor, rows: slice = slice(0, None)) -> None:
     length = stop - first_page
     if length > 0:
         ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first_page), ctypes.c_size_t(length), _MADV_DONTNEED)
+
+
+def released_rows(buffer: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The rows of `buffer` in order, each dropped from memory (if offloaded) once the caller is done with it."""
+    for row in range(buffer.shape[0]):
+        yield buffer[row]
+        release(buffer, slice(row, row + 1))

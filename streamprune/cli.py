@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shlex
 import signal
 import sys
@@ -215,6 +216,8 @@ def run(
         if eval_ppl is not None and not eval_ppl.is_file():  # found out now, not after hours of pruning
             raise UsageError(f"--eval-ppl {eval_ppl}: no such file; pass a text file such as wiki.test.raw")
         record = prune(config)
+        if record is None:
+            return  # one of several processes (torchrun): the leader reports
         if eval_ppl is not None:
             from .evaluate import EvalConfig, evaluate
             from .outdir import RECORD_FILE, write_json
@@ -634,6 +637,8 @@ def stop_signals_as_ctrl_c():
 
 def say(message: str) -> None:
     """A message on stderr; after SIGHUP the terminal may be gone, which must not hide the exit code."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: which process says it
+        message = f"[process {os.environ.get('RANK', '?')}] {message.lstrip()}"
     try:
         typer.echo(message, err=True)
     except OSError:
@@ -651,6 +656,9 @@ def parse_batch_size(text: str) -> int | None:
 
 
 def resume_command() -> str:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun (any process count resumes it)
+        processes = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+        return shlex.join(["torchrun", f"--nproc-per-node={processes}", "-m", "streamprune", *sys.argv[1:]])
     return shlex.join(["streamprune", *sys.argv[1:]])
 
 
@@ -659,7 +667,8 @@ def summary(record: dict) -> str:
     lines = [
         f"pruned {record['source']['num_hidden_layers']} layers of {record['source']['model']} "
         f"({record['arguments']['method']}, target sparsity {record['target_sparsity']:.3f}, "
-        f"achieved {record['mean_layer_sparsity']:.3f}) in {record['total_seconds']:.1f} s on {record['device']}",
+        f"achieved {record['mean_layer_sparsity']:.3f}) in {record['total_seconds']:.1f} s on {record['device']}"
+        + (f" x {record['processes']} processes" if record.get("processes", 1) > 1 else ""),
         f"peak RSS {record['peak_rss_bytes'] / gib:.2f} GiB (planned {record['plan']['peak_ram_bytes'] / gib:.2f})"
         + (
             f", peak VRAM {record['peak_vram_bytes'] / gib:.2f} GiB "

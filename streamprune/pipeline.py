@@ -39,6 +39,7 @@ from .calibration import (
     sample_calibration,
 )
 from .config import PruneConfig
+from .distributed import Peers, leave_process_group
 from .errors import STOP_SIGNALS, Interrupted, ResourceError, UsageError
 from .families import INPUT_SITES, LAYER_PREFIX, PRUNABLE_LINEARS, SITE_OF
 from .methods import Method, Statistic, Target
@@ -56,7 +57,7 @@ from .outdir import (
     same_disk,
     write_json,
 )
-from .runstate import OFFLOAD_DIR, STATE_DIR, RunState, check_free_space, saved_state, source_fingerprint
+from .runstate import OFFLOAD_DIR, STATE_DIR, RunState, check_free_space, read_rows, saved_state, source_fingerprint
 from .stream import (
     LayerReader,
     check_activations_finite,
@@ -79,15 +80,21 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict:
     """Prune `config.model` into `config.out`, resuming an interrupted run there; returns the run
     record (also written as streamprune.json)."""
     run = PruneRun(config, observe)
-    with run.output_lock:  # taken in 6, before the first write; released however the run ends
-        run.check_source()  # 1. nothing is written until every check has passed
-        run.check_plan()  # 2. memory; settles --offload auto and --batch-size auto
-        run.open_state()  # 3. a new run, or the unfinished one in --out (same settings only)
-        run.load_calibration()  # 4. the token windows (methods that need calibration data)
-        run.check_disk()  # 5. room for the output and the resume points
-        run.prepare_output()  # 6. --out locked, created (its state first) or picked up
-        run.stream_layers()  # 7-8. the tensors outside the layers, then one layer at a time
-        return run.finish()  # 9. index, support files, record; the state goes
+    try:
+        with run.output_lock:  # taken in 6, before the first write; released however the run ends
+            run.check_source()  # 1. nothing is written until every check has passed
+            if not run.peers.leader and not run.streams_while_pruning:
+                return None  # the weights alone decide: the leader needs no help
+            run.check_plan()  # 2. memory; settles --offload auto and --batch-size auto
+            run.open_state()  # 3. a new run, or the unfinished one in --out (same settings only)
+            run.load_calibration()  # 4. the token windows (methods that need calibration data)
+            run.check_disk()  # 5. room for the output and the resume points
+            run.prepare_output()  # 6. --out locked, created (its state first) or picked up
+            run.allocate_buffers()  # this process's share of the activation buffer
+            run.stream_layers()  # 7-8. the tensors outside the layers, then one layer at a time
+            return run.finish()  # 9. index, support files, record; the state goes
+    finally:
+        leave_process_group()
 
 
 def step(name: str):
@@ -112,7 +119,10 @@ class PruneRun:
     def __init__(self, config: PruneConfig, observe: Observer | None = None):
         self.config, self.observe = config, observe
         self.started = time.perf_counter()
-        self.device = config.torch_device
+        # torchrun: one of several processes (distributed.py); else a world of one
+        self.peers = Peers.from_environment(config.torch_device)
+        self.device = self.peers.device(config.torch_device)
+        config.quiet = config.quiet or not self.peers.leader  # one progress bar, the leader's
         self.method = config.build_method()
         self.layer_sparsities = None  # --allocation owl: each layer's, once measured
         self.step_rss: dict[str, int] = {}  # step name -> the largest resident size seen after it
@@ -126,6 +136,11 @@ class PruneRun:
         buffers.return_freed_memory_to_the_system()
 
     @property
+    def samples(self) -> slice:
+        """This process's calibration samples: all of them, or its share among several processes."""
+        return self.peers.share(self.config.nsamples)
+
+    @property
     def streams_while_pruning(self) -> bool:
         """Whether the pruning pass pushes activations through the layers: for the method's
         statistics, or for --reconstruct's training."""
@@ -137,7 +152,8 @@ class PruneRun:
         config = self.config
         self.source = source = open_source(config.model, self.device, config.dtype)
         check_not_source(config.out, source.directory)
-        self.output_lock.check()
+        if self.peers.leader:  # the leader's lock, taken in 6, is not another command's
+            self.output_lock.check()
         check_destination(config.out, "--out")
         if config.offload_dir is not None:
             check_not_source(Path(config.offload_dir).expanduser(), source.directory, "--offload-dir")
@@ -146,6 +162,10 @@ class PruneRun:
         self.seqlen = source.capped_seqlen(config.seqlen)
         calibrated = self.streams_while_pruning or config.allocation_settings() is not None
         self.calib_path = calibration_path(config.calib) if calibrated else None
+        if not self.peers.alone:
+            check_distributed(config, self.peers)
+            if not self.streams_while_pruning and self.peers.leader:
+                self.peers = Peers()  # nothing to share: the leader runs alone, the others stop
 
     def check_plan(self) -> None:
         """The plan: what the run will hold at its peaks, against the RAM and GPU memory it may use.
@@ -163,7 +183,7 @@ class PruneRun:
             sequential=config.sequential,
             reconstruct=config.reconstruct_settings(),
             pattern=config.pattern,
-            nsamples=config.nsamples,
+            nsamples=self.samples.stop - self.samples.start,
             seqlen=self.seqlen,
             batch_size=config.batch_size or 1,
             stored_bytes=probe.torch_dtype.itemsize,
@@ -182,6 +202,10 @@ class PruneRun:
         self.plan, problems = plan.fit(geometry, settings, max_ram, max_vram)
         config.offload = settings.offload
         config.checkpoint_every = self.plan["checkpoint_every"]  # the default keeps within the write budget
+        # the leader's choices: they shape the result (and the resume points), and it owns those
+        config.batch_size, config.checkpoint_every = self.peers.broadcast_object(
+            (config.batch_size, config.checkpoint_every)
+        )
         if not config.quiet or problems:
             print(plan.report(self.plan, settings, None, str(self.device), problems), file=sys.stderr)
         if problems:
@@ -195,6 +219,12 @@ class PruneRun:
             )
 
     def open_state(self) -> None:
+        """The leader's: the others learn from it where the run stands (the layer to start from,
+        and whether its inputs are saved or are the embeddings)."""
+        if not self.peers.leader:
+            self.state = RunState(self.config.out, {})  # never saved: a copy of the leader's position
+            self.state.next_layer, self.state.activations = self.peers.broadcast_object(None)
+            return
         config = self.config
         self.identity = self.run_identity()
         self.resuming = RunState.exists(config.out) and not config.force
@@ -207,6 +237,7 @@ class PruneRun:
             self.state = RunState(config.out, self.identity)
         # every tensor read is hashed: one that differs from what an earlier session read is refused
         self.source.checkpoint.digests = self.state.tensor_digests
+        self.peers.broadcast_object((self.state.next_layer, self.state.activations))
 
     def run_identity(self) -> dict:
         """Every setting that shapes the output bytes: a run may only be resumed with the same ones."""
@@ -236,15 +267,23 @@ class PruneRun:
         if self.calib_path is None:
             return
         config = self.config
+        if not self.peers.leader:
+            self.calibration = {"input_ids": self.peers.broadcast_object(None)}
+            return
         if self.resuming and (config.out / CALIBRATION_FILE).is_file():
             self.calibration = load_saved_calibration(config.out, config.nsamples, self.seqlen)
         else:
             sha256 = self.identity["calibration"]["sha256"]
             self.calibration = sample_calibration(config, self.calib_path, sha256, self.source.directory, self.seqlen)
         self.source.check_token_ids(self.calibration["input_ids"])
+        self.peers.broadcast_object(self.calibration["input_ids"])
 
     def check_disk(self) -> None:
-        """The planned shard layout, and room on the disk for it and the resume points' activations."""
+        """The planned shard layout, and room on the disk for it and the resume points' activations
+        (the leader's: it alone writes)."""
+        self.writer = None
+        if not self.peers.leader:
+            return
         config, source = self.config, self.source
         names = source.layer_names
         all_names = names[None] + [name for i in range(source.num_layers) for name in names[i]]
@@ -278,7 +317,10 @@ class PruneRun:
 
     def prepare_output(self) -> None:
         """--out: new (its state first, so that a run killed at any later instant is resumable), or
-        picked up where the interrupted run's state says."""
+        picked up where the interrupted run's state says (the leader's; the others only compute)."""
+        self.earlier_seconds, self.layer_log = 0.0, []
+        if not self.peers.leader:
+            return
         config, state, num_layers = self.config, self.state, self.source.num_layers
         self.output_lock.acquire()
         # --out as it was checked in 3: another command may have written there since
@@ -290,7 +332,13 @@ class PruneRun:
         if not self.resuming:
             check_output_dir(config.out, config.force)
         prepare_output_dir(config.out, config.force)
-        state.sessions.append({"from_layer": state.next_layer, "device": str(self.device)})
+        before = state.sessions[-1].get("processes", 1) if state.sessions else self.peers.world_size
+        session = {"from_layer": state.next_layer, "device": str(self.device)}
+        state.sessions.append(session if self.peers.alone else {**session, "processes": self.peers.world_size})
+        if self.resuming and before != self.peers.world_size and not config.quiet:
+            print(f"the last attempt ran {before} process(es), this one {self.peers.world_size}: the layers from "
+                  f"{state.next_layer} on merge their statistics over the new shares, which rounds differently "
+                  "(masks agree to within near-ties; see the README)", file=sys.stderr)  # fmt: skip
         if self.resuming:
             if state.writer is not None:
                 self.writer.resume(state.writer)
@@ -305,8 +353,13 @@ class PruneRun:
             write_atomic(config.out / CALIBRATION_FILE, calibration_json(self.calibration))
         self.earlier_seconds = state.seconds
         self.layer_log = list(state.layers)  # per-layer sparsity and seconds; the state gets copies
-        if self.calibration is not None and state.next_layer < num_layers:
-            shape = (config.nsamples, self.seqlen, self.source.runner.config.hidden_size)
+
+    def allocate_buffers(self) -> None:
+        """The activation buffer (and --reconstruct's dense one) for this process's samples."""
+        config = self.config
+        if self.calibration is not None and self.state.next_layer < self.source.num_layers:
+            samples = self.samples.stop - self.samples.start
+            shape = (samples, self.seqlen, self.source.runner.config.hidden_size)
             self.hidden = buffers.activation_buffer(shape, self.source.dtype, self.offload_dir)
             if config.reconstruct:
                 self.dense_hidden = buffers.activation_buffer(shape, self.source.dtype, self.offload_dir)
@@ -323,7 +376,7 @@ class PruneRun:
         reader = LayerReader(self.source, config.overlap, pin=self.device.type == "cuda")
         try:
             with StopOnInterrupt() as stop:
-                if state.writer is None:
+                if state.writer is None and self.peers.leader:
                     self.copy_outside_tensors()
                     self.save_resume_point(0, [], with_activations=False)  # the buffer is not filled yet
                 if self.config.allocation_settings() is not None:
@@ -337,23 +390,26 @@ class PruneRun:
                 self.last_saved, self.last_saved_at = state.next_layer, time.perf_counter()
                 bar = tqdm(desc="pruning", unit="layer", initial=state.next_layer, total=num_layers,
                            disable=config.quiet, dynamic_ncols=True)  # fmt: skip
+                stopping = False  # as the leader decided, when several processes run
                 for index, stored in reader.layers(list(range(state.next_layer, num_layers))):
-                    if stop.requested:
+                    if stopping or (stop.requested and self.peers.alone):
                         self.saves.wait()
-                        stop.check(state.next_layer, num_layers, config.out)
+                        raise stop.interrupted(state.next_layer, num_layers, config.out)
                     self.prune_layer(index, stored)
                     del stored
                     bar.update()
-                    self.maybe_save_resume_point(index, stop.requested)
+                    stopping = self.maybe_save_resume_point(index, stop.requested)
                 bar.close()
                 self.saves.wait()
                 self.hidden = self.dense_hidden = None  # an offloaded buffer's file goes with it, before the state dir
-            self.writer.finish()
+            if self.writer is not None:
+                self.writer.finish()
         except BaseException as err:
             lost = self.saves.close()
             if lost is not None and lost is not err:
                 err.add_note(f"A background write had failed too, so the last resume point may be older: {lost!r}")
-            self.writer.abort()
+            if self.writer is not None:
+                self.writer.abort()
             raise
         finally:
             reader.close()
@@ -426,10 +482,14 @@ class PruneRun:
     def fill_buffer(self) -> None:
         """The inputs of the first layer to do in this pass: embedded calibration tokens, or a
         resume point's (of the pass the state is in)."""
-        if self.state.activations is not None:
-            self.state.load_activations(out=self.hidden)
+        state = self.state
+        if state.activations is None:
+            self.source.embed(self.calibration["input_ids"][self.samples], out=self.hidden)
+        elif self.peers.alone:
+            state.load_activations(out=self.hidden)
         else:
-            self.source.embed(self.calibration["input_ids"], out=self.hidden)
+            rows = read_rows(state.dir, state.activations) if self.peers.leader else None
+            self.peers.scatter_rows(rows, self.hidden, self.config.nsamples)
 
     def fill_dense_buffer(self) -> None:
         """--reconstruct: the dense stream's inputs of the first layer to do: a resume point's, or
@@ -454,8 +514,11 @@ class PruneRun:
             masks = {}
             for position, sites in enumerate(self.site_groups()):
                 statistics = self.dense_forward(index, layer, sites, first=position == 0)
+                self.peers.merge(statistics)  # into the leader's, which prunes for everyone
                 linears = [linear for site in sites for linear in INPUT_SITES[site]]
-                masks.update(self.prune_weights(layer, stored, statistics, target, linears))
+                if self.peers.leader:
+                    masks.update(self.prune_weights(layer, stored, statistics, target, linears))
+                self.peers.broadcast(layer.get_submodule(local).weight.data for local in linears)
                 del statistics
         reconstruction = None
         if self.dense_hidden is not None:
@@ -536,7 +599,7 @@ class PruneRun:
         # of SmolLM2's wall time: benchmarks/walltime.py)
         self.saves.wait()
         zeros = total = 0
-        for name, local in self.source.layer_names[index].items():
+        for name, local in self.source.layer_names[index].items() if self.peers.leader else ():
             tensor = stored[local]
             if local in masks:
                 tensor = apply_mask(tensor, masks[local])
@@ -547,7 +610,7 @@ class PruneRun:
         if self.streams_while_pruning and self.config.propagate == "pruned":
             runner, batch_size = self.source.runner, self.config.batch_size
             forward_batches(runner, layer, index, self.hidden, batch_size, write_back=True)
-        return zeros / total
+        return zeros / total if total else None  # None: another process writes
 
     def resume_point_due(self, index: int, last_saved: int, last_saved_at: float) -> bool:
         """After layer `index`: every --checkpoint-every layers or --checkpoint-minutes, and at the last layer."""
@@ -559,20 +622,41 @@ class PruneRun:
             or (minutes is not None and time.perf_counter() - last_saved_at >= 60 * minutes)
         )
 
-    def maybe_save_resume_point(self, index: int, stopping: bool) -> None:
-        """A resume point after layer `index` when one is due, and when Ctrl-C asked to stop."""
-        if self.resume_point_due(index, self.last_saved, self.last_saved_at) or stopping:
+    def maybe_save_resume_point(self, index: int, stopping: bool) -> bool:
+        """A resume point after layer `index` when one is due, and when Ctrl-C asked to stop (the
+        leader decides, for every process). Returns whether to stop."""
+        due = self.resume_point_due(index, self.last_saved, self.last_saved_at) or stopping
+        due, stopping = self.peers.broadcast_object((due, stopping))
+        if not due:
+            return stopping
+        more = self.hidden is not None and index + 1 < self.source.num_layers
+        if self.peers.alone:
             self.saves.submit(self.save_resume_point, index + 1, list(self.layer_log))
-            self.last_saved, self.last_saved_at = index + 1, time.perf_counter()
+        elif self.peers.leader:  # the whole buffer, written here as the others' rows arrive
+            gathered = None
+            if more:
+                self.saves.wait()  # its last job may be deleting files the state no longer names
+                whole = self.peers.gather_rows(self.hidden, self.config.nsamples)
+                shape = [self.config.nsamples, *self.hidden.shape[1:]]
+                gathered = self.state.save_activations(self.hidden, index + 1, rows=whole, shape=shape)
+            self.saves.submit(self.save_resume_point, index + 1, list(self.layer_log), gathered)
+        else:
+            if more:
+                self.peers.send_rows(self.hidden)
+            self.state.next_layer = index + 1
+        self.last_saved, self.last_saved_at = index + 1, time.perf_counter()
+        return stopping
 
-    def save_resume_point(self, next_layer: int, layers_done: list, with_activations: bool = True) -> None:
+    def save_resume_point(self, next_layer: int, layers_done: list, gathered: dict | None = None,
+                          with_activations: bool = True) -> None:  # fmt: skip
         """Shard bytes, then activations, then the state naming both: every step durable before the
-        next. Runs on the `saves` thread, in order after the writes it covers."""
+        next. Runs on the `saves` thread, in order after the writes it covers. `gathered`: the
+        activations, already saved from several processes' shares."""
         state = self.state
         position = self.writer.position()
-        activations = None
+        activations = gathered
         dense = None
-        if with_activations and self.hidden is not None and next_layer < self.source.num_layers:
+        if gathered is None and with_activations and self.hidden is not None and next_layer < self.source.num_layers:
             activations = state.save_activations(self.hidden, next_layer)
             if self.dense_hidden is not None:
                 dense = state.save_activations(self.dense_hidden, next_layer, phase="dense")
@@ -589,6 +673,9 @@ class PruneRun:
         """Config and tokenizer (after the index the writer wrote last), then the record; then the
         state goes."""
         config = self.config
+        self.peak_rss_bytes = self.peers.gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        if not self.peers.leader:
+            return None
         copy_support_files(self.source.directory, config.out)
         record = run_record(self)
         write_json(config.out / RECORD_FILE, record)
@@ -658,12 +745,9 @@ class StopOnInterrupt:
             else f"interrupted before any layer was measured or pruned in {out}. Run the same command again to resume."
         )
 
-    def check(self, next_layer: int, num_layers: int, out: Path) -> None:
-        if self.requested:
-            done = f"layers 0-{next_layer - 1} of {num_layers} are saved" if next_layer else "no layer is done yet"
-            raise Interrupted(
-                f"interrupted: {done} in {out}. Run the same command again to resume from layer {next_layer}."
-            )
+    def interrupted(self, next_layer: int, num_layers: int, out: Path) -> Interrupted:
+        done = f"layers 0-{next_layer - 1} of {num_layers} are saved" if next_layer else "no layer is done yet"
+        return Interrupted(f"interrupted: {done} in {out}. Run the same command again to resume from layer {next_layer}.")
 
 
 def allocation_table(allocation: dict) -> str:
@@ -689,6 +773,20 @@ def plan_command(config: PruneConfig) -> str:
     words += ["--max-ram", config.max_ram] if config.max_ram else []
     words += ["--max-gpu-memory", config.max_gpu_memory] if config.max_gpu_memory else []
     return shlex.join(words)
+
+
+def check_distributed(config: PruneConfig, peers: Peers) -> None:
+    """What several processes cannot do together (yet): refused before anything is written."""
+    one = "run it in one process (without torchrun, or --nproc-per-node 1)"
+    if config.reconstruct:
+        raise UsageError(f"--reconstruct trains each layer in one process: {one}")
+    if config.allocation_settings() is not None:
+        raise UsageError(f"--allocation {config.allocation}'s outlier pass runs in one process: {one}")
+    if config.nsamples < peers.world_size:
+        raise UsageError(
+            f"--nsamples {config.nsamples} cannot be shared by {peers.world_size} processes (each needs at least "
+            f"one calibration sample): raise --nsamples or start fewer processes"
+        )
 
 
 def check_pattern_fits(config: PruneConfig, source) -> None:
@@ -732,6 +830,7 @@ def run_record(run: PruneRun) -> dict:
             "transformers": transformers.__version__,
         },
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "processes": run.peers.world_size,  # torchrun's; peak RSS is the leader's, then by process
         "compute_dtype": str(run.source.dtype).removeprefix("torch."),
         "method": {"name": run.method.name, **run.method.settings()},
         "allocation": {**(config.allocation_settings() or {"name": "uniform"}), **(state.allocation or {})},
@@ -742,7 +841,8 @@ def run_record(run: PruneRun) -> dict:
         "output_files": run.writer.files,
         "sessions": state.sessions,  # more than one: the run was resumed
         "total_seconds": run.earlier_seconds + time.perf_counter() - run.started,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": run.peak_rss_bytes[0],
+        "peak_rss_bytes_by_process": run.peak_rss_bytes,  # in rank order (torchrun); the first is this one's
         "peak_vram_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "rss_after_step_bytes": run.step_rss,  # this session's; compare with plan.ram_by_step
         "plan": {key: value for key, value in run.plan.items() if key != "peak_ram_parts"},

@@ -167,6 +167,10 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     flops_per_forward = 2 * g.linear_params * tokens + 2 * s.nsamples * g.heads * g.head_dim * s.seqlen * s.seqlen
     forward_flops = g.layers * (_forwards_per_layer(s, method.needs_calibration) + int(owl)) * flops_per_forward
     prune_flops = g.layers * sum(method.prune_flops(rows, cols) for rows, cols in g.linear_shapes().values())
+    prune_steps = g.layers * sum(method.prune_steps(rows, cols) for rows, cols in g.linear_shapes().values())
+    if method.needs_calibration:  # the statistics, added token by token (a float32 matmul for SparseGPT's)
+        statistic = method.statistic.flops_per_token
+        prune_flops += g.layers * tokens * sum(statistic(width) for width in g.site_widths().values())
     in_buffer = buffer if s.offload == "cpu" else 0
     return {
         "params": g.layers * g.layer_params + g.outside_params,
@@ -197,6 +201,7 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
         },
         "forward_flops": forward_flops,
         "prune_flops": prune_flops,
+        "prune_steps": prune_steps,
         "flops": forward_flops + prune_flops,
         # every pruned weight's score is sorted (or selected) once, and every weight checked
         "sorted_scores": g.layers * g.linear_params,
@@ -328,7 +333,7 @@ def seconds(plan: dict, rates: dict, read_bytes_per_second: float, write_bytes_p
     """Compute and I/O time; with overlap the run takes about the larger, without it the sum.
     `rates`: FLOP/s of the layer forwards and of the float32 solve, scores sorted per second."""
     compute = (plan["forward_flops"] / rates["forward"] + plan["prune_flops"] / rates["solve"]
-               + plan["sorted_scores"] / rates["sort"])  # fmt: skip
+               + plan["sorted_scores"] / rates["sort"] + plan["prune_steps"] / rates["steps"])  # fmt: skip
     io = plan["bytes_read"] / read_bytes_per_second + plan["bytes_written"] / write_bytes_per_second
     return {"compute": compute, "io": io, "total": max(compute, io) if overlap else compute + io}
 
@@ -359,7 +364,18 @@ def probe_rates(config: dict, compute: torch.dtype, device: torch.device) -> dic
     scores = torch.rand(PROBE_SORT_ROWS, widest, device=device)
     sort = _best_seconds(lambda: torch.sort(scores, dim=1, stable=True), device)
     solve = measure_cpu_flops(torch.float32) if device.type == "cpu" else flops / forward
-    return {"forward": flops / forward, "solve": solve, "sort": scores.numel() / sort}
+    return {"forward": flops / forward, "solve": solve, "sort": scores.numel() / sort, "steps": steps_per_second(device)}
+
+
+def steps_per_second(device: torch.device, columns: int = 256) -> float:
+    """SparseGPT's column steps per second where each is small: their overhead, not their FLOPs."""
+    from .methods.base import Target
+    from .methods.sparsegpt import obs_prune
+
+    weight = torch.randn(64, columns, device=device)
+    hinv = torch.eye(columns, device=device)
+    seconds = _best_seconds(lambda: obs_prune(weight.clone(), hinv, Target(sparsity=0.5), 128), device)
+    return columns / seconds
 
 
 def _best_seconds(work, device: torch.device) -> float:
@@ -540,7 +556,7 @@ def plan_device(device: str, compute: torch.dtype, max_gpu_memory: int | None, c
 
 def assumed_rates(flops: float | None) -> dict | None:
     """A GPU that is not here: its assumed FLOP/s for everything, sorts negligible."""
-    return None if flops is None else {"forward": flops, "solve": flops, "sort": 1e11}
+    return None if flops is None else {"forward": flops, "solve": flops, "sort": 1e11, "steps": 1e4}
 
 
 def local_rates(config: dict, compute: torch.dtype, device: torch.device, memory: int | None) -> dict | None:
@@ -549,7 +565,7 @@ def local_rates(config: dict, compute: torch.dtype, device: torch.device, memory
     layer_bytes = Geometry.from_config(config).layer_params * compute.itemsize
     if memory is not None and layer_bytes > memory / 4:
         rate = measure_cpu_flops(compute) if device.type == "cpu" else gpu_flops(torch.cuda.get_device_name(device))
-        return None if rate is None else {"forward": rate, "solve": rate, "sort": 1e9}
+        return None if rate is None else {"forward": rate, "solve": rate, "sort": 1e9, "steps": steps_per_second(device)}
     return probe_rates(config, compute, device)
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -145,12 +146,14 @@ class RunState:
         }
         write_atomic(self.dir / STATE_FILE, (json.dumps(data, indent=1) + "\n").encode())
 
-    def save_activations(self, hidden: torch.Tensor, layer: int, phase: str = "prune") -> dict:
+    def save_activations(self, hidden: torch.Tensor, layer: int, phase: str = "prune",
+                         rows: Iterable[torch.Tensor] | None = None, shape: list[int] | None = None) -> dict:  # fmt: skip
         """Write `hidden` (the inputs of `layer` in `phase`) to a new file, durable before it gets its
-        name; returns the description to put in the state. The older file stays until `drop_stale`."""
+        name; returns the description to put in the state. The older file stays until `drop_stale`.
+        `rows` and `shape`: the whole buffer's rows when `hidden` is this process's share of it."""
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"activations-{phase}-layer{layer:05d}.bin"
-        return {**write_tensor_file(path, hidden), "layer": layer, "phase": phase}
+        return {**write_tensor_file(path, hidden, rows, shape), "layer": layer, "phase": phase}
 
     def load_activations(self, out: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:
         """The saved activations (the dense stream's with `dense`), into `out` (a buffer of their
@@ -266,38 +269,54 @@ def check_same_structure(old: dict, new: dict, out: Path, holds: str) -> None:
     )
 
 
-def write_tensor_file(path: Path, tensor: torch.Tensor) -> dict:
+def write_tensor_file(path: Path, tensor: torch.Tensor, rows: Iterable[torch.Tensor] | None = None,
+                      shape: list[int] | None = None) -> dict:  # fmt: skip
     """Write `tensor`'s bytes to `path`, durable before it gets that name; returns what a state file
-    records to read it back. Row by row, releasing each: an offloaded buffer stays unmapped."""
+    records to read it back. Row by row, releasing each: an offloaded buffer stays unmapped. `rows`
+    and `shape`: a tensor whose rows are not all here (one process's share of several), in order."""
     temp = path.with_name(f".{path.name}.partial")
+    if rows is None:
+        rows, shape = buffers.released_rows(tensor), list(tensor.shape)
     with open(temp, "wb") as f:
-        for row in range(tensor.shape[0]):
-            f.write(memoryview(tensor[row].contiguous().view(-1).view(torch.uint8).numpy()))
-            buffers.release(tensor, slice(row, row + 1))
+        for row in rows:
+            f.write(memoryview(row.contiguous().view(-1).view(torch.uint8).numpy()))
         f.flush()
         os.fsync(f.fileno())
     os.replace(temp, path)
-    return {"file": path.name, "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
+    return {"file": path.name, "dtype": DTYPE_NAMES[tensor.dtype], "shape": shape}
 
 
 def read_tensor_file(directory: Path, info: dict, out: torch.Tensor | None = None) -> torch.Tensor:
     """The tensor `write_tensor_file` described as `info`, into `out` (of its shape and dtype) when given."""
-    path = directory / info["file"]
     tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if out is None else out
     if list(tensor.shape) != info["shape"] or DTYPE_NAMES[tensor.dtype] != info["dtype"]:
-        raise BadInputError(f"the saved tensor file {path} does not fit this run; start over with --force")
-    got, expected = 0, tensor.numel() * tensor.element_size()
+        raise BadInputError(f"the saved tensor file {directory / info['file']} does not fit this run; start over with --force")
+    for row, _ in enumerate(read_rows(directory, info, rows=tensor)):
+        buffers.release(tensor, slice(row, row + 1))
+    return tensor
+
+
+def read_rows(directory: Path, info: dict, rows: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """The rows of the tensor file `info` describes, in order: read into `rows[i]` when given, else
+    each into one reused row tensor (valid until the next is read)."""
+    path = directory / info["file"]
+    shape, dtype = info["shape"], SAFETENSORS_DTYPES[info["dtype"]]
+    scratch = torch.empty(shape[1:], dtype=dtype) if rows is None else None
+    got, expected = 0, math.prod(shape) * dtype.itemsize
     try:
         with open(path, "rb") as f:
-            for row in range(tensor.shape[0]):
-                got += f.readinto(memoryview(tensor[row].view(-1).view(torch.uint8).numpy()))
-                buffers.release(tensor, slice(row, row + 1))
+            for row in range(shape[0]):
+                into = scratch if rows is None else rows[row]
+                read = f.readinto(memoryview(into.view(-1).view(torch.uint8).numpy()))
+                got += read
+                if read < into.numel() * dtype.itemsize:
+                    break
+                yield into
             extra = f.read(1)
     except OSError as err:
         raise BadInputError(f"cannot read the saved tensor file {path}: {err}; start over with --force") from err
     if got != expected or extra:
         raise BadInputError(f"the saved tensor file {path} has the wrong size; start over with --force")
-    return tensor
 
 
 def check_free_space(out: Path, needed: dict[str, int]) -> None:

@@ -26,7 +26,7 @@ ARGS = ["--calib", str(WIKITEXT), "--nsamples", "4", "--seqlen", "32", "--max-sh
         "--checkpoint-every", "1"]  # fmt: skip
 # the parts of the run record that are measurements of one process, not results
 # (the plan's peaks include the resident size of the process at the start)
-VOLATILE = ("total_seconds", "peak_rss_bytes", "peak_vram_bytes", "rss_after_step_bytes", "sessions", "plan")
+VOLATILE = ("total_seconds", "peak_rss_bytes", "peak_rss_bytes_by_process", "peak_vram_bytes", "rss_after_step_bytes", "sessions", "plan")
 # arguments that do not shape the result (every run here has its own --out)
 ARGUMENTS_OF_THE_SESSION = (
     "out", "quiet", "checkpoint_every", "checkpoint_minutes", "overlap", "offload", "offload_dir"

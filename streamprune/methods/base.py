@@ -59,6 +59,11 @@ class Statistic(ABC):
     def scratch_bytes(seqlen: int, in_features: int) -> int:
         """Bytes of temporaries while one micro-batch is added (beyond the forward's own)."""
 
+    @staticmethod
+    def flops_per_token(in_features: int) -> int:
+        """Floating-point operations `add_batch` spends per token (the plan's time estimate)."""
+        return 3 * in_features  # a square and a sum per input feature, about
+
 
 class Method(ABC):
     """A pruning method. Subclasses set `name`, `summary` (one line of --help) and `statistic`
@@ -89,6 +94,11 @@ class Method(ABC):
         """Peak temporaries of `prune` for one [rows, cols] Linear. This default is a score matrix
         masked per row or N:M group: float32 scores, a sort slice (values + int64 indices), the mask."""
         return rows * cols * 4 + min(rows * cols, SORT_SLICE_ELEMENTS) * (4 + 8) + rows * cols
+
+    def prune_steps(self, rows: int, cols: int) -> int:
+        """Small sequential steps of `prune` for one Linear (a column at a time), each costing the
+        Python and kernel-launch overhead the plan probes; 0 for a method that works on whole matrices."""
+        return 0
 
     def prune_flops(self, rows: int, cols: int) -> int:
         """Floating-point operations of `prune` for one [rows, cols] Linear, for the plan's time

@@ -73,6 +73,10 @@ class Hessian(Statistic):
     def scratch_bytes(seqlen: int, in_features: int) -> int:
         return seqlen * in_features * 4  # one sample's input in float32
 
+    @staticmethod
+    def flops_per_token(in_features: int) -> int:
+        return 2 * in_features * in_features  # X X^T, in float32: about a forward's worth for SmolLM2
+
 
 def obs_prune(weight: torch.Tensor, hinv: torch.Tensor, target: Target, blocksize: int) -> Pruned:
     """The reference's `fasterprune` loop. weight [out, in] float32 (a copy: it is updated in place);
@@ -150,6 +154,9 @@ class SparseGPT(Method):
         # W1, Q1, Err1 and scores, its sort (values + int64 indices); the mask
         block = rows * min(self.blocksize, cols)
         return 2 * cols * cols * 4 + rows * cols * 4 + 4 * block * 4 + block * (4 + 8) + rows * cols
+
+    def prune_steps(self, rows: int, cols: int) -> int:
+        return cols  # obs_prune's inner loop, a dozen small tensor operations a column
 
     def prune_flops(self, rows: int, cols: int) -> int:
         # the rank-1 updates inside each block, the block's error spread to the columns after it
