@@ -274,6 +274,10 @@ def plan_command(
         None, help="Resume point every K layers, as for run (each writes the buffer; default: within 20% more writes)."
     ),
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="As for run."),
+    processes: int = typer.Option(
+        1, help="Plan a run of this many processes on one machine (torchrun --nproc-per-node N): per process "
+        "and per machine memory, and the expected speed-up.",
+    ),
     read_speed: str = typer.Option("2GB", help="Disk read speed per second assumed for the time estimate."),
     write_speed: str = typer.Option("1GB", help="Disk write speed per second assumed for the time estimate."),
     heal: bool = typer.Option(
@@ -315,9 +319,10 @@ def plan_command(
             check_owl(sparsity, pattern, OWL_M, OWL_LAMBDA)
         check_choice("--offload", offload, OFFLOAD)
         counts = SimpleNamespace(
-            nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, checkpoint_every=checkpoint_every
-        )
-        check_positive(counts, "nsamples", "seqlen", "batch_size", "checkpoint_every")
+            nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, checkpoint_every=checkpoint_every,
+            processes=processes,
+        )  # fmt: skip
+        check_positive(counts, "nsamples", "seqlen", "batch_size", "checkpoint_every", "processes")
         text, numbers = plan_model(
             model,
             method=method,
@@ -340,6 +345,7 @@ def plan_command(
             max_gpu_memory=parse_limit("--max-gpu-memory", max_gpu_memory),
             checkpoint_every=checkpoint_every,
             overlap=overlap,
+            processes=processes,
             read_bytes_per_second=parse_limit("--read-speed", read_speed),
             write_bytes_per_second=parse_limit("--write-speed", write_speed),
         )

@@ -113,8 +113,9 @@ class Peers:
             dist.broadcast(_bytes(tensor), src=0)
 
     def merge(self, statistics: dict[str, Statistic]) -> None:
-        """Fold every peer's statistics into the leader's, site by site and peer by peer in rank
-        order (the same order every run); the others' are left as they were."""
+        """Fold every peer's statistics (collected as `Statistic.shareable()`) into the leader's,
+        site by site and peer by peer in rank order: the samples in their order, every run the
+        same. The others' are left as they were."""
         if self.alone:
             return
         import torch.distributed as dist
@@ -122,18 +123,26 @@ class Peers:
         for site in sorted(statistics):
             mine = statistics[site]
             if not self.leader:
-                for name, value in _fields(mine):
-                    dist.send(_bytes(value) if isinstance(value, torch.Tensor) else _count(value), dst=0)
+                for _, value in _fields(mine):
+                    if isinstance(value, torch.Tensor):
+                        dist.send(_shape(value), dst=0)
+                        dist.send(_bytes(value.contiguous()), dst=0)
+                    else:
+                        dist.send(_count(value), dst=0)
                 continue
             for peer in range(1, self.world_size):
-                theirs = type(mine)(mine.in_features, mine.device)
+                theirs = type(mine).shareable()(mine.in_features, mine.device)
                 for name, value in _fields(theirs):
                     if isinstance(value, torch.Tensor):
+                        shape = _shape(value)
+                        dist.recv(shape, src=peer)
+                        value = torch.empty(shape[1 : 1 + shape[0]].tolist(), dtype=value.dtype, device=value.device)
                         dist.recv(_bytes(value), src=peer)
                     else:
                         count = _count(0)
                         dist.recv(count, src=peer)
-                        setattr(theirs, name, int(count))
+                        value = int(count)
+                    setattr(theirs, name, value)
                 mine.merge(theirs)
                 del theirs
 
@@ -197,6 +206,17 @@ def _fields(statistic: Statistic) -> list[tuple[str, Any]]:
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`'s bytes, as a uint8 view: what a backend sends whatever the dtype (gloo has no bfloat16)."""
     return tensor.view(-1).view(torch.uint8)
+
+
+def _shape(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's rank and shape, as a fixed-size header: what the receiver allocates."""
+    header = torch.zeros(1 + MAX_DIMS, dtype=torch.int64)
+    header[0] = tensor.dim()
+    header[1 : 1 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+    return header
+
+
+MAX_DIMS = 7
 
 
 def _count(value: int) -> torch.Tensor:

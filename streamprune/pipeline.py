@@ -183,7 +183,7 @@ class PruneRun:
             sequential=config.sequential,
             reconstruct=config.reconstruct_settings(),
             pattern=config.pattern,
-            nsamples=self.samples.stop - self.samples.start,
+            nsamples=config.nsamples,
             seqlen=self.seqlen,
             batch_size=config.batch_size or 1,
             stored_bytes=probe.torch_dtype.itemsize,
@@ -199,7 +199,10 @@ class PruneRun:
         max_vram = default_vram if config.max_gpu_bytes is None else config.max_gpu_bytes
         if config.batch_size is None:
             config.batch_size = settings.batch_size = plan.largest_batch(geometry, settings, max_vram)
-        self.plan, problems = plan.fit(geometry, settings, max_ram, max_vram)
+        if self.peers.alone:
+            self.plan, problems = plan.fit(geometry, settings, max_ram, max_vram)
+        else:  # this process's share (all of them on this machine's RAM), the leader's writes
+            self.plan, problems = plan.shared(geometry, settings, self.peers.world_size, max_ram, max_vram)
         config.offload = settings.offload
         config.checkpoint_every = self.plan["checkpoint_every"]  # the default keeps within the write budget
         # the leader's choices: they shape the result (and the resume points), and it owns those
@@ -549,8 +552,10 @@ class PruneRun:
         write_back = first and self.config.propagate == "dense"
         if write_back:
             self.saves.wait()  # this forward writes the buffer the last resume point is saving
-        return collect_statistics(self.method.statistic, self.source.runner, layer, index, self.hidden,
-                                  self.config.batch_size, write_back, sites)  # fmt: skip
+        # another process's, in the form the leader merges (Statistic.shareable)
+        statistic = self.method.statistic if self.peers.leader else self.method.statistic.shareable()
+        return collect_statistics(statistic, self.source.runner, layer, index, self.hidden, self.config.batch_size,
+                                  write_back, sites)  # fmt: skip
 
     @step(plan.PRUNE)
     def prune_weights(self, layer: torch.nn.Module, stored: dict, statistics: dict | None, target: Target,

@@ -168,9 +168,10 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     forward_flops = g.layers * (_forwards_per_layer(s, method.needs_calibration) + int(owl)) * flops_per_forward
     prune_flops = g.layers * sum(method.prune_flops(rows, cols) for rows, cols in g.linear_shapes().values())
     prune_steps = g.layers * sum(method.prune_steps(rows, cols) for rows, cols in g.linear_shapes().values())
-    if method.needs_calibration:  # the statistics, added token by token (a float32 matmul for SparseGPT's)
+    statistic_flops = 0  # added token by token in the dense forward (SparseGPT's: a float32 matmul)
+    if method.needs_calibration:
         statistic = method.statistic.flops_per_token
-        prune_flops += g.layers * tokens * sum(statistic(width) for width in g.site_widths().values())
+        statistic_flops = g.layers * tokens * sum(statistic(width) for width in g.site_widths().values())
     in_buffer = buffer if s.offload == "cpu" else 0
     return {
         "params": g.layers * g.layer_params + g.outside_params,
@@ -200,9 +201,10 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
             "offloaded buffer": buffer if s.offload == "disk" else 0,
         },
         "forward_flops": forward_flops,
+        "statistic_flops": statistic_flops,
         "prune_flops": prune_flops,
         "prune_steps": prune_steps,
-        "flops": forward_flops + prune_flops,
+        "flops": forward_flops + statistic_flops + prune_flops,
         # every pruned weight's score is sorted (or selected) once, and every weight checked
         "sorted_scores": g.layers * g.linear_params,
     }
@@ -332,7 +334,7 @@ def _embedding_ram(g: Geometry, s: Settings, tokens: int, buffer: int) -> int:
 def seconds(plan: dict, rates: dict, read_bytes_per_second: float, write_bytes_per_second: float, overlap: bool) -> dict:
     """Compute and I/O time; with overlap the run takes about the larger, without it the sum.
     `rates`: FLOP/s of the layer forwards and of the float32 solve, scores sorted per second."""
-    compute = (plan["forward_flops"] / rates["forward"] + plan["prune_flops"] / rates["solve"]
+    compute = (plan["forward_flops"] / rates["forward"] + (plan["statistic_flops"] + plan["prune_flops"]) / rates["solve"]
                + plan["sorted_scores"] / rates["sort"] + plan["prune_steps"] / rates["steps"])  # fmt: skip
     io = plan["bytes_read"] / read_bytes_per_second + plan["bytes_written"] / write_bytes_per_second
     return {"compute": compute, "io": io, "total": max(compute, io) if overlap else compute + io}
@@ -433,6 +435,27 @@ def default_limits(runtime_bytes: int, device: torch.device | None) -> tuple[int
     return max_ram, max_vram
 
 
+def shared(geometry: Geometry, settings: Settings, processes: int, max_ram: int | None, max_vram: int | None
+           ) -> tuple[dict, list[str]]:  # fmt: skip
+    """The plan of each of `processes` processes on one machine sharing the calibration samples
+    (torchrun, distributed.py), from the one-process `settings`: each holds its share of the
+    buffer and computes its share of the forwards and statistics, so memory and those FLOPs are a
+    share's (the machine's RAM is split between them); the leader alone prunes, and writes the
+    output and the whole buffer at each resume point, so those terms are the whole run's."""
+    from dataclasses import replace
+
+    whole = estimate(geometry, settings)
+    share = replace(settings, nsamples=math.ceil(settings.nsamples / processes),
+                    checkpoint_every=whole["checkpoint_every"])  # fmt: skip
+    plan, problems = fit(geometry, share, None if max_ram is None else max_ram // processes, max_vram)
+    settings.offload = share.offload
+    for key in ("bytes_written", "resume_points", "disk_bytes", "prune_flops", "prune_steps", "sorted_scores"):
+        plan[key] = whole[key]
+    plan["flops"] = plan["forward_flops"] + plan["statistic_flops"] + plan["prune_flops"]
+    plan.update(processes=processes, machine_peak_ram_bytes=processes * plan["peak_ram_bytes"])
+    return plan, problems
+
+
 def fit(geometry: Geometry, settings: Settings, max_ram: int | None, max_vram: int | None) -> tuple[dict, list[str]]:
     """The plan, and what does not fit the limits, each with the flag that would make it fit
     (empty when everything fits). `settings.offload` "auto" becomes "cpu" or "disk" here."""
@@ -519,6 +542,12 @@ def report(plan: dict, settings: Settings, times: dict | None, device_name: str,
             f"  time       ~{_duration(times['total'])} on {device_name} (compute {_duration(times['compute'])}, "
             f"I/O {_duration(times['io'])}, {'overlapped' if settings.overlap else 'in sequence'})"
         )
+    if plan.get("processes", 1) > 1:
+        speed_up = f"; expected speed-up {times['speed_up']:.2f}x over one process" if times else ""
+        lines.append(
+            f"  processes  {plan['processes']} (torchrun): memory above is each one's (its share of the samples); "
+            f"the machine holds {format_size(plan['machine_peak_ram_bytes'])} of RAM{speed_up}"
+        )
     lines += [f"  does not fit: {problem}" for problem in problems] or ["  fits the limits"]
     return "\n".join(lines)
 
@@ -577,6 +606,7 @@ def plan_model(
     max_gpu_memory: int | None = None,
     read_bytes_per_second: float = 2e9,
     write_bytes_per_second: float = 1e9,
+    processes: int = 1,
     **run_settings,
 ) -> tuple[str, dict]:
     """`streamprune plan`: the report and the numbers for MODEL (a directory, hub id or alias;
@@ -603,10 +633,19 @@ def plan_model(
                         device=kind, runtime_bytes=current_rss_bytes())  # fmt: skip
     if max_ram is None:
         max_ram = default_limits(settings.runtime_bytes, None)[0]
-    plan, problems = fit(geometry, settings, max_ram, max_gpu_memory)
+    if processes > 1:
+        alone = estimate(geometry, settings)
+        plan, problems = shared(geometry, settings, processes, max_ram, max_gpu_memory)
+    else:
+        plan, problems = fit(geometry, settings, max_ram, max_gpu_memory)
     times = None
     if rates is not None:
-        times = seconds(plan, rates, read_bytes_per_second, write_bytes_per_second, settings.overlap)
+        io = read_bytes_per_second, write_bytes_per_second, settings.overlap
+        # processes on one CPU share its cores (torchrun gives each one thread): each computes at
+        # its share of the probed rates; on GPUs each has its own
+        times = seconds(plan, {k: r / processes for k, r in rates.items()} if kind == "cpu" else rates, *io)
+        if processes > 1:
+            times["speed_up"] = seconds(alone, rates, *io)["total"] / times["total"]
     head = (
         f"{model}: {config.get('architectures', ['?'])[0]}, {geometry.layers} layers, hidden {geometry.hidden}, "
         f"stored {str(stored).removeprefix('torch.')}, compute {str(compute).removeprefix('torch.')} "

@@ -116,3 +116,29 @@ def test_plan_takes_every_registered_method():
     result = CliRunner().invoke(app, ["plan", "llama-70b", "--method", "sparse"])
     assert result.exit_code == 2 and "wanda, magnitude, ria" in result.output
     assert "ria:" in CliRunner().invoke(app, ["run", "--help"]).output
+
+
+@pytest.mark.parametrize("split", [1, 3, 5])
+def test_statistics_merged_from_another_process(split):
+    """A statistic of samples [0, split) merged with another process's of [split, 6): Wanda's (its
+    shareable form keeps each sample's norms) is bit for bit the one of all six in order; SparseGPT's
+    Hessian, a weighted sum, within float32 rounding."""
+    from streamprune.methods.sparsegpt import Hessian
+    from streamprune.methods.wanda import InputSqNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, 32) * torch.linspace(0.1, 10, 32)
+    for statistic, exact in ((InputSqNorm, True), (Hessian, False)):
+        whole, first, second = statistic(32, "cpu"), statistic(32, "cpu"), statistic.shareable()(32, "cpu")
+        for sample in x:
+            whole.add_batch(sample[None])
+        for sample in x[:split]:
+            first.add_batch(sample[None])
+        for sample in x[split:]:
+            second.add_batch(sample[None])
+        first.merge(second)
+        assert first.samples == whole.samples == 6
+        if exact:
+            assert torch.equal(first.sq_norm, whole.sq_norm)
+        else:
+            torch.testing.assert_close(first.H, whole.H, rtol=1e-5, atol=1e-5)

@@ -49,6 +49,12 @@ class Statistic(ABC):
     @abstractmethod
     def merge(self, other: Statistic) -> None: ...
 
+    @classmethod
+    def shareable(cls) -> type[Statistic]:
+        """The class another process collects this statistic with, to send it here for `merge`:
+        this one, or a subclass that keeps what makes the merge exact (InputSqNorm's samples)."""
+        return cls
+
     @staticmethod
     @abstractmethod
     def held_bytes(in_features: int) -> int:

@@ -18,22 +18,34 @@ class InputSqNorm(Statistic):
         self.samples = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
-        # A running mean over samples, in the reference's exact arithmetic: a plain float32 sum
-        # ranks the same in exact math but rounds differently, and one flipped near-tie changes
-        # every later layer. With one sample per micro-batch the masks then match it bit for bit.
         for sample in x:  # [seqlen, in]
-            self.samples += 1
-            n = self.samples
-            self.sq_norm *= (n - 1) / n
-            self.sq_norm += torch.norm(sample.t().float(), p=2, dim=1) ** 2 / n
+            self.add_sample(torch.norm(sample.t().float(), p=2, dim=1) ** 2)
+
+    def add_sample(self, sq_norm: torch.Tensor) -> None:
+        """One sample's ||X_j||^2 [in] into a running mean over samples, in the reference's exact
+        arithmetic: a plain float32 sum ranks the same in exact math but rounds differently, and one
+        flipped near-tie changes every later layer. With one sample per micro-batch the masks then
+        match it bit for bit."""
+        self.samples += 1
+        n = self.samples
+        self.sq_norm *= (n - 1) / n
+        self.sq_norm += sq_norm / n
 
     def merge(self, other: InputSqNorm) -> None:
+        if isinstance(other, SampleSqNorms):  # its samples after ours, as if this process had seen them
+            for sq_norm in other.per_sample.to(self.device):
+                self.add_sample(sq_norm)
+            return
         total = self.samples + other.samples
         if total:
             self.sq_norm = self.sq_norm * (self.samples / total) + other.sq_norm.to(self.device) * (
                 other.samples / total
             )
         self.samples = total
+
+    @classmethod
+    def shareable(cls) -> type[Statistic]:
+        return SampleSqNorms
 
     @staticmethod
     def held_bytes(in_features: int) -> int:
@@ -42,6 +54,20 @@ class InputSqNorm(Statistic):
     @staticmethod
     def scratch_bytes(seqlen: int, in_features: int) -> int:
         return seqlen * in_features * 4  # one sample's input in float32
+
+
+class SampleSqNorms(InputSqNorm):
+    """InputSqNorm that also keeps each sample's ||X_j||^2 ([samples, in] float32, 4 bytes a feature
+    a sample), for another process: merged into the statistic of the samples before them, they
+    continue its running mean, which is then bit for bit the one a single process computes."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        super().__init__(in_features, device)
+        self.per_sample = torch.zeros(0, in_features, dtype=torch.float32, device=device)  # [samples, in]
+
+    def add_sample(self, sq_norm: torch.Tensor) -> None:
+        super().add_sample(sq_norm)
+        self.per_sample = torch.cat([self.per_sample, sq_norm.unsqueeze(0)])
 
 
 def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
