@@ -44,7 +44,7 @@ from .errors import STOP_SIGNALS, Interrupted, ResourceError, UsageError
 from .families import INPUT_SITES, LAYER_PREFIX, PRUNABLE_LINEARS, SITE_OF
 from .methods import Method, Statistic, Target
 from .methods.wanda import InputSqNorm, wanda_scores
-from .methods.masks import apply_mask
+from .methods.masks import apply_mask, zero_count
 from .reconstruct import reconstruct_layer, trainable
 from .outdir import (
     RECORD_FILE,
@@ -609,7 +609,7 @@ class PruneRun:
             if local in masks:
                 tensor = apply_mask(tensor, masks[local])
             if local.removesuffix(".weight") in PRUNABLE_LINEARS:
-                zeros += int((tensor == 0).sum())
+                zeros += zero_count(tensor)
                 total += tensor.numel()
             self.saves.submit(self.writer.write, name, tensor)
         if self.streams_while_pruning and self.config.propagate == "pruned":
@@ -707,7 +707,8 @@ def prune_linears(method: Method, layer: torch.nn.Module, statistics: dict | Non
     for local in linears:
         module = layer.get_submodule(local)
         statistic = None if statistics is None else statistics[SITE_OF[local]]
-        pruned = method.prune(module.weight, statistic, target)
+        with torch.no_grad():  # the layer's weights are parameters: autograd would copy every score pass
+            pruned = method.prune(module.weight, statistic, target)
         new = module.weight.data if pruned.weight is None else pruned.weight.to(module.weight.dtype)
         module.weight.data = apply_mask(new, pruned.mask)
         yield local, pruned

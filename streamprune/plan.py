@@ -205,8 +205,8 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
         "prune_flops": prune_flops,
         "prune_steps": prune_steps,
         "flops": forward_flops + statistic_flops + prune_flops,
-        # every pruned weight's score is sorted (or selected) once, and every weight checked
-        "sorted_scores": g.layers * g.linear_params,
+        # every pruned weight is checked, scored, sorted (or selected), masked and counted once
+        "pruned_weights": g.layers * g.linear_params,
     }
 
 
@@ -335,21 +335,22 @@ def seconds(plan: dict, rates: dict, read_bytes_per_second: float, write_bytes_p
     """Compute and I/O time; with overlap the run takes about the larger, without it the sum.
     `rates`: FLOP/s of the layer forwards and of the float32 solve, scores sorted per second."""
     compute = (plan["forward_flops"] / rates["forward"] + (plan["statistic_flops"] + plan["prune_flops"]) / rates["solve"]
-               + plan["sorted_scores"] / rates["sort"] + plan["prune_steps"] / rates["steps"])  # fmt: skip
+               + plan["pruned_weights"] / rates["weights"] + plan["prune_steps"] / rates["steps"])  # fmt: skip
     io = plan["bytes_read"] / read_bytes_per_second + plan["bytes_written"] / write_bytes_per_second
     return {"compute": compute, "io": io, "total": max(compute, io) if overlap else compute + io}
 
 
 PROBE_TOKENS = 128  # a probe forward: long enough for full-size matmuls, short enough for 70B on a CPU
-PROBE_SORT_ROWS = 64
 
 
 def probe_rates(config: dict, compute: torch.dtype, device: torch.device) -> dict:
     """What the run computes, timed here (best of two after a warm-up): one decoder layer of this
     geometry in the compute dtype on the device, forwarding PROBE_TOKENS tokens (attention, norms and
     rotary included; its weights one constant, as a matmul's speed does not depend on them); a
-    float32 matmul (SparseGPT's solve); a row sort of float32 scores (every mask). A square-matmul
-    probe alone had planned 11 s for three 70B-geometry layers in bfloat16 that took 149 s on a CPU."""
+    float32 matmul (statistics such as SparseGPT's Hessians, and its solve); the passes over every
+    pruned weight (weights_per_second); SparseGPT's column steps (steps_per_second). A
+    square-matmul probe alone had planned 11 s for three 70B-geometry layers in bfloat16 that took
+    149 s on a CPU; without the weight passes, 151 s for 236-254 s."""
     from .families import FAMILIES, LayerRunner
 
     g = Geometry.from_config(config)
@@ -362,11 +363,34 @@ def probe_rates(config: dict, compute: torch.dtype, device: torch.device) -> dic
         forward = _best_seconds(lambda: runner.forward(layer, 0, hidden), device)
     del layer, tensors
     flops = 2 * g.linear_params * PROBE_TOKENS + 2 * g.heads * g.head_dim * PROBE_TOKENS**2
-    widest = max(cols for _, cols in g.linear_shapes().values())
-    scores = torch.rand(PROBE_SORT_ROWS, widest, device=device)
-    sort = _best_seconds(lambda: torch.sort(scores, dim=1, stable=True), device)
+    rows, cols = max(g.linear_shapes().values(), key=lambda shape: shape[0] * shape[1])
     solve = measure_cpu_flops(torch.float32) if device.type == "cpu" else flops / forward
-    return {"forward": flops / forward, "solve": solve, "sort": scores.numel() / sort, "steps": steps_per_second(device)}
+    return {"forward": flops / forward, "solve": solve, "weights": weights_per_second(rows, cols, compute, device),
+            "steps": steps_per_second(device)}  # fmt: skip
+
+
+PROBE_WEIGHTS = 1 << 26  # at most this much of the largest Linear: a slice an eighth of this ran 1.5x faster
+
+
+def weights_per_second(rows: int, cols: int, compute: torch.dtype, device: torch.device) -> float:
+    """Pruned weights per second through the run's passes over each of them, on the largest Linear
+    ([rows, cols], or as many of its rows as PROBE_WEIGHTS holds: cache effects make smaller
+    slices faster) in the compute dtype: the finite check, a score (Wanda's), the row mask (a
+    sort), the mask applied, the zeros counted. On this CPU in bfloat16 they are three quarters of
+    a 70B-geometry layer's time (the sort alone half)."""
+    from .methods.masks import apply_mask, row_prune_mask, zero_count
+    from .methods.wanda import wanda_scores
+    from .stream import nonfinite_counts
+
+    weight = torch.randn(min(rows, max(1, PROBE_WEIGHTS // cols)), cols, device=device).to(compute)
+    sq_norm = torch.rand(cols, device=device)
+
+    def passes():
+        nonfinite_counts(weight)
+        pruned = apply_mask(weight, row_prune_mask(wanda_scores(weight, sq_norm), 0.5))
+        return zero_count(pruned)
+
+    return weight.numel() / _best_seconds(passes, device, repeats=1)
 
 
 def steps_per_second(device: torch.device, columns: int = 256) -> float:
@@ -380,10 +404,10 @@ def steps_per_second(device: torch.device, columns: int = 256) -> float:
     return columns / seconds
 
 
-def _best_seconds(work, device: torch.device) -> float:
+def _best_seconds(work, device: torch.device, repeats: int = 2) -> float:
     work()  # warm-up
     best = math.inf
-    for _ in range(2):
+    for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
@@ -449,7 +473,7 @@ def shared(geometry: Geometry, settings: Settings, processes: int, max_ram: int 
                     checkpoint_every=whole["checkpoint_every"])  # fmt: skip
     plan, problems = fit(geometry, share, None if max_ram is None else max_ram // processes, max_vram)
     settings.offload = share.offload
-    for key in ("bytes_written", "resume_points", "disk_bytes", "prune_flops", "prune_steps", "sorted_scores"):
+    for key in ("bytes_written", "resume_points", "disk_bytes", "prune_flops", "prune_steps", "pruned_weights"):
         plan[key] = whole[key]
     plan["flops"] = plan["forward_flops"] + plan["statistic_flops"] + plan["prune_flops"]
     plan.update(processes=processes, machine_peak_ram_bytes=processes * plan["peak_ram_bytes"])
@@ -585,7 +609,7 @@ def plan_device(device: str, compute: torch.dtype, max_gpu_memory: int | None, c
 
 def assumed_rates(flops: float | None) -> dict | None:
     """A GPU that is not here: its assumed FLOP/s for everything, sorts negligible."""
-    return None if flops is None else {"forward": flops, "solve": flops, "sort": 1e11, "steps": 1e4}
+    return None if flops is None else {"forward": flops, "solve": flops, "weights": 1e10, "steps": 1e4}
 
 
 def local_rates(config: dict, compute: torch.dtype, device: torch.device, memory: int | None) -> dict | None:
@@ -594,7 +618,7 @@ def local_rates(config: dict, compute: torch.dtype, device: torch.device, memory
     layer_bytes = Geometry.from_config(config).layer_params * compute.itemsize
     if memory is not None and layer_bytes > memory / 4:
         rate = measure_cpu_flops(compute) if device.type == "cpu" else gpu_flops(torch.cuda.get_device_name(device))
-        return None if rate is None else {"forward": rate, "solve": rate, "sort": 1e9, "steps": steps_per_second(device)}
+        return None if rate is None else {"forward": rate, "solve": rate, "weights": 1e8, "steps": 1e4}
     return probe_rates(config, compute, device)
 
 

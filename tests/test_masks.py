@@ -30,6 +30,18 @@ def test_row_mask_golden_and_ties_broken_by_position():
     assert row_prune_mask(scores, 0.2).sum() == 0  # int(4 * 0.2) == 0 per row
 
 
+@pytest.mark.parametrize("values", [5, 1000, None])
+def test_row_mask_is_the_stable_sorts_first_count(values):
+    """Selection (kthvalue, then the ties leftmost first) picks exactly what a stable sort's first
+    `count` are, with many ties (5 distinct values), few, and none, at every count."""
+    torch.manual_seed(values or 0)
+    scores = torch.rand(40, 64) if values is None else torch.randint(0, values, (40, 64)).float()
+    for count in range(1, 64):
+        expected = torch.zeros_like(scores, dtype=torch.bool)
+        expected.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :count], True)
+        assert torch.equal(row_prune_mask(scores, count / 64), expected)
+
+
 def test_matrix_mask_counts_over_the_whole_matrix():
     scores = torch.tensor([[9.0, 8.0, 7.0], [1.0, 2.0, 3.0]])
     assert matrix_prune_mask(scores, 0.5).tolist() == [[False, False, False], [True, True, True]]
