@@ -20,6 +20,7 @@ import os
 from typing import Any, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
 from . import buffers
 from .errors import UsageError
@@ -51,8 +52,6 @@ class Peers:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
             return cls()
-        import torch.distributed as dist
-
         peers = cls(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
             # rows of the CPU buffer and counts go by gloo, tensors on GPUs by NCCL
@@ -87,8 +86,6 @@ class Peers:
         """The leader's `value` (small, picklable), on every process."""
         if self.alone:
             return value
-        import torch.distributed as dist
-
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -97,8 +94,6 @@ class Peers:
         """Every process's `value` (small, picklable), in rank order, on the leader; None elsewhere."""
         if self.alone:
             return [value]
-        import torch.distributed as dist
-
         gathered = [None] * self.world_size if self.leader else None
         dist.gather_object(value, gathered, dst=0)
         return gathered
@@ -107,8 +102,6 @@ class Peers:
         """Overwrite `tensors` (the same shapes and dtypes everywhere) with the leader's, bit for bit."""
         if self.alone:
             return
-        import torch.distributed as dist
-
         for tensor in tensors:
             dist.broadcast(_bytes(tensor), src=0)
 
@@ -118,8 +111,6 @@ class Peers:
         same. The others' are left as they were."""
         if self.alone:
             return
-        import torch.distributed as dist
-
         for site in sorted(statistics):
             mine = statistics[site]
             if not self.leader:
@@ -149,8 +140,6 @@ class Peers:
     def gather_rows(self, hidden: torch.Tensor, total: int) -> Iterator[torch.Tensor]:
         """The leader's: every row of the whole buffer (`total` samples) in sample order, its own
         share's (`hidden`) then each peer's as `send_rows` sends it."""
-        import torch.distributed as dist
-
         yield from buffers.released_rows(hidden)
         received = torch.empty_like(hidden[0])
         for peer in range(1, self.world_size):
@@ -161,16 +150,12 @@ class Peers:
 
     def send_rows(self, hidden: torch.Tensor) -> None:
         """A peer's side of `gather_rows`: its share's rows, in order."""
-        import torch.distributed as dist
-
         for row in buffers.released_rows(hidden):
             dist.send(_bytes(row.contiguous()), dst=0)
 
     def scatter_rows(self, rows: Iterable[torch.Tensor] | None, hidden: torch.Tensor, total: int) -> None:
         """Fill each process's `hidden` with its share of the whole buffer (`total` samples), whose
         rows in sample order only the leader has (`rows`; None elsewhere)."""
-        import torch.distributed as dist
-
         if not self.leader:
             for row in range(hidden.shape[0]):
                 dist.recv(_bytes(hidden[row]), src=0)
@@ -187,8 +172,6 @@ class Peers:
 
 def leave_process_group() -> None:
     """Done with the other processes (torch warns at exit about a group left open)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
