@@ -415,6 +415,7 @@ def eval_command(
         on_interrupt="interrupted",
         on_gpu_oom=f"Lower --batch-tokens (now {batch_tokens}) or use --device cpu.",
     ):
+        check_one_process("eval")
         config = EvalConfig(
             model=model,
             ppl=None if ppl is None else str(ppl),
@@ -506,6 +507,7 @@ def depth(
         f"--checkpoint-minutes) and finished block scores are reused: run again to go on: {resume_command()}",
         on_gpu_oom=f"Lower --batch-size (now {batch_size}) or use --device cpu.",
     ):
+        check_one_process("depth")
         config = DepthConfig(
             model=model,
             out=out,
@@ -590,6 +592,7 @@ def heal(
         "command after changing nothing else, or start over with --force.",
         on_disk_full=f"The training state saved so far is kept; free some space, then: {resume_command()}",
     ):
+        check_one_process("heal")
         config = HealConfig(
             model=model, out=out, data=data, steps=steps, batch_size=batch_size, seqlen=seqlen, lr=lr,
             lora_rank=lora_rank, lora_alpha=lora_alpha, base=base, optimizer=optimizer, seed=seed, device=device,
@@ -639,6 +642,16 @@ def stop_signals_as_ctrl_c():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def check_one_process(command: str) -> None:
+    """Refuse a command that runs in one process when torchrun started several: each would do the
+    whole work and write the same files."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(
+            f"streamprune {command} runs in one process (only run shares its work between processes): "
+            f"start it without torchrun: streamprune {command} ..."
+        )
 
 
 def say(message: str) -> None:

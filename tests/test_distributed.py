@@ -114,3 +114,19 @@ def test_refused_together(model, tmp_path):
     assert "exitcode  : 2" in done.stderr
     assert "--reconstruct trains each layer in one process" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "depth", "heal"])
+def test_one_process_commands_refuse_torchrun(model, tmp_path, command, monkeypatch):
+    from typer.testing import CliRunner
+
+    from streamprune.cli import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    args = {"eval": ["--ppl", str(WIKITEXT)], "depth": ["--out", str(tmp_path / "d"), "--remove", "1"],
+            "heal": ["--out", str(tmp_path / "h")]}[command]  # fmt: skip
+    result = CliRunner().invoke(app, [command, str(model), *args])
+    assert result.exit_code == 2
+    assert f"streamprune {command} runs in one process" in result.output
+    assert not any(tmp_path.iterdir())
