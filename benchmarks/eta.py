@@ -1,6 +1,7 @@
 """How honest is the plan's time estimate? `streamprune plan` (its rates probed on this machine:
-one decoder layer of the model's geometry forwarding in the compute dtype, a float32 matmul, a row
-sort) against the wall time of the run it planned, run right after it on the same machine.
+one decoder layer of the model's geometry forwarding in the compute dtype, a float32 matmul, the
+passes over the pruned weights, SparseGPT's column steps) against the wall time of the run it
+planned, run right after it on the same machine.
 
     python benchmarks/eta.py            # ~15 min on 2 idle CPU cores (builds a 6 GB model once)
 
@@ -64,7 +65,8 @@ def main() -> None:
         "",
         "Command: `python benchmarks/eta.py`. Planned: `streamprune plan --device cpu` with the run's flags (its "
         "rates probed here: one decoder layer of the geometry forwarding 128 tokens in the compute dtype, a "
-        "float32 matmul, a row sort), then measured: the run's total_seconds, right after, on the same machine.",
+        "float32 matmul, the passes over every pruned weight on the largest Linear, SparseGPT's column steps), "
+        "then measured: the run's total_seconds, right after, on the same machine.",
         "",
         conditions(),
         "",
