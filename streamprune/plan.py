@@ -164,14 +164,7 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     passes = int(prune_calibrated) + int(owl)
     every = s.checkpoint_every or checkpoint_every_within_budget(g.layers, passes, buffer, checkpoint_bytes)
     resume_points = (math.ceil(g.layers / every) - 1) * passes
-    flops_per_forward = 2 * g.linear_params * tokens + 2 * s.nsamples * g.heads * g.head_dim * s.seqlen * s.seqlen
-    forward_flops = g.layers * (_forwards_per_layer(s, method.needs_calibration) + int(owl)) * flops_per_forward
-    prune_flops = g.layers * sum(method.prune_flops(rows, cols) for rows, cols in g.linear_shapes().values())
-    prune_steps = g.layers * sum(method.prune_steps(rows, cols) for rows, cols in g.linear_shapes().values())
-    statistic_flops = 0  # added token by token in the dense forward (SparseGPT's: a float32 matmul)
-    if method.needs_calibration:
-        statistic = method.statistic.flops_per_token
-        statistic_flops = g.layers * tokens * sum(statistic(width) for width in g.site_widths().values())
+    forward_flops, statistic_flops, prune_flops, prune_steps = _compute(g, s, method, owl)
     in_buffer = buffer if s.offload == "cpu" else 0
     return {
         "params": g.layers * g.layer_params + g.outside_params,
@@ -224,6 +217,20 @@ def checkpoint_every_within_budget(layers: int, passes: int, buffer_bytes: int, 
         if (math.ceil(layers / every) - 1) * passes * buffer_bytes <= WRITE_BUDGET * checkpoint_bytes:
             return every
     return layers
+
+
+def _compute(g: Geometry, s: Settings, method, owl: bool) -> tuple[int, int, int, int]:
+    """(forward FLOPs, statistics' FLOPs, prune FLOPs, prune steps) of the whole run."""
+    tokens = s.nsamples * s.seqlen
+    flops_per_forward = 2 * g.linear_params * tokens + 2 * s.nsamples * g.heads * g.head_dim * s.seqlen * s.seqlen
+    forward_flops = g.layers * (_forwards_per_layer(s, method.needs_calibration) + int(owl)) * flops_per_forward
+    prune_flops = g.layers * sum(method.prune_flops(rows, cols) for rows, cols in g.linear_shapes().values())
+    prune_steps = g.layers * sum(method.prune_steps(rows, cols) for rows, cols in g.linear_shapes().values())
+    statistic_flops = 0  # added token by token in the dense forward (SparseGPT's: a float32 matmul)
+    if method.needs_calibration:
+        statistic = method.statistic.flops_per_token
+        statistic_flops = g.layers * tokens * sum(statistic(width) for width in g.site_widths().values())
+    return forward_flops, statistic_flops, prune_flops, prune_steps
 
 
 def _pass_bytes(g: Geometry, s: Settings, method, prune_calibrated: bool, owl: bool) -> tuple[int, int, int]:
