@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import typer
 
+from .distributed import under_torchrun
 from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, STOP_SIGNALS, StreamPruneError, UsageError
 from .methods import methods_help
 from .version import __version__
@@ -647,7 +648,7 @@ def stop_signals_as_ctrl_c():
 def check_one_process(command: str) -> None:
     """Refuse a command that runs in one process when torchrun started several: each would do the
     whole work and write the same files."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if under_torchrun():
         raise UsageError(
             f"streamprune {command} runs in one process (only run shares its work between processes): "
             f"start it without torchrun: streamprune {command} ..."
@@ -656,7 +657,7 @@ def check_one_process(command: str) -> None:
 
 def say(message: str) -> None:
     """A message on stderr; after SIGHUP the terminal may be gone, which must not hide the exit code."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: which process says it
+    if under_torchrun():  # which process says it
         message = f"[process {os.environ.get('RANK', '?')}] {message.lstrip()}"
     try:
         typer.echo(message, err=True)
@@ -675,7 +676,7 @@ def parse_batch_size(text: str) -> int | None:
 
 
 def resume_command() -> str:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun (any process count resumes it)
+    if under_torchrun():  # any process count resumes it
         processes = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
         return shlex.join(["torchrun", f"--nproc-per-node={processes}", "-m", "streamprune", *sys.argv[1:]])
     return shlex.join(["streamprune", *sys.argv[1:]])

@@ -49,10 +49,9 @@ class Peers:
     def from_environment(cls, device: torch.device) -> Peers:
         """torchrun's RANK / WORLD_SIZE / LOCAL_RANK, and the process group joined (gloo on the
         CPU, NCCL on GPUs); a world of one without them."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
+        if not under_torchrun():
             return cls()
-        peers = cls(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+        peers = cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
             # rows of the CPU buffer and counts go by gloo, tensors on GPUs by NCCL
             backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
@@ -168,6 +167,11 @@ class Peers:
                 buffers.release(hidden, slice(index, index + 1))
             else:
                 dist.send(_bytes(row.contiguous()), dst=owner)
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun started this process as one of several (its WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def leave_process_group() -> None:

@@ -340,8 +340,8 @@ class PruneRun:
         state.sessions.append(session if self.peers.alone else {**session, "processes": self.peers.world_size})
         if self.resuming and before != self.peers.world_size and not config.quiet:
             print(f"the last attempt ran {before} process(es), this one {self.peers.world_size}: the layers from "
-                  f"{state.next_layer} on merge their statistics over the new shares, which rounds differently "
-                  "(masks agree to within near-ties; see the README)", file=sys.stderr)  # fmt: skip
+                  f"{state.next_layer} on merge their statistics over the new shares (exact for Wanda and RIA; "
+                  "SparseGPT's Hessians round differently: see the README)", file=sys.stderr)  # fmt: skip
         if self.resuming:
             if state.writer is not None:
                 self.writer.resume(state.writer)

@@ -340,7 +340,8 @@ def _embedding_ram(g: Geometry, s: Settings, tokens: int, buffer: int) -> int:
 
 def seconds(plan: dict, rates: dict, read_bytes_per_second: float, write_bytes_per_second: float, overlap: bool) -> dict:
     """Compute and I/O time; with overlap the run takes about the larger, without it the sum.
-    `rates`: FLOP/s of the layer forwards and of the float32 solve, scores sorted per second."""
+    `rates` (probe_rates): FLOP/s of the layer forwards and of float32 matmuls, pruned weights
+    through their passes per second, SparseGPT's column steps per second."""
     compute = (plan["forward_flops"] / rates["forward"] + (plan["statistic_flops"] + plan["prune_flops"]) / rates["solve"]
                + plan["pruned_weights"] / rates["weights"] + plan["prune_steps"] / rates["steps"])  # fmt: skip
     io = plan["bytes_read"] / read_bytes_per_second + plan["bytes_written"] / write_bytes_per_second
@@ -487,9 +488,8 @@ def shared(geometry: Geometry, settings: Settings, processes: int, max_ram: int 
                     checkpoint_every=whole["checkpoint_every"])  # fmt: skip
     plan, problems = fit(geometry, share, None if max_ram is None else max_ram // processes, max_vram)
     settings.offload = share.offload
-    for key in ("bytes_written", "resume_points", "disk_bytes", "prune_flops", "prune_steps", "pruned_weights"):
+    for key in ("bytes_written", "disk_bytes"):  # the whole buffer's (what pruning costs does not depend on it)
         plan[key] = whole[key]
-    plan["flops"] = plan["forward_flops"] + plan["statistic_flops"] + plan["prune_flops"]
     plan.update(processes=processes, machine_peak_ram_bytes=processes * plan["peak_ram_bytes"])
     return plan, problems
 
@@ -622,7 +622,7 @@ def plan_device(device: str, compute: torch.dtype, max_gpu_memory: int | None, c
 
 
 def assumed_rates(flops: float | None) -> dict | None:
-    """A GPU that is not here: its assumed FLOP/s for everything, sorts negligible."""
+    """A GPU that is not here: its assumed FLOP/s for everything, weight passes and steps at assumed rates."""
     return None if flops is None else {"forward": flops, "solve": flops, "weights": 1e10, "steps": 1e4}
 
 
