@@ -27,11 +27,16 @@ class Family:
     # cannot compute what the model does (Gemma 2's attention logit soft-capping)
     attention: str = "sdpa"
     scaled_embedding: bool = False  # embeddings times sqrt(hidden_size), in the compute dtype (Gemma)
+    # Gemma 3: one rotary embedding per attention kind (local and global rope bases), picked by the
+    # layer's entry in config.layer_types
+    rotary_by_layer_type: bool = False
+    module: str = ""  # transformers' module, when it is not named after model_type (gemma3_text)
 
     def classes(self) -> tuple[type, type, type]:
         """transformers' decoder layer, rotary embedding and RMSNorm classes of the family (the
         final norm's arithmetic differs: OLMo 2 multiplies by the weight before casting back)."""
-        module = importlib.import_module(f"transformers.models.{self.model_type}.modeling_{self.model_type}")
+        name = self.module or self.model_type
+        module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
         parts = ("DecoderLayer", "RotaryEmbedding", "RMSNorm")
         return tuple(getattr(module, f"{self.class_prefix}{part}") for part in parts)
 
@@ -47,6 +52,10 @@ FAMILIES = {
         # norms before and after attention and MLP, sliding and global layers, soft-capped attention
         # and final logits, scaled embeddings, tied head
         Family("gemma2", "Gemma2ForCausalLM", "Gemma2", attention="eager", scaled_embedding=True),
+        # Gemma 2's four norms a block, q/k norms, a rope base per attention kind, no soft-capping
+        # (so sdpa); the text-only checkpoints (gemma-3-270m, gemma-3-1b)
+        Family("gemma3_text", "Gemma3ForCausalLM", "Gemma3", scaled_embedding=True, rotary_by_layer_type=True,
+               module="gemma3"),  # fmt: skip
     )
 }
 SUPPORTED = ", ".join(f"{f.architecture} ({f.model_type})" for f in FAMILIES.values())
@@ -152,6 +161,7 @@ class LayerRunner:
         self.device, self.dtype = device, dtype
         self.layer_class, rotary_class, self.norm_class = family.classes()
         self.rotary = rotary_class(config=self.config).to(device)
+        self.rotary_by_layer_type = family.rotary_by_layer_type
         self._context: dict[tuple[int, int, str], tuple] = {}
 
     def skeleton(self, index: int = 0) -> torch.nn.Module:
@@ -188,7 +198,8 @@ class LayerRunner:
             mask = make_mask(
                 config=self.config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids, **no_cache
             )
+            by_kind = (kind,) if self.rotary_by_layer_type else ()
             with torch.no_grad():
-                self._context[key] = (position_ids, mask, self.rotary(hidden, position_ids))
+                self._context[key] = (position_ids, mask, self.rotary(hidden, position_ids, *by_kind))
         position_ids, mask, position_embeddings = self._context[key]
         return layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)

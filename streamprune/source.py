@@ -33,6 +33,8 @@ ALIASES = {
     "gemma-2-2b": "google/gemma-2-2b",
     "gemma-2-9b": "google/gemma-2-9b",
     "gemma-2-27b": "google/gemma-2-27b",
+    "gemma-3-270m": "google/gemma-3-270m",
+    "gemma-3-1b": "google/gemma-3-1b-pt",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B",
@@ -44,7 +46,8 @@ def _llama(
     head_dim=None,
 ):  # fmt: skip
     architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}  # fmt: skip
+                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                    "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
     return {
         "architectures": [architecture[model_type]],
         "model_type": model_type,
@@ -85,6 +88,8 @@ ALIAS_CONFIGS = {
     "google/gemma-2-2b": _llama(2304, 9216, 26, 8, 4, 256000, 8192, "float32", "gemma2", tied=True, head_dim=256),
     "google/gemma-2-9b": _llama(3584, 14336, 42, 16, 8, 256000, 8192, "float32", "gemma2", tied=True, head_dim=256),
     "google/gemma-2-27b": _llama(4608, 36864, 46, 32, 16, 256000, 8192, "float32", "gemma2", tied=True, head_dim=128),
+    "google/gemma-3-270m": _llama(640, 2048, 18, 4, 1, 262144, 32768, "bfloat16", "gemma3_text", tied=True, head_dim=256),
+    "google/gemma-3-1b-pt": _llama(1152, 6912, 26, 4, 1, 262144, 32768, "bfloat16", "gemma3_text", tied=True, head_dim=256),
 }
 # Only what a checkpoint needs: config, tokenizer, safetensors weights. Never pickles or code.
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]

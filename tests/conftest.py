@@ -21,11 +21,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 # the tiny fixtures every equivalence test runs on: one per supported family, and their variants
-TINY_FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "olmo2", "gemma2")
+TINY_FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3")
 
 
 def tiny_config(family: str, layers: int = 3):
-    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config, Qwen3Config,
+    )  # fmt: skip
 
     common = dict(
         vocab_size=512,
@@ -38,8 +40,10 @@ def tiny_config(family: str, layers: int = 3):
     )
     if family == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
-    if family == "llama-tied":
-        return LlamaConfig(**common, tie_word_embeddings=True)
+    if family == "llama-tied":  # as Llama 3.2: tied head, Llama 3's rope scaling (short, so that it acts)
+        rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=64)  # fmt: skip
+        return LlamaConfig(**common, tie_word_embeddings=True, rope_parameters=rope)
     if family == "mistral":  # a window shorter than the calibration sequences exercises the sliding mask
         return MistralConfig(**common, sliding_window=16)
     if family == "qwen2":  # biased q/k/v; sliding attention from layer 1 on
@@ -51,6 +55,9 @@ def tiny_config(family: str, layers: int = 3):
     if family == "gemma2":  # sliding and global layers alternate; soft-capped attention and logits; tied
         return Gemma2Config(**common, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
                             attn_logit_softcapping=50.0, final_logit_softcapping=30.0)  # fmt: skip
+    if family == "gemma3":  # q/k norms; sliding and global layers alternate, each kind with its rope base
+        kinds = [("sliding_attention", "full_attention")[i % 2] for i in range(layers)]
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=16, query_pre_attn_scalar=16, layer_types=kinds)
     raise ValueError(family)
 
 

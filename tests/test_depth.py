@@ -29,7 +29,7 @@ from streamprune.errors import UsageError
 from streamprune.families import PRUNABLE_LINEARS
 
 # families whose config changes with depth (qwen2: sliding layers), and the newer layer layouts
-DEPTH_FAMILIES = ("llama", "qwen2", "qwen3", "olmo2", "gemma2")
+DEPTH_FAMILIES = ("llama", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3")
 
 
 # -- pure functions ---------------------------------------------------------------------------------
