@@ -75,7 +75,7 @@ def main() -> None:
         layer = runner.build(0, tensors)
         # the dense forward
         statistics = collect_statistics(method.statistic, runner, layer, 0, hidden, 1, write_back=False)
-        for _ in prune_linears(method, layer, statistics, Target(sparsity=0.5)):  # prune
+        for _ in prune_linears(method, layer, statistics, Target(sparsity=0.5), runner.projections):  # prune
             pass
         forward_batches(runner, layer, 0, hidden, 1, write_back=True)  # pruned forward
     torch.cuda.synchronize()

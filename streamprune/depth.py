@@ -33,7 +33,7 @@ from .buffers import available_ram_bytes
 from .calibration import calibration_path, file_sha256, sample_calibration
 from .config import check_choice, check_dtype, check_positive, parse_device, parse_shard_size
 from .errors import UsageError
-from .families import LAYER_PREFIX, PRUNABLE_LINEARS
+from .families import LAYER_PREFIX
 from .outdir import (
     RECORD_FILE,
     OutputLock,
@@ -276,7 +276,8 @@ def block_magnitude_scores(blocks: Blocks, model: list[int], saves: ScoringSaves
     position, saved = saves.resume("magnitude")
     scores = saved.get("scores", {})
     for position, index, stored in blocks.stream(model, position, "magnitude"):
-        scores[index] = sum(float(stored[f"{local}.weight"].double().abs().sum()) for local in PRUNABLE_LINEARS)
+        linears = blocks.runner.projections.names
+        scores[index] = sum(float(stored[f"{local}.weight"].double().abs().sum()) for local in linears)
         del stored
         saves.after_block("magnitude", position + 1, {"scores": scores}, {})
     return scores
@@ -435,7 +436,7 @@ def block_taylor_score(blocks: Blocks, layer, index: int, x_all: torch.Tensor, g
         y.backward(grad[start : start + size].to(device))
         grad[start : start + size] = x.grad.to("cpu")
     total = 0.0
-    for local in PRUNABLE_LINEARS:
+    for local in blocks.runner.projections.names:
         weight = layer.get_submodule(local).weight
         total += float((weight.detach() * weight.grad).double().abs().sum())
     return total
@@ -724,7 +725,7 @@ def heal_seams(config: DepthConfig, source: Source, kept: list[int], input_ids: 
                 losses[seam_index] = reconstruct_layer(
                     source.runner, seam_layer, seam_index, shortened, dense, settings, config.seed
                 )
-            for local in trainable(seam_layer, settings.train_norms):
+            for local in trainable(seam_layer, source.runner.projections.names, settings.train_norms):
                 name = LAYER_PREFIX.format(index=seam_index) + local
                 healed[name] = seam_layer.get_parameter(local).data.to("cpu", seam_stored[local].dtype)
             if index < last:

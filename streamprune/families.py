@@ -1,8 +1,9 @@
 """Supported model families, kept as data, and how to run one of their decoder layers on its own.
 
 Every supported family is a Llama-style decoder: `model.embed_tokens`, `model.layers.{i}` with the
-same seven Linears, `model.norm`, an optional `lm_head`. transformers supplies the layer and rotary
-classes; we only build one layer at a time on the meta device and give it its own tensors.
+same attention and MLP projections (seven Linears, or Phi-3's four with q/k/v and gate/up fused),
+`model.norm`, an optional `lm_head`. transformers supplies the layer and rotary classes; we only
+build one layer at a time on the meta device and give it its own tensors.
 """
 
 from __future__ import annotations
@@ -19,6 +20,42 @@ from .errors import BadInputError
 
 
 @dataclass(frozen=True)
+class Projections:
+    """The Linears pruned in every block (all of its nn.Linears; embeddings, norms and lm_head are
+    kept), grouped by input site: Linears that read the same tensor share one site, so a statistic
+    of their input (Wanda's norms, a Hessian) is computed and held once per site, not once per Linear.
+    The four sites are the same in every family (plan.Geometry.site_widths); how many Linears read
+    each is not."""
+
+    sites: dict[str, tuple[str, ...]]  # site -> its Linears (local names), in forward order
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every pruned Linear, in forward order."""
+        return tuple(linear for linears in self.sites.values() for linear in linears)
+
+    def site_of(self, linear: str) -> str:
+        return next(site for site, linears in self.sites.items() if linear in linears)
+
+
+SEPARATE = Projections({
+    "attention input": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o_proj input": ("self_attn.o_proj",),
+    "mlp input": ("mlp.gate_proj", "mlp.up_proj"),
+    "down_proj input": ("mlp.down_proj",),
+})  # fmt: skip
+# Phi-3: q, k and v are one Linear's output rows (qkv_proj), gate and up another's (gate_up_proj). A
+# fused matrix is pruned as it is stored: per output row, so the same per-row comparison as three
+# separate ones (Wanda, RIA, magnitude), and N:M along its inputs as anywhere.
+FUSED = Projections({
+    "attention input": ("self_attn.qkv_proj",),
+    "o_proj input": ("self_attn.o_proj",),
+    "mlp input": ("mlp.gate_up_proj",),
+    "down_proj input": ("mlp.down_proj",),
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Family:
     model_type: str  # config.json "model_type"
     architecture: str  # config.json "architectures"[0]
@@ -31,6 +68,7 @@ class Family:
     # layer's entry in config.layer_types
     rotary_by_layer_type: bool = False
     module: str = ""  # transformers' module, when it is not named after model_type (gemma3_text)
+    projections: Projections = SEPARATE
 
     def classes(self) -> tuple[type, type, type]:
         """transformers' decoder layer, rotary embedding and RMSNorm classes of the family (the
@@ -56,31 +94,14 @@ FAMILIES = {
         # (so sdpa); the text-only checkpoints (gemma-3-270m, gemma-3-1b)
         Family("gemma3_text", "Gemma3ForCausalLM", "Gemma3", scaled_embedding=True, rotary_by_layer_type=True,
                module="gemma3"),  # fmt: skip
+        # fused projections; rope scaling (longrope) and partial rotary (Phi-4-mini) from the config
+        Family("phi3", "Phi3ForCausalLM", "Phi3", projections=FUSED),  # Phi-3, Phi-3.5, Phi-4, Phi-4-mini
     )
 }
 SUPPORTED = ", ".join(f"{f.architecture} ({f.model_type})" for f in FAMILIES.values())
 
 EMBEDDING = "model.embed_tokens.weight"
 LAYER_PREFIX = "model.layers.{index}."
-# The Linears Wanda prunes in every block, in forward order. Embeddings, norms and lm_head are kept.
-PRUNABLE_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-# Input sites: Linears that read the same tensor share one site, so a statistic of their input
-# (Wanda's norms, a Hessian) is computed and held once per site, not once per Linear.
-INPUT_SITES = {
-    "attention input": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "o_proj input": ("self_attn.o_proj",),
-    "mlp input": ("mlp.gate_proj", "mlp.up_proj"),
-    "down_proj input": ("mlp.down_proj",),
-}
-SITE_OF = {linear: site for site, linears in INPUT_SITES.items() for linear in linears}
 
 
 def family_of(config: dict) -> Family:
@@ -162,6 +183,7 @@ class LayerRunner:
         self.layer_class, rotary_class, self.norm_class = family.classes()
         self.rotary = rotary_class(config=self.config).to(device)
         self.rotary_by_layer_type = family.rotary_by_layer_type
+        self.projections = family.projections
         self._context: dict[tuple[int, int, str], tuple] = {}
 
     def skeleton(self, index: int = 0) -> torch.nn.Module:

@@ -39,7 +39,7 @@ from . import buffers
 from .calibration import calibration_path, file_sha256, sample_calibration
 from .config import check_choice, check_positive, parse_device, parse_shard_size
 from .errors import UsageError
-from .families import LAYER_PREFIX, PRUNABLE_LINEARS
+from .families import LAYER_PREFIX
 from .methods.masks import apply_mask, pack_bits, unpack_bits
 from .outdir import (
     RECORD_FILE,
@@ -183,13 +183,17 @@ def training_ids(config: HealConfig, source: Source, path: Path, sha256: str) ->
 # -- the model: a frozen base with masked LoRA adapters --------------------------------------------------
 
 
-# peft's target_modules as one regex (a list would be saved as a set, in a different order each run)
-TARGETS = r"model\.layers\.\d+\.(" + "|".join(re.escape(linear) for linear in PRUNABLE_LINEARS) + ")"
+def target_names(source: Source) -> list[str]:
+    """The Linears that get adapters: the pruned projections of every block (module names)."""
+    linears = source.family.projections.names
+    return [LAYER_PREFIX.format(index=i) + linear for i in range(source.num_layers) for linear in linears]
 
 
-def target_names(num_layers: int) -> list[str]:
-    """The Linears that get adapters: the seven projections of every block (module names)."""
-    return [LAYER_PREFIX.format(index=i) + linear for i in range(num_layers) for linear in PRUNABLE_LINEARS]
+def lora_targets(names) -> str:
+    """peft's target_modules for these module names (model.layers.{i}.{local}), as one regex over
+    their local names, sorted: a list would be saved as a set, in a different order each run."""
+    locals_ = sorted({name.split(".", 3)[3] for name in names})
+    return r"model\.layers\.\d+\.(" + "|".join(re.escape(local) for local in locals_) + ")"
 
 
 def load_base(source: Source, config: HealConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -202,7 +206,7 @@ def load_base(source: Source, config: HealConfig) -> tuple[torch.nn.Module, dict
     device, compute = config.torch_device, config.compute_dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(source.runner.config, dtype=compute)
-    targets = set(target_names(source.num_layers))
+    targets = set(target_names(source))
     keep = {}
     expected = set(model.state_dict())
     for name in tqdm(list(source.checkpoint.tensors), desc="loading", unit="tensor", disable=config.quiet):
@@ -286,7 +290,7 @@ def add_adapters(model: torch.nn.Module, keep: dict[str, torch.Tensor], config: 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(config.seed)
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                      target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")  # fmt: skip
+                      target_modules=lora_targets(keep), bias="none", task_type="CAUSAL_LM")  # fmt: skip
     with warnings.catch_warnings():  # peft asks transformers by the old name, which warns
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, lora)

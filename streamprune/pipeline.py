@@ -41,7 +41,7 @@ from .calibration import (
 from .config import PruneConfig
 from .distributed import Peers, leave_process_group
 from .errors import STOP_SIGNALS, Interrupted, ResourceError, UsageError
-from .families import INPUT_SITES, LAYER_PREFIX, PRUNABLE_LINEARS, SITE_OF
+from .families import LAYER_PREFIX, Projections
 from .methods import Method, Statistic, Target
 from .methods.wanda import InputSqNorm, wanda_scores
 from .methods.masks import apply_mask, zero_count
@@ -141,6 +141,11 @@ class PruneRun:
         return self.peers.share(self.config.nsamples)
 
     @property
+    def projections(self) -> Projections:
+        """The Linears pruned in every block, by input site."""
+        return self.source.family.projections
+
+    @property
     def streams_while_pruning(self) -> bool:
         """Whether the pruning pass pushes activations through the layers: for the method's
         statistics, or for --reconstruct's training."""
@@ -175,7 +180,8 @@ class PruneRun:
         if config.batch_size is None and RunState.exists(config.out) and not config.force:
             config.batch_size = RunState.load(config.out).structure.get("batch_size")
         geometry = plan.Geometry.from_config(self.source.checkpoint.config)
-        probe = self.source.checkpoint.tensors[f"{LAYER_PREFIX.format(index=0)}{PRUNABLE_LINEARS[0]}.weight"]
+        first_linear = self.source.family.projections.names[0]
+        probe = self.source.checkpoint.tensors[f"{LAYER_PREFIX.format(index=0)}{first_linear}.weight"]
         settings = plan.Settings(
             method=config.method,
             method_options=config.method_options(),
@@ -447,6 +453,7 @@ class PruneRun:
         """OWL's first pass: each layer's outlier ratio of its Wanda scores, `ratios` holding those
         measured by an earlier session (whose saved activations are the next layer's inputs)."""
         config, state, runner, num_layers = self.config, self.state, self.source.runner, self.source.num_layers
+        projections = self.projections
         self.fill_buffer()  # the saved activations of the dense stream, or the embeddings
         last_saved, last_saved_at = len(ratios), time.perf_counter()
         bar = tqdm(desc="outliers (owl)", unit="layer", initial=len(ratios), total=num_layers, disable=config.quiet,
@@ -458,8 +465,8 @@ class PruneRun:
             layer = runner.build(index, stored)
             statistics = collect_statistics(InputSqNorm, runner, layer, index, self.hidden, config.batch_size, True)
             scores = lambda: (  # noqa: E731
-                wanda_scores(layer.get_submodule(local).weight.detach(), statistics[SITE_OF[local]].sq_norm)
-                for local in PRUNABLE_LINEARS
+                wanda_scores(layer.get_submodule(local).weight.detach(), statistics[projections.site_of(local)].sq_norm)
+                for local in projections.names
             )
             ratios.append(layer_outlier_ratio(scores, config.owl_m))
             del stored, layer, statistics
@@ -512,13 +519,13 @@ class PruneRun:
         if self.dense_hidden is not None:
             self.dense_stream_forward(index, layer)
         if not self.method.needs_calibration:
-            masks = self.prune_weights(layer, stored, None, target, PRUNABLE_LINEARS)
+            masks = self.prune_weights(layer, stored, None, target, self.projections.names)
         else:
             masks = {}
             for position, sites in enumerate(self.site_groups()):
                 statistics = self.dense_forward(index, layer, sites, first=position == 0)
                 self.peers.merge(statistics)  # into the leader's, which prunes for everyone
-                linears = [linear for site in sites for linear in INPUT_SITES[site]]
+                linears = [linear for site in sites for linear in self.projections.sites[site]]
                 if self.peers.leader:
                     masks.update(self.prune_weights(layer, stored, statistics, target, linears))
                 self.peers.broadcast(layer.get_submodule(local).weight.data for local in linears)
@@ -540,8 +547,8 @@ class PruneRun:
         four from the dense layer, or with --sequential one at a time, each from the layer with the
         Linears before it already pruned (o_proj sees the pruned q/k/v's attention output, and so on)."""
         if self.config.sequential:
-            return [(site,) for site in INPUT_SITES]
-        return [tuple(INPUT_SITES)]
+            return [(site,) for site in self.projections.sites]
+        return [tuple(self.projections.sites)]
 
     @step(plan.DENSE_FORWARD)
     def dense_forward(self, index: int, layer: torch.nn.Module, sites: tuple[str, ...], first: bool
@@ -565,7 +572,7 @@ class PruneRun:
         one (freed here); elsewhere the masks are returned, to be applied to the read tensors, so
         that survivors stay bit-identical (a method's new weights are cast to the stored dtype)."""
         masks = {}
-        for local, pruned in prune_linears(self.method, layer, statistics, target, linears):
+        for local, pruned in prune_linears(self.method, layer, statistics, target, self.projections, linears):
             module, key = layer.get_submodule(local), local + ".weight"
             if module.weight.device.type == "cpu" and module.weight.dtype == stored[key].dtype:
                 stored[key] = module.weight.data
@@ -589,7 +596,7 @@ class PruneRun:
         with torch.enable_grad():
             losses = reconstruct_layer(self.source.runner, layer, index, self.hidden, self.dense_hidden, settings,
                                        self.config.seed)  # fmt: skip
-        for key in trainable(layer, settings.train_norms):
+        for key in trainable(layer, self.source.runner.projections.names, settings.train_norms):
             stored[key] = layer.get_parameter(key).data.to("cpu", stored[key].dtype)
             masks.pop(key, None)
         return losses
@@ -608,7 +615,7 @@ class PruneRun:
             tensor = stored[local]
             if local in masks:
                 tensor = apply_mask(tensor, masks[local])
-            if local.removesuffix(".weight") in PRUNABLE_LINEARS:
+            if local.removesuffix(".weight") in self.projections.names:
                 zeros += zero_count(tensor)
                 total += tensor.numel()
             self.saves.submit(self.writer.write, name, tensor)
@@ -690,23 +697,25 @@ class PruneRun:
 
 def collect_statistics(
     statistic: type[Statistic], runner, layer: torch.nn.Module, index: int, hidden: torch.Tensor, batch_size: int,
-    write_back: bool, sites=tuple(INPUT_SITES),
+    write_back: bool, sites: tuple[str, ...] | None = None,
 ) -> dict[str, Statistic]:
     """A `statistic` at each of `sites` (default: every input site), from one forward of `layer` over `hidden`."""
-    statistics = {site: statistic(layer.get_submodule(INPUT_SITES[site][0]).in_features, runner.device)
-                  for site in sites}  # fmt: skip
+    projections = runner.projections
+    statistics = {site: statistic(layer.get_submodule(projections.sites[site][0]).in_features, runner.device)
+                  for site in sites or projections.sites}  # fmt: skip
     observers = {site: statistic.add_batch for site, statistic in statistics.items()}
     forward_batches(runner, layer, index, hidden, batch_size, write_back, observers=observers)
     return statistics
 
 
 def prune_linears(method: Method, layer: torch.nn.Module, statistics: dict | None, target: Target,
-                  linears=PRUNABLE_LINEARS):  # fmt: skip
+                  projections: Projections, linears: tuple[str, ...] | None = None):  # fmt: skip
     """Prune `linears` of the layer in place (zeros as +0.0); yields (local name, Pruned) as each
-    is done, so that the caller can take the result before the next one is computed."""
-    for local in linears:
+    is done, so that the caller can take the result before the next one is computed. Default: all
+    of them."""
+    for local in linears or projections.names:
         module = layer.get_submodule(local)
-        statistic = None if statistics is None else statistics[SITE_OF[local]]
+        statistic = None if statistics is None else statistics[projections.site_of(local)]
         with torch.no_grad():  # the layer's weights are parameters: autograd would copy every score pass
             pruned = method.prune(module.weight, statistic, target)
         new = module.weight.data if pruned.weight is None else pruned.weight.to(module.weight.dtype)
@@ -800,7 +809,7 @@ def check_pattern_fits(config: PruneConfig, source) -> None:
     if block is None:
         return
     layer = source.runner.skeleton(0)
-    for local in PRUNABLE_LINEARS:
+    for local in source.family.projections.names:
         width = layer.get_submodule(local).in_features
         if width % block[1]:
             raise UsageError(

@@ -50,6 +50,7 @@ class Geometry:
     vocab: int
     tied: bool
     qkv_bias: bool
+    fused: bool = False  # Phi-3: q/k/v one Linear, gate/up another (a larger largest Linear)
 
     @classmethod
     def from_config(cls, config: dict) -> Geometry:
@@ -64,16 +65,19 @@ class Geometry:
             vocab=config["vocab_size"],
             tied=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
+            fused=config.get("model_type") == "phi3",
         )
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """[out, in] of the seven pruned Linears."""
+        """[out, in] of the pruned Linears (seven, or Phi-3's four)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         h, i = self.hidden, self.intermediate
+        if self.fused:
+            return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i)}
         return {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (i, h), "up": (i, h), "down": (h, i)}
 
     def site_widths(self) -> dict[str, int]:
-        """in_features of each input site (families.INPUT_SITES)."""
+        """in_features of each input site (families.Projections)."""
         q = self.heads * self.head_dim
         return {"attention input": self.hidden, "o_proj input": q, "mlp input": self.hidden,
                 "down_proj input": self.intermediate}  # fmt: skip

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UsageError
-from .families import PRUNABLE_LINEARS
 from .methods.masks import apply_mask
 
 
@@ -50,10 +49,10 @@ def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
     return bitsandbytes.optim.Adam8bit(parameters, lr=lr)
 
 
-def trainable(layer: torch.nn.Module, train_norms: bool) -> dict[str, torch.nn.Parameter]:
-    """The parameters that train (local name -> parameter): the seven Linears' weights, and the
+def trainable(layer: torch.nn.Module, linears: tuple[str, ...], train_norms: bool) -> dict[str, torch.nn.Parameter]:
+    """The parameters that train (local name -> parameter): the pruned `linears`' weights, and the
     norms' with `train_norms`. Biases stay as they are."""
-    names = [f"{linear}.weight" for linear in PRUNABLE_LINEARS]
+    names = [f"{linear}.weight" for linear in linears]
     if train_norms:
         names += [name for name, _ in layer.named_parameters() if "norm" in name]
     parameters = dict(layer.named_parameters())
@@ -69,8 +68,8 @@ def reconstruct_layer(runner, layer: torch.nn.Module, index: int, inputs: torch.
     the last epoch. The layer comes back in its own dtype, every pruned weight +0.0."""
     dtype = next(layer.parameters()).dtype
     layer.float()
-    parameters = trainable(layer, settings.train_norms)
-    linears = [name for name in parameters if name.removesuffix(".weight") in PRUNABLE_LINEARS]
+    parameters = trainable(layer, runner.projections.names, settings.train_norms)
+    linears = [name for name in parameters if name.removesuffix(".weight") in runner.projections.names]
     keep = {name: parameters[name].detach() != 0 for name in linears}  # [out, in] bool each
     for parameter in layer.parameters():
         parameter.requires_grad_(False)

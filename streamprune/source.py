@@ -35,6 +35,9 @@ ALIASES = {
     "gemma-2-27b": "google/gemma-2-27b",
     "gemma-3-270m": "google/gemma-3-270m",
     "gemma-3-1b": "google/gemma-3-1b-pt",
+    "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
+    "phi-4": "microsoft/phi-4",
+    "phi-4-mini": "microsoft/Phi-4-mini-instruct",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B",
@@ -47,7 +50,7 @@ def _llama(
 ):  # fmt: skip
     architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                    "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
+                    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}  # fmt: skip
     return {
         "architectures": [architecture[model_type]],
         "model_type": model_type,
@@ -90,6 +93,9 @@ ALIAS_CONFIGS = {
     "google/gemma-2-27b": _llama(4608, 36864, 46, 32, 16, 256000, 8192, "float32", "gemma2", tied=True, head_dim=128),
     "google/gemma-3-270m": _llama(640, 2048, 18, 4, 1, 262144, 32768, "bfloat16", "gemma3_text", tied=True, head_dim=256),
     "google/gemma-3-1b-pt": _llama(1152, 6912, 26, 4, 1, 262144, 32768, "bfloat16", "gemma3_text", tied=True, head_dim=256),
+    "microsoft/Phi-3-mini-4k-instruct": _llama(3072, 8192, 32, 32, 32, 32064, 4096, "bfloat16", "phi3"),
+    "microsoft/phi-4": _llama(5120, 17920, 40, 40, 10, 100352, 16384, "bfloat16", "phi3"),
+    "microsoft/Phi-4-mini-instruct": _llama(3072, 8192, 32, 24, 8, 200064, 131072, "bfloat16", "phi3", tied=True),
 }
 # Only what a checkpoint needs: config, tokenizer, safetensors weights. Never pickles or code.
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]

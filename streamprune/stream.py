@@ -18,7 +18,7 @@ from .background import Worker
 from .checkpoint import FLOAT_DTYPES as DTYPES
 from .checkpoint import Checkpoint
 from .errors import BadInputError
-from .families import EMBEDDING, INPUT_SITES, LAYER_PREFIX, PRUNABLE_LINEARS, Family, LayerRunner, family_of
+from .families import EMBEDDING, LAYER_PREFIX, Family, LayerRunner, family_of
 from .source import resolve_model
 
 _FINITE_CHECK_ELEMENTS = 1 << 20  # isfinite makes float temporaries of a slice: keep them ~4 MB
@@ -77,16 +77,16 @@ def open_source(model: str, device: torch.device, dtype: str) -> Source:
     directory = resolve_model(model)
     checkpoint = Checkpoint(directory)
     family = family_of(checkpoint.config)
-    compute = compute_dtype(dtype, checkpoint)
+    compute = compute_dtype(dtype, checkpoint, family)
     runner = LayerRunner(directory, family, device, compute)
     return Source(directory, checkpoint, family, runner, layout(checkpoint, runner), compute)
 
 
-def compute_dtype(flag: str, checkpoint: Checkpoint) -> torch.dtype:
+def compute_dtype(flag: str, checkpoint: Checkpoint, family: Family) -> torch.dtype:
     """--dtype: a name in DTYPES, or auto (the dtype the layer weights are stored in)."""
     if flag != "auto":
         return DTYPES[flag]
-    probe = f"{LAYER_PREFIX.format(index=0)}{PRUNABLE_LINEARS[0]}.weight"
+    probe = f"{LAYER_PREFIX.format(index=0)}{family.projections.names[0]}.weight"
     info = checkpoint.tensors.get(probe)
     if info is None:
         raise BadInputError(f"the checkpoint has no tensor {probe!r}; is it a complete decoder-only model?")
@@ -218,14 +218,14 @@ def forward_batches(
     """Run every sample of `hidden` [n, seqlen, hidden] (CPU, or an offloaded buffer) through `layer`
     in micro-batches of `batch_size` samples.
 
-    observers: per input site (families.INPUT_SITES), called with each micro-batch's input there.
+    observers: per input site (families.Projections), called with each micro-batch's input there.
     on_output(x, y): each micro-batch's input and output on the device.
     write_back: replace each micro-batch of `hidden` by the layer's output (in place: a sample's
     input is not needed once its output exists).
     """
     handles = []
     for site, observe in (observers or {}).items():
-        first_linear = layer.get_submodule(INPUT_SITES[site][0])
+        first_linear = layer.get_submodule(runner.projections.sites[site][0])
         handles.append(first_linear.register_forward_pre_hook(lambda _module, args, observe=observe: observe(args[0])))
     try:
         for start in range(0, hidden.shape[0], batch_size):

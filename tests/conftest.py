@@ -21,12 +21,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 # the tiny fixtures every equivalence test runs on: one per supported family, and their variants
-TINY_FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3")
+TINY_FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3", "phi3")
 
 
 def tiny_config(family: str, layers: int = 3):
     from transformers import (
-        Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config, Qwen3Config,
+        Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config,
     )  # fmt: skip
 
     common = dict(
@@ -40,7 +40,9 @@ def tiny_config(family: str, layers: int = 3):
     )
     if family == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
-    if family == "llama-tied":  # as Llama 3.2: tied head, Llama 3's rope scaling (short, so that it acts)
+    if family == "llama-tied":
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if family == "llama3.2":  # tied head and Llama 3's rope scaling (which rescales the low frequencies)
         rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=64)  # fmt: skip
         return LlamaConfig(**common, tie_word_embeddings=True, rope_parameters=rope)
@@ -58,7 +60,17 @@ def tiny_config(family: str, layers: int = 3):
     if family == "gemma3":  # q/k norms; sliding and global layers alternate, each kind with its rope base
         kinds = [("sliding_attention", "full_attention")[i % 2] for i in range(layers)]
         return Gemma3TextConfig(**common, head_dim=16, sliding_window=16, query_pre_attn_scalar=16, layer_types=kinds)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj; sliding window; as Phi-4-mini: partial rotary, tied
+        return Phi3Config(**common, sliding_window=16, partial_rotary_factor=0.5, tie_word_embeddings=True,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
     raise ValueError(family)
+
+
+def linears_per_block(family: str) -> int:
+    """How many Linears streamprune prunes in each block of a tiny `family` fixture (7; Phi-3's 4)."""
+    from streamprune.families import FAMILIES
+
+    return len(FAMILIES[tiny_config(family).model_type].projections.names)
 
 
 def attention(model_dir: Path) -> str:

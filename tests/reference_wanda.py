@@ -13,9 +13,12 @@ import torch
 from conftest import attention
 from transformers import AutoModelForCausalLM
 
-# the names streamprune prunes; the reference itself prunes every nn.Linear of a layer (find_layers),
-# and test_linears_are_all_the_linears checks that the two are the same set
-from streamprune.families import PRUNABLE_LINEARS as LINEARS  # noqa: F401
+from streamprune.families import FAMILIES
+
+# the names streamprune prunes in any family (to pick pruned weights out of a checkpoint); the
+# reference itself prunes every nn.Linear of a layer (find_layers), and
+# test_linears_are_all_the_linears checks that each family's are that set
+LINEARS = tuple(dict.fromkeys(linear for family in FAMILIES.values() for linear in family.projections.names))
 
 
 def load_full_model(model_dir, dtype=torch.float32):

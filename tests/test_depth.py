@@ -26,10 +26,10 @@ from streamprune.depth import (
     shortened_config,
 )
 from streamprune.errors import UsageError
-from streamprune.families import PRUNABLE_LINEARS
+from streamprune.families import FAMILIES
 
 # families whose config changes with depth (qwen2: sliding layers), and the newer layer layouts
-DEPTH_FAMILIES = ("llama", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3")
+DEPTH_FAMILIES = ("llama", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3", "phi3")
 
 
 # -- pure functions ---------------------------------------------------------------------------------
@@ -108,7 +108,8 @@ def restore_blocks(model, saved) -> None:
 def reference_scores(path: Path, criterion: str, input_ids: torch.Tensor) -> dict[int, float]:
     model = whole_model(path)
     blocks = list(model.model.layers)
-    linears = [[b.get_submodule(name) for name in PRUNABLE_LINEARS] for b in blocks]
+    names = FAMILIES[model.config.model_type].projections.names
+    linears = [[b.get_submodule(name) for name in names] for b in blocks]
     if criterion == "magnitude":
         return {
             i: sum(float(lin.weight.detach().double().abs().sum()) for lin in block) for i, block in enumerate(linears)

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, WIKITEXT, make_tiny_model
+from reference_wanda import LINEARS
 from test_pipeline import load_state
 
-from streamprune.families import PRUNABLE_LINEARS
 from streamprune.runstate import STATE_DIR, read_tensor_file
 
 LAYERS = 4
@@ -46,7 +46,7 @@ def run(model: Path, out: Path, *extra: str, processes: int = 1, kill_at: int = 
 
 
 def masks(out: Path) -> dict[str, torch.Tensor]:
-    return {name: t == 0 for name, t in load_state(out).items() if any(f"{p}." in name for p in PRUNABLE_LINEARS)}
+    return {name: t == 0 for name, t in load_state(out).items() if any(f"{p}." in name for p in LINEARS)}
 
 
 def agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import C4, TINY_FAMILIES, WIKITEXT, tree_digest
+from conftest import C4, TINY_FAMILIES, WIKITEXT, linears_per_block, make_tiny_model, tree_digest
 from reference_wanda import LINEARS, layer_outputs, load_full_model, wanda_reference
 from safetensors import safe_open
 
 from streamprune import PruneConfig, prune
+from streamprune.families import FAMILIES
 
 
 
@@ -74,11 +75,11 @@ def test_streamed_wanda_equals_whole_model_reference(tiny_models, tmp_path, fami
     assert tree_digest(source) == before
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", (*TINY_FAMILIES, "llama3.2"))
 def test_streamed_hidden_states_equal_full_model(tiny_models, tmp_path, family):
     """With dense propagation the buffers after each layer are the dense model's hidden states:
-    the proof that masks (causal and sliding), rotary embeddings and attention match."""
-    source = tiny_models[family]
+    the proof that masks (causal and sliding), rotary embeddings (scaled too) and attention match."""
+    source = tiny_models.get(family) or make_tiny_model(tmp_path / family, family)
     seen = {}
     config = PruneConfig(
         model=str(source),
@@ -148,7 +149,7 @@ def test_magnitude_prunes_exact_count_per_matrix_without_calibration(tiny_models
     assert record["calibration"] is None and not (out / "streamprune_calibration.json").exists()
     source, pruned = load_state(tiny_models[family]), load_state(out)
     weights = {n: t for n, t in pruned.items() if n.endswith(".weight") and any(lin in n for lin in LINEARS)}
-    assert len(weights) == 7 * 3  # every Linear of the 3 layers (biases, as Qwen2's, are kept)
+    assert len(weights) == linears_per_block(family) * 3  # every Linear of the 3 layers (biases, as Qwen2's, are kept)
     for name, tensor in weights.items():
         assert int((tensor == 0).sum()) == int(tensor.numel() * 0.3), name
         # exactly the smallest |W| are gone: every survivor is at least as large as every pruned weight
@@ -172,5 +173,6 @@ def test_wanda_4_8_and_unstructured_ratio(tiny_llama, tmp_path):
 def test_linears_are_all_the_linears(tiny_models):
     """streamprune's list of prunable Linears is every nn.Linear of a block, in every family."""
     for source in tiny_models.values():
-        layer = load_full_model(source).model.layers[0]
-        assert sorted(n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)) == sorted(LINEARS)
+        model = load_full_model(source)
+        layer, projections = model.model.layers[0], FAMILIES[model.config.model_type].projections
+        assert sorted(n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)) == sorted(projections.names)

@@ -33,7 +33,7 @@ class Pruned:
 
 
 class Statistic(ABC):
-    """What a method learns about one input site (families.INPUT_SITES) from the calibration tokens.
+    """What a method learns about one input site (families.Projections) from the calibration tokens.
 
     `add_batch` sees every micro-batch of the dense layer's forward; `merge` folds in the same
     site's statistic collected elsewhere (another process or device, other samples), so that
