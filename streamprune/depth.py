@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from . import buffers
 from .buffers import available_ram_bytes
 from .calibration import calibration_path, file_sha256, sample_calibration
 from .config import check_choice, check_dtype, check_positive, parse_device, parse_shard_size
 from .errors import UsageError
-from .families import LAYER_PREFIX
 from .outdir import (
     RECORD_FILE,
     OutputLock,
@@ -167,7 +167,15 @@ def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[float, int
 
 def shortened_config(config: dict, kept: list[int]) -> dict:
     """config.json for the model made of blocks `kept` (old indices, ascending), changing only what
-    must change: num_hidden_layers, every per-layer list, and Qwen2's max_window_layers."""
+    must change: num_hidden_layers, every per-layer list, and Qwen2's max_window_layers (a
+    vision-language checkpoint's in its text_config). A list the config class derives from the layer
+    count when absent (Gemma's layer_types, from a sliding pattern) is written out first: derived
+    again for fewer layers, it would give the kept blocks other attention kinds."""
+    if isinstance(config.get("text_config"), dict):
+        return {**config, "text_config": shortened_config(config["text_config"], kept)}
+    full = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
+    derived = {key: getattr(full, key) for key in ("num_hidden_layers", "layer_types") if getattr(full, key, None)}
+    config = {**config, **{key: value for key, value in derived.items() if key not in config}}
     num_layers = config["num_hidden_layers"]
     new = dict(config)
     new["num_hidden_layers"] = len(kept)
@@ -646,7 +654,7 @@ def write_shortened(config: DepthConfig, source: Source, kept: list[int], healed
     info, names = source.checkpoint.tensors, source.layer_names
     renamed = [(name, name) for name in names[None]]
     for new, old in enumerate(kept):
-        renamed += [(name, LAYER_PREFIX.format(index=new) + local) for name, local in names[old].items()]
+        renamed += [(name, source.names.layer(new) + local) for name, local in names[old].items()]
     writer = CheckpointWriter(
         config.out, [(to, info[src].dtype, info[src].shape) for src, to in renamed], config.max_shard_bytes
     )
@@ -726,7 +734,7 @@ def heal_seams(config: DepthConfig, source: Source, kept: list[int], input_ids: 
                     source.runner, seam_layer, seam_index, shortened, dense, settings, config.seed
                 )
             for local in trainable(seam_layer, source.runner.projections.names, settings.train_norms):
-                name = LAYER_PREFIX.format(index=seam_index) + local
+                name = source.names.layer(seam_index) + local
                 healed[name] = seam_layer.get_parameter(local).data.to("cpu", seam_stored[local].dtype)
             if index < last:
                 blocks.forward(seam_layer, seam_index, shortened)

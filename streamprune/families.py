@@ -98,16 +98,73 @@ FAMILIES = {
         Family("phi3", "Phi3ForCausalLM", "Phi3", projections=FUSED),  # Phi-3, Phi-3.5, Phi-4, Phi-4-mini
     )
 }
-SUPPORTED = ", ".join(f"{f.architecture} ({f.model_type})" for f in FAMILIES.values())
+# Vision-language checkpoints whose language model is pruned (architecture -> its family); the
+# vision tower and projector are copied as they are
+VISION_LANGUAGE = {"Gemma3ForConditionalGeneration": "gemma3_text"}  # gemma-3-4b, -12b, -27b
+SUPPORTED = ", ".join(
+    [f"{f.architecture} ({f.model_type})" for f in FAMILIES.values()]
+    + [f"the language model of {architecture}" for architecture in VISION_LANGUAGE]
+)
 
-EMBEDDING = "model.embed_tokens.weight"
-LAYER_PREFIX = "model.layers.{index}."
+
+@dataclass(frozen=True)
+class TensorNames:
+    """Where the language model's tensors are in a checkpoint: at the top, or under a prefix in a
+    vision-language one (as transformers writes Gemma 3's: language_model.model.layers.{i}...)."""
+
+    model: str = "model."  # the decoder: {model}embed_tokens, {model}layers.{i}., {model}norm
+    head: str = "lm_head.weight"  # absent when tied to the embedding
+
+    @property
+    def embedding(self) -> str:
+        return f"{self.model}embed_tokens.weight"
+
+    @property
+    def norm(self) -> str:
+        return f"{self.model}norm.weight"
+
+    def layer(self, index: int) -> str:
+        """The prefix of layer `index`'s tensors."""
+        return f"{self.model}layers.{index}."
+
+
+TEXT_ONLY = TensorNames()
+# transformers' two ways of writing a vision-language model's decoder (the first is what it writes)
+PREFIXED = (TensorNames("language_model.model.", "language_model.lm_head.weight"), TensorNames("model.language_model."))
+
+
+def tensor_names(config: dict, names) -> TensorNames:
+    """The TensorNames of a checkpoint with this config.json and these tensor names."""
+    if "text_config" not in config:
+        return TEXT_ONLY
+    found = [candidate for candidate in PREFIXED if candidate.embedding in names]
+    if not found:
+        expected = " or ".join(repr(candidate.embedding) for candidate in PREFIXED)
+        raise BadInputError(f"the checkpoint has no tensor {expected}; it is incomplete or not a vision-language model")
+    return found[0]
+
+
+def text_config(config: dict) -> dict:
+    """The language model's config.json fields: `config` itself, or a vision-language checkpoint's
+    text_config completed with its class's defaults (the hub's lists only what differs from them)."""
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        return config
+    model_type = text.get("model_type")
+    if model_type not in FAMILIES:
+        raise BadInputError(f"config.json's text_config has model_type {model_type!r}; supported: {SUPPORTED}.")
+    check_config_limits(text, partial=True)  # before the config class sizes anything from it
+    fields = {k: v for k, v in text.items() if k != "model_type"}
+    return {**AutoConfig.for_model(model_type, **fields).to_dict(), "architectures": config.get("architectures")}
 
 
 def family_of(config: dict) -> Family:
     """The Family of a raw config.json, or a BadInputError that names what is supported."""
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
+    if architectures and architectures[0] in VISION_LANGUAGE:
+        model_type, architectures = VISION_LANGUAGE[architectures[0]], []
+        config = text_config(config)
     family = FAMILIES.get(model_type)
     if family is None or (architectures and architectures[0] != family.architecture):
         what = f"model_type {model_type!r}" + (f" ({architectures[0]})" if architectures else "")
@@ -137,18 +194,21 @@ CONFIG_LIMITS = {
 OPTIONAL_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
-def check_config_limits(config: dict) -> None:
+def check_config_limits(config: dict, partial: bool = False) -> None:
     """Every size in config.json a positive integer within CONFIG_LIMITS, and the attention
-    geometry consistent; otherwise a BadInputError naming the field and the accepted range."""
+    geometry consistent; otherwise a BadInputError naming the field and the accepted range.
+    `partial`: only the sizes present (a text_config before its class fills in the defaults)."""
     for field, limit in CONFIG_LIMITS.items():
         value = config.get(field)
-        if value is None and field in OPTIONAL_FIELDS:
+        if value is None and (field in OPTIONAL_FIELDS or partial):
             continue
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
             raise BadInputError(
                 f"config.json has {field}={value!r}; streamprune accepts an integer from 1 to {limit:,}. "
                 "The config is corrupt or not a real model's."
             )
+    if partial:
+        return
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     if heads % kv_heads:
         raise BadInputError(
@@ -174,11 +234,11 @@ class LayerRunner:
         # set explicitly: a config built without it means eager attention, and the masks made below
         # must be the ones for the implementation the layers use
         if isinstance(model_dir, dict):
-            fields = {k: v for k, v in model_dir.items() if k != "model_type"}
+            fields = {k: v for k, v in text_config(model_dir).items() if k != "model_type"}
             self.config: PretrainedConfig = AutoConfig.for_model(family.model_type, **fields)
-            self.config._attn_implementation = family.attention
-        else:
-            self.config = AutoConfig.from_pretrained(model_dir, attn_implementation=family.attention)
+        else:  # a vision-language checkpoint's: its language model's
+            self.config = AutoConfig.from_pretrained(model_dir).get_text_config()
+        self.config._attn_implementation = family.attention
         self.device, self.dtype = device, dtype
         self.layer_class, rotary_class, self.norm_class = family.classes()
         self.rotary = rotary_class(config=self.config).to(device)

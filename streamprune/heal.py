@@ -39,7 +39,7 @@ from . import buffers
 from .calibration import calibration_path, file_sha256, sample_calibration
 from .config import check_choice, check_positive, parse_device, parse_shard_size
 from .errors import UsageError
-from .families import LAYER_PREFIX
+from .families import TEXT_ONLY
 from .methods.masks import apply_mask, pack_bits, unpack_bits
 from .outdir import (
     RECORD_FILE,
@@ -134,6 +134,12 @@ def heal(config: HealConfig) -> dict:
     started = time.perf_counter()
     buffers.return_freed_memory_to_the_system()  # every step frees and reallocates each block's weights
     source = open_source(config.model, torch.device("cpu"), "float32")  # checks only; the model loads below
+    if source.names != TEXT_ONLY:
+        raise UsageError(
+            f"{source.directory} is a vision-language checkpoint ({source.family.architecture}'s language model "
+            "with a vision tower); streamprune heal trains text-only models so far. Its block reconstruction "
+            "works: streamprune run MODEL --reconstruct ..."
+        )
     check_not_source(config.out, source.directory)
     with OutputLock(config.out) as lock:
         lock.check()
@@ -186,7 +192,7 @@ def training_ids(config: HealConfig, source: Source, path: Path, sha256: str) ->
 def target_names(source: Source) -> list[str]:
     """The Linears that get adapters: the pruned projections of every block (module names)."""
     linears = source.family.projections.names
-    return [LAYER_PREFIX.format(index=i) + linear for i in range(source.num_layers) for linear in linears]
+    return [source.names.layer(i) + linear for i in range(source.num_layers) for linear in linears]
 
 
 def lora_targets(names) -> str:

@@ -41,7 +41,7 @@ from .calibration import (
 from .config import PruneConfig
 from .distributed import Peers, leave_process_group
 from .errors import STOP_SIGNALS, Interrupted, ResourceError, UsageError
-from .families import LAYER_PREFIX, Projections
+from .families import Projections
 from .methods import Method, Statistic, Target
 from .methods.wanda import InputSqNorm, wanda_scores
 from .methods.masks import apply_mask, zero_count
@@ -181,7 +181,7 @@ class PruneRun:
             config.batch_size = RunState.load(config.out).structure.get("batch_size")
         geometry = plan.Geometry.from_config(self.source.checkpoint.config)
         first_linear = self.source.family.projections.names[0]
-        probe = self.source.checkpoint.tensors[f"{LAYER_PREFIX.format(index=0)}{first_linear}.weight"]
+        probe = self.source.checkpoint.tensors[f"{self.source.names.layer(0)}{first_linear}.weight"]
         settings = plan.Settings(
             method=config.method,
             method_options=config.method_options(),

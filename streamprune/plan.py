@@ -54,6 +54,10 @@ class Geometry:
 
     @classmethod
     def from_config(cls, config: dict) -> Geometry:
+        if "text_config" in config:  # a vision-language checkpoint: its language model's (the rest is copied)
+            from .families import text_config
+
+            config = text_config(config)
         heads = config["num_attention_heads"]
         return cls(
             layers=config["num_hidden_layers"],
@@ -363,10 +367,10 @@ def probe_rates(config: dict, compute: torch.dtype, device: torch.device) -> dic
     pruned weight (weights_per_second); SparseGPT's column steps (steps_per_second). A
     square-matmul probe alone had planned 11 s for three 70B-geometry layers in bfloat16 that took
     149 s on a CPU; without the weight passes, 151 s for 236-254 s."""
-    from .families import FAMILIES, LayerRunner
+    from .families import LayerRunner, family_of
 
     g = Geometry.from_config(config)
-    runner = LayerRunner(config, FAMILIES[config["model_type"]], device, compute)
+    runner = LayerRunner(config, family_of(config), device, compute)
     tensors = {name: torch.full(p.shape, 0.01 if p.dim() == 2 else 1.0, dtype=compute)
                for name, p in runner.skeleton(0).state_dict().items()}  # fmt: skip
     hidden = torch.randn(1, PROBE_TOKENS, g.hidden, dtype=compute, device=device)

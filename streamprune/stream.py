@@ -18,7 +18,7 @@ from .background import Worker
 from .checkpoint import FLOAT_DTYPES as DTYPES
 from .checkpoint import Checkpoint
 from .errors import BadInputError
-from .families import EMBEDDING, LAYER_PREFIX, Family, LayerRunner, family_of
+from .families import TEXT_ONLY, Family, LayerRunner, TensorNames, family_of, tensor_names
 from .source import resolve_model
 
 _FINITE_CHECK_ELEMENTS = 1 << 20  # isfinite makes float temporaries of a slice: keep them ~4 MB
@@ -39,10 +39,11 @@ class Source:
     runner: LayerRunner
     layer_names: dict  # {None: names outside the layers, i: {checkpoint name: name inside layer i}}
     dtype: torch.dtype  # compute dtype
+    names: TensorNames = TEXT_ONLY  # where the language model's tensors are
 
     @property
     def num_layers(self) -> int:
-        return self.checkpoint.config["num_hidden_layers"]
+        return self.runner.config.num_hidden_layers
 
     def capped_seqlen(self, seqlen: int) -> int:
         """`seqlen`, at most the model's max_position_embeddings."""
@@ -55,11 +56,11 @@ class Source:
 
     def embed(self, input_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """embed() with this source's checkpoint, compute dtype and embedding scale."""
-        return embed(self.checkpoint, input_ids, self.dtype, out=out, scale=self.embedding_scale)
+        return embed(self.checkpoint, self.names.embedding, input_ids, self.dtype, out=out, scale=self.embedding_scale)
 
     def check_token_ids(self, ids: torch.Tensor) -> None:
         """Refuse token ids the embedding has no row for: the tokenizer belongs to another model."""
-        vocab = self.checkpoint.tensors[EMBEDDING].shape[0]
+        vocab = self.checkpoint.tensors[self.names.embedding].shape[0]
         if ids.numel() and int(ids.max()) >= vocab:
             raise BadInputError(
                 f"the tokenizer in {self.directory} produced token id {int(ids.max())}, but the embedding has "
@@ -77,16 +78,17 @@ def open_source(model: str, device: torch.device, dtype: str) -> Source:
     directory = resolve_model(model)
     checkpoint = Checkpoint(directory)
     family = family_of(checkpoint.config)
-    compute = compute_dtype(dtype, checkpoint, family)
+    names = tensor_names(checkpoint.config, checkpoint.tensors)
+    compute = compute_dtype(dtype, checkpoint, family, names)
     runner = LayerRunner(directory, family, device, compute)
-    return Source(directory, checkpoint, family, runner, layout(checkpoint, runner), compute)
+    return Source(directory, checkpoint, family, runner, layout(checkpoint, runner, names), compute, names)
 
 
-def compute_dtype(flag: str, checkpoint: Checkpoint, family: Family) -> torch.dtype:
+def compute_dtype(flag: str, checkpoint: Checkpoint, family: Family, names: TensorNames) -> torch.dtype:
     """--dtype: a name in DTYPES, or auto (the dtype the layer weights are stored in)."""
     if flag != "auto":
         return DTYPES[flag]
-    probe = f"{LAYER_PREFIX.format(index=0)}{family.projections.names[0]}.weight"
+    probe = f"{names.layer(0)}{family.projections.names[0]}.weight"
     info = checkpoint.tensors.get(probe)
     if info is None:
         raise BadInputError(f"the checkpoint has no tensor {probe!r}; is it a complete decoder-only model?")
@@ -98,18 +100,19 @@ def compute_dtype(flag: str, checkpoint: Checkpoint, family: Family) -> torch.dt
     return info.torch_dtype
 
 
-def layout(checkpoint: Checkpoint, runner: LayerRunner) -> dict:
+def layout(checkpoint: Checkpoint, runner: LayerRunner, names: TensorNames) -> dict:
     """Group the checkpoint's tensors: {None: names outside the layers, i: {name: local name}}.
 
     Every parameter a layer needs must be present with the shape the config implies; tensors a
     layer does not use (e.g. old rotary buffers) are copied through with their layer.
     """
-    num_layers = checkpoint.config["num_hidden_layers"]
+    num_layers = runner.config.num_hidden_layers
     expected = {name: tuple(p.shape) for name, p in runner.skeleton(0).state_dict().items()}
     groups: dict = {None: [], **{i: {} for i in range(num_layers)}}
-    prefixes = {LAYER_PREFIX.format(index=i): i for i in range(num_layers)}
+    prefixes = {names.layer(i): i for i in range(num_layers)}
+    dots = names.layer(0).count(".")
     for name in sorted(checkpoint.tensors):
-        prefix = ".".join(name.split(".")[:3]) + "."
+        prefix = ".".join(name.split(".")[:dots]) + "."
         if prefix in prefixes:
             groups[prefixes[prefix]][name] = name[len(prefix) :]
         else:
@@ -117,7 +120,7 @@ def layout(checkpoint: Checkpoint, runner: LayerRunner) -> dict:
     for index in range(num_layers):
         present = set(groups[index].values())
         for local, shape in expected.items():
-            full = LAYER_PREFIX.format(index=index) + local
+            full = names.layer(index) + local
             if local not in present:
                 raise BadInputError(
                     f"the checkpoint has no tensor {full!r}; it is incomplete or not a {runner.config.model_type} model"
@@ -126,24 +129,24 @@ def layout(checkpoint: Checkpoint, runner: LayerRunner) -> dict:
             if got != shape:
                 raise BadInputError(f"tensor {full!r} has shape {list(got)}, but config.json implies {list(shape)}")
             _check_float(checkpoint.tensors[full])
-    _check_outside(checkpoint, runner)
+    _check_outside(checkpoint, runner, names)
     return groups
 
 
-def _check_outside(checkpoint: Checkpoint, runner: LayerRunner) -> None:
+def _check_outside(checkpoint: Checkpoint, runner: LayerRunner, names: TensorNames) -> None:
     """The embedding, final norm and (untied) head: present, float, the embedding [vocab, hidden]."""
-    required = [EMBEDDING, "model.norm.weight"]
+    required = [names.embedding, names.norm]
     if not getattr(runner.config, "tie_word_embeddings", False):
-        required.append("lm_head.weight")
+        required.append(names.head)
     for name in required:
         if name not in checkpoint.tensors:
             raise BadInputError(f"the checkpoint has no tensor {name!r}; it is incomplete")
         _check_float(checkpoint.tensors[name])
     width = runner.config.hidden_size
-    embedding = checkpoint.tensors[EMBEDDING].shape
+    embedding = checkpoint.tensors[names.embedding].shape
     if len(embedding) != 2 or embedding[1] != width:
         raise BadInputError(
-            f"tensor {EMBEDDING!r} has shape {list(embedding)}, but config.json implies [vocab, {width}]"
+            f"tensor {names.embedding!r} has shape {list(embedding)}, but config.json implies [vocab, {width}]"
         )
 
 
@@ -242,17 +245,18 @@ def forward_batches(
 
 
 def embed(
-    checkpoint: Checkpoint, input_ids: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None,
+    checkpoint: Checkpoint, name: str, input_ids: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """The tokens' embeddings, [*input_ids.shape, hidden] on the CPU (into `out` if given), times
-    `scale` in `dtype` where the family scales them (Source.embedding_scale).
+    """The tokens' embeddings, [*input_ids.shape, hidden] on the CPU (into `out` if given), from the
+    checkpoint's embedding `name`, times `scale` in `dtype` where the family scales them
+    (Source.embedding_scale).
 
     The embedding matrix (2 GB for Llama-3-70B) is read in slices of rows, and each slice fills
     the tokens that fall in it, a bounded run of tokens at a time: neither the whole matrix nor a
     second buffer-sized temporary is ever in memory.
     """
-    info = checkpoint.tensors[EMBEDDING]
+    info = checkpoint.tensors[name]
     vocab, width = info.shape
     hidden = torch.empty(*input_ids.shape, width, dtype=dtype) if out is None else out
     flat_ids, flat_hidden = input_ids.reshape(-1), hidden.view(-1, width)  # [tokens], [tokens, width]
@@ -263,7 +267,7 @@ def embed(
     for first in range(0, vocab, rows_per_slice):
         positions = ((flat_ids >= first) & (flat_ids < first + rows_per_slice)).nonzero().squeeze(1)
         if positions.numel():
-            table = checkpoint.read(EMBEDDING, rows=slice(first, first + rows_per_slice)).to(dtype)
+            table = checkpoint.read(name, rows=slice(first, first + rows_per_slice)).to(dtype)
             if scale is not None:  # as the model does: the rows in the compute dtype, times the scale in it
                 table = table * torch.tensor(scale, dtype=dtype)
             for run in positions.split(tokens_per_copy):
@@ -293,9 +297,10 @@ class Head(torch.nn.Module):
 def load_head(source: Source) -> Head:
     """The model's Head on the compute device in the compute dtype."""
     checkpoint, runner = source.checkpoint, source.runner
-    head_name = "lm_head.weight" if "lm_head.weight" in checkpoint.tensors else EMBEDDING
-    norm_weight, head = checkpoint.read("model.norm.weight"), checkpoint.read(head_name)
-    check_weights_finite(norm_weight, "model.norm.weight")
+    names = source.names
+    head_name = names.head if names.head in checkpoint.tensors else names.embedding
+    norm_weight, head = checkpoint.read(names.norm), checkpoint.read(head_name)
+    check_weights_finite(norm_weight, names.norm)
     check_weights_finite(head, head_name)
     norm = runner.norm_class(norm_weight.shape[0], eps=getattr(runner.config, "rms_norm_eps", 1e-6))
     norm.weight = torch.nn.Parameter(norm_weight.to(runner.device, source.dtype), requires_grad=False)

@@ -4,6 +4,7 @@ SmolLM2-135M model built from PyPI, and the shared real text."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -21,12 +22,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 # the tiny fixtures every equivalence test runs on: one per supported family, and their variants
-TINY_FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3", "phi3")
+TINY_FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3", "gemma3-vl", "phi3")
 
 
 def tiny_config(family: str, layers: int = 3):
     from transformers import (
-        Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config,
+        Gemma2Config, Gemma3Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config,
     )  # fmt: skip
 
     common = dict(
@@ -60,6 +61,12 @@ def tiny_config(family: str, layers: int = 3):
     if family == "gemma3":  # q/k norms; sliding and global layers alternate, each kind with its rope base
         kinds = [("sliding_attention", "full_attention")[i % 2] for i in range(layers)]
         return Gemma3TextConfig(**common, head_dim=16, sliding_window=16, query_pre_attn_scalar=16, layer_types=kinds)
+    if family == "gemma3-vl":  # Gemma 3's vision-language checkpoint (4B and up): its language model is pruned
+        text = dict(common, head_dim=16, sliding_window=16, query_pre_attn_scalar=16, sliding_window_pattern=2)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)  # fmt: skip
+        return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=500,
+                            boi_token_index=501, eoi_token_index=502)  # fmt: skip
     if family == "phi3":  # fused qkv_proj and gate_up_proj; sliding window; as Phi-4-mini: partial rotary, tied
         return Phi3Config(**common, sliding_window=16, partial_rotary_factor=0.5, tie_word_embeddings=True,
                           bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
@@ -70,17 +77,15 @@ def linears_per_block(family: str) -> int:
     """How many Linears streamprune prunes in each block of a tiny `family` fixture (7; Phi-3's 4)."""
     from streamprune.families import FAMILIES
 
-    return len(FAMILIES[tiny_config(family).model_type].projections.names)
+    return len(FAMILIES[tiny_config(family).get_text_config().model_type].projections.names)
 
 
 def attention(model_dir: Path) -> str:
     """The attention implementation streamprune runs the model's family with (sdpa, or eager where
     sdpa cannot compute what the model does): whole-model references must use the same."""
-    import json
+    from streamprune.families import family_of
 
-    from streamprune.families import FAMILIES
-
-    return FAMILIES[json.loads((Path(model_dir) / "config.json").read_text())["model_type"]].attention
+    return family_of(json.loads((Path(model_dir) / "config.json").read_text())).attention
 
 
 def tiny_tokenizer(directory: Path) -> None:
@@ -112,6 +117,11 @@ def make_tiny_model(
         for param in model.parameters():
             param.normal_(0, 0.05 if param.dim() > 1 else 0.1).add_(1.0 if param.dim() == 1 else 0.0)
     model.save_pretrained(directory, max_shard_size=max_shard_size)  # by default several shards, layers split
+    if family == "gemma3-vl":  # as the hub's: layer_types left to the config class (from the sliding pattern)
+        path = directory / "config.json"
+        saved = json.loads(path.read_text())
+        del saved["text_config"]["layer_types"]
+        path.write_text(json.dumps(saved, indent=2))
     tiny_tokenizer(directory)
     return directory
 

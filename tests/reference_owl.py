@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from reference_wanda import capture_layer0_inputs, collect_scaler_rows
+from reference_wanda import capture_layer0_inputs, collect_scaler_rows, decoder
 
 
 def check_outlier_mean(metric: torch.Tensor, threshold: float) -> float:
@@ -22,7 +22,7 @@ def owl_reference(model, input_ids: torch.Tensor, sparsity: float, hyper_m: floa
     inps, kwargs_of = capture_layer0_inputs(model, input_ids)
     outs = torch.zeros_like(inps)
     all_layer_ratio = []
-    for layer, kwargs in zip(model.model.layers, kwargs_of):
+    for layer, kwargs in zip(decoder(model).layers, kwargs_of):
         scaler = collect_scaler_rows(layer, inps, outs, kwargs)
         layer_wmetric = [
             torch.abs(module.weight.data) * torch.sqrt(scaler[name].reshape((1, -1)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
-from reference_wanda import capture_layer0_inputs
+from reference_wanda import capture_layer0_inputs, decoder
 
 
 class SparseGPTReference:
@@ -100,7 +100,7 @@ def sparsegpt_reference(model, input_ids: torch.Tensor, sparsity: float = 0.5, p
     """Prune `model` in place; prune_n of every prune_m are pruned (2:4: prune_n=2, prune_m=4)."""
     inps, kwargs_of = capture_layer0_inputs(model, input_ids)
     outs = torch.zeros_like(inps)
-    for layer, kwargs in zip(model.model.layers, kwargs_of):
+    for layer, kwargs in zip(decoder(model).layers, kwargs_of):
         linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         for names in SEQUENTIAL if true_sequential else [list(linears)]:
             subset = {name: linears[name] for name in names}

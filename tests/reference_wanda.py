@@ -21,6 +21,34 @@ from streamprune.families import FAMILIES
 LINEARS = tuple(dict.fromkeys(linear for family in FAMILIES.values() for linear in family.projections.names))
 
 
+# transformers' names of a vision-language model's parts in memory -> in its checkpoint files
+CHECKPOINT_PREFIXES = {"model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.",
+                       "model.multi_modal_projector.": "multi_modal_projector.", "lm_head.": "language_model.lm_head."}  # fmt: skip
+
+
+def pruned_linear(name: str) -> bool:
+    """Whether streamprune prunes the checkpoint tensor `name`: a projection of a decoder block (a
+    vision tower's Linears, named alike, are copied as they are)."""
+    return name.endswith(tuple(f"{linear}.weight" for linear in LINEARS)) and not name.startswith("vision_tower.")
+
+
+def checkpoint_state(model) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names its checkpoint files use (a vision-language model's
+    differ from those in memory)."""
+    if not hasattr(model.model, "language_model"):
+        return model.state_dict()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        prefix = next(p for p in CHECKPOINT_PREFIXES if name.startswith(p))
+        state[CHECKPOINT_PREFIXES[prefix] + name[len(prefix) :]] = tensor
+    return state
+
+
+def decoder(model):
+    """The text decoder of a causal LM (model.model), or of a vision-language one (its language_model)."""
+    return getattr(model.model, "language_model", model.model)
+
+
 def load_full_model(model_dir, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention(model_dir)).eval()
 
@@ -38,7 +66,7 @@ def capture_layer0_inputs(model, input_ids: torch.Tensor):
         captured.append(args[0] if args else kwargs["hidden_states"])
         raise Stop
 
-    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = decoder(model).layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for sample in input_ids:
             try:
@@ -56,7 +84,7 @@ def layer_kwargs(model, input_ids: torch.Tensor) -> list[dict]:
     def grab(_module, _args, kwargs):
         seen.append({k: kwargs[k] for k in ("attention_mask", "position_ids", "position_embeddings")})
 
-    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in model.model.layers]
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in decoder(model).layers]
     try:
         model(input_ids)
     finally:
@@ -105,7 +133,7 @@ def wanda_reference(
     `layer_sparsities` replaces `sparsity` layer by layer (OWL's prune_wanda_outlier)."""
     inps, kwargs_of = capture_layer0_inputs(model, input_ids)
     outs = torch.zeros_like(inps)
-    for index, (layer, kwargs) in enumerate(zip(model.model.layers, kwargs_of)):
+    for index, (layer, kwargs) in enumerate(zip(decoder(model).layers, kwargs_of)):
         ratio = sparsity if layer_sparsities is None else layer_sparsities[index]
         scaler = collect_scaler_rows(layer, inps, outs, kwargs)
         for name, module in layer.named_modules():
@@ -133,7 +161,7 @@ def layer_outputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     outputs = []
     handles = [
         layer.register_forward_hook(lambda _m, _a, out: outputs.append(out.detach().clone()))
-        for layer in model.model.layers
+        for layer in decoder(model).layers
     ]
     try:
         model(input_ids)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import WIKITEXT, attention, make_tiny_model, tree_digest
+from reference_wanda import decoder
 from typer.testing import CliRunner
 
 from streamprune.checkpoint import Checkpoint
@@ -29,7 +30,7 @@ from streamprune.errors import UsageError
 from streamprune.families import FAMILIES
 
 # families whose config changes with depth (qwen2: sliding layers), and the newer layer layouts
-DEPTH_FAMILIES = ("llama", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3", "phi3")
+DEPTH_FAMILIES = ("llama", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3", "gemma3-vl", "phi3")
 
 
 # -- pure functions ---------------------------------------------------------------------------------
@@ -65,6 +66,7 @@ def test_shortened_config_changes_only_what_must_change():
     config = {
         "num_hidden_layers": 6,
         "hidden_size": 64,
+        "model_type": "qwen2",
         "architectures": ["Qwen2ForCausalLM"],
         "layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 4,
         "max_window_layers": 2,
@@ -79,6 +81,19 @@ def test_shortened_config_changes_only_what_must_change():
     }
 
 
+def test_shortened_config_writes_out_the_attention_kinds_a_config_class_would_derive():
+    """Gemma 2's hub configs have no layer_types (sliding and global alternate by index), Gemma 3's a
+    sliding pattern: the kept blocks keep their kinds only if the list is written out."""
+    gemma2 = {"model_type": "gemma2", "num_hidden_layers": 6, "hidden_size": 64}
+    kinds = ["sliding_attention", "full_attention"] * 3
+    assert shortened_config(gemma2, [0, 1, 3, 5])["layer_types"] == [kinds[i] for i in (0, 1, 3, 5)]
+    vision_language = {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", "num_hidden_layers": 6,
+                                                               "sliding_window_pattern": 3}}  # fmt: skip
+    text = shortened_config(vision_language, [0, 2, 3, 5])["text_config"]
+    assert text["num_hidden_layers"] == 4
+    assert text["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+
 # -- whole-model references ------------------------------------------------------------------------
 
 
@@ -90,25 +105,27 @@ def whole_model(path: Path):
 
 def without_blocks(model, removed: list[int]):
     """The same model object with decoder blocks `removed` skipped (restore_blocks undoes it)."""
-    layers, layer_types = model.model.layers, getattr(model.config, "layer_types", None)
-    model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i not in removed])
-    model.config.num_hidden_layers = len(model.model.layers)
+    text, config = decoder(model), model.config.get_text_config()
+    layers, layer_types = text.layers, getattr(config, "layer_types", None)
+    text.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i not in removed])
+    config.num_hidden_layers = len(text.layers)
     if layer_types:  # Qwen2 picks each layer's mask by its position in this list
-        model.config.layer_types = [t for i, t in enumerate(layer_types) if i not in removed]
+        config.layer_types = [t for i, t in enumerate(layer_types) if i not in removed]
     return layers, layer_types
 
 
 def restore_blocks(model, saved) -> None:
-    model.model.layers, layer_types = saved
-    model.config.num_hidden_layers = len(model.model.layers)
+    text, config = decoder(model), model.config.get_text_config()
+    text.layers, layer_types = saved
+    config.num_hidden_layers = len(text.layers)
     if layer_types:
-        model.config.layer_types = layer_types
+        config.layer_types = layer_types
 
 
 def reference_scores(path: Path, criterion: str, input_ids: torch.Tensor) -> dict[int, float]:
     model = whole_model(path)
-    blocks = list(model.model.layers)
-    names = FAMILIES[model.config.model_type].projections.names
+    blocks = list(decoder(model).layers)
+    names = FAMILIES[model.config.get_text_config().model_type].projections.names
     linears = [[b.get_submodule(name) for name in names] for b in blocks]
     if criterion == "magnitude":
         return {
@@ -201,6 +218,7 @@ def test_shortened_checkpoint_is_the_whole_model_without_those_blocks(tiny6, tmp
     removed = report["removed"]
     out = tmp_path / "out"
     config = json.loads((out / "config.json").read_text())
+    config = config.get("text_config", config)  # a vision-language model's language model
     assert config["num_hidden_layers"] == 4 and len(config.get("layer_types") or "1234") == 4
     shortened = AutoModelForCausalLM.from_pretrained(out, attn_implementation=attention(out)).eval()
     reference = whole_model(source)

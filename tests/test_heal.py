@@ -174,6 +174,12 @@ def test_a_different_setting_is_refused_when_resuming(pruned, tmp_path):
         HealConfig(model=str(model), out=tmp_path / "x", steps=0)
 
 
+def test_a_vision_language_checkpoint_is_refused_with_the_way_that_works(tiny_models, tmp_path):
+    with pytest.raises(UsageError, match="vision-language.*--reconstruct"):
+        heal(HealConfig(model=str(tiny_models["gemma3-vl"]), out=tmp_path / "out", **TRAIN))
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_plan_says_whether_healing_fits_and_points_70b_to_block_reconstruction():
     from typer.testing import CliRunner
 

@@ -156,12 +156,13 @@ def test_embedding_in_slices_equals_a_lookup(tiny_llama, monkeypatch, tmp_path):
 
     checkpoint = Checkpoint(tiny_llama)
     ids = torch.randint(0, 512, (3, 17), generator=torch.Generator().manual_seed(0))
-    expected = torch.nn.functional.embedding(ids, checkpoint.read("model.embed_tokens.weight"))
+    EMBEDDING = "model.embed_tokens.weight"
+    expected = torch.nn.functional.embedding(ids, checkpoint.read(EMBEDDING))
     monkeypatch.setattr(buffers, "EMBEDDING_SLICE_BYTES", 64 * 4 * 37)  # 37 rows per slice
-    assert torch.equal(stream.embed(checkpoint, ids, torch.float32), expected)
+    assert torch.equal(stream.embed(checkpoint, EMBEDDING, ids, torch.float32), expected)
     monkeypatch.setattr(buffers, "OFFLOADED_TOKENS_PER_COPY", 5)  # runs of 5 tokens into a file-backed buffer
     offloaded = buffers.activation_buffer((3, 17, 64), torch.float32, tmp_path)
-    assert torch.equal(stream.embed(checkpoint, ids, torch.float32, out=offloaded), expected)
+    assert torch.equal(stream.embed(checkpoint, EMBEDDING, ids, torch.float32, out=offloaded), expected)
 
 
 def test_an_offloaded_buffer_is_known_as_such_through_its_views(tmp_path):

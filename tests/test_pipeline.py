@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import C4, TINY_FAMILIES, WIKITEXT, linears_per_block, make_tiny_model, tree_digest
-from reference_wanda import LINEARS, layer_outputs, load_full_model, wanda_reference
+from reference_wanda import (
+    LINEARS, checkpoint_state, decoder, layer_outputs, load_full_model, pruned_linear, wanda_reference,
+)  # fmt: skip
 from safetensors import safe_open
 
 from streamprune import PruneConfig, prune
@@ -42,8 +44,8 @@ def run(model_dir: Path, out: Path, **kwargs) -> dict:
 
 def mask_agreement(pruned: dict, reference_model) -> float:
     same = total = 0
-    for name, tensor in reference_model.state_dict().items():
-        if name.endswith(tuple(f"{linear}.weight" for linear in LINEARS)):
+    for name, tensor in checkpoint_state(reference_model).items():
+        if pruned_linear(name):
             same += int(((pruned[name] == 0) == (tensor == 0)).sum())
             total += tensor.numel()
     return same / total
@@ -64,7 +66,7 @@ def test_streamed_wanda_equals_whole_model_reference(tiny_models, tmp_path, fami
     assert mask_agreement(pruned, reference) >= 0.999
 
     for name, tensor in pruned.items():
-        if not name.endswith(tuple(f"{linear}.weight" for linear in LINEARS)):
+        if not pruned_linear(name):
             continue
         zeros = tensor == 0
         if keep:  # every group of 4 consecutive inputs has exactly 2 nonzeros
@@ -148,7 +150,7 @@ def test_magnitude_prunes_exact_count_per_matrix_without_calibration(tiny_models
     record = run(tiny_models[family], out, method="magnitude", sparsity=0.3, calib="/nonexistent")  # calib unused
     assert record["calibration"] is None and not (out / "streamprune_calibration.json").exists()
     source, pruned = load_state(tiny_models[family]), load_state(out)
-    weights = {n: t for n, t in pruned.items() if n.endswith(".weight") and any(lin in n for lin in LINEARS)}
+    weights = {n: t for n, t in pruned.items() if pruned_linear(n)}
     assert len(weights) == linears_per_block(family) * 3  # every Linear of the 3 layers (biases, as Qwen2's, are kept)
     for name, tensor in weights.items():
         assert int((tensor == 0).sum()) == int(tensor.numel() * 0.3), name
@@ -174,5 +176,6 @@ def test_linears_are_all_the_linears(tiny_models):
     """streamprune's list of prunable Linears is every nn.Linear of a block, in every family."""
     for source in tiny_models.values():
         model = load_full_model(source)
-        layer, projections = model.model.layers[0], FAMILIES[model.config.model_type].projections
+        layer = decoder(model).layers[0]
+        projections = FAMILIES[model.config.get_text_config().model_type].projections
         assert sorted(n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)) == sorted(projections.names)
