@@ -51,12 +51,15 @@ class Geometry:
     tied: bool
     qkv_bias: bool
     fused: bool = False  # Phi-3: q/k/v one Linear, gate/up another (a larger largest Linear)
+    copied_params: int = 0  # a vision-language checkpoint's vision tower and projector, copied as they are
 
     @classmethod
     def from_config(cls, config: dict) -> Geometry:
+        copied = 0
         if "text_config" in config:  # a vision-language checkpoint: its language model's (the rest is copied)
             from .families import text_config
 
+            copied = vision_params(config)
             config = text_config(config)
         heads = config["num_attention_heads"]
         return cls(
@@ -70,6 +73,7 @@ class Geometry:
             tied=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
             fused=config.get("model_type") == "phi3",
+            copied_params=copied,
         )
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -97,8 +101,26 @@ class Geometry:
 
     @property
     def outside_params(self) -> int:
-        """Embedding, final norm and (untied) lm_head."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+        """Embedding, final norm, (untied) lm_head, and what a vision-language checkpoint copies."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden + self.copied_params
+
+
+def vision_params(config: dict) -> int:
+    """Parameters of Gemma 3's SigLIP vision tower and projector (the vision tower streamprune
+    copies), from config.json's vision_config completed with its class's defaults."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in config.get("vision_config", {}).items() if k != "model_type"}
+    vision = AutoConfig.for_model("siglip_vision_model", **fields)
+    h, i, patch = vision.hidden_size, vision.intermediate_size, vision.patch_size
+    layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h  # q, k, v, o; fc1, fc2; two LayerNorms
+    embeddings = vision.num_channels * patch * patch * h + h + (vision.image_size // patch) ** 2 * h
+    head = 0
+    if getattr(vision, "vision_use_head", True):  # attention pooling: probe, attention, LayerNorm, MLP
+        head = h + 3 * (h * h + h) + (h * h + h) + 2 * h + (h * i + i) + (i * h + h)
+    text_hidden = config["text_config"].get("hidden_size", 2304)  # Gemma3TextConfig's default
+    projector = h * text_hidden + h  # mm_input_projection_weight, mm_soft_emb_norm
+    return vision.num_hidden_layers * layer + embeddings + 2 * h + head + projector  # + post_layernorm
 
 
 def _pinned_bytes(g: Geometry, stored_bytes: int) -> int:

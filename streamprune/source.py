@@ -35,6 +35,9 @@ ALIASES = {
     "gemma-2-27b": "google/gemma-2-27b",
     "gemma-3-270m": "google/gemma-3-270m",
     "gemma-3-1b": "google/gemma-3-1b-pt",
+    "gemma-3-4b": "google/gemma-3-4b-pt",
+    "gemma-3-12b": "google/gemma-3-12b-pt",
+    "gemma-3-27b": "google/gemma-3-27b-pt",
     "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
     "phi-4": "microsoft/phi-4",
     "phi-4-mini": "microsoft/Phi-4-mini-instruct",
@@ -67,6 +70,16 @@ def _llama(
     }
 
 
+def _gemma3_vision_language(hidden, intermediate, layers, heads, kv_heads, head_dim):
+    """Gemma 3 from 4B up: the language model's sizes and the SigLIP vision tower all of them share."""
+    text = _llama(hidden, intermediate, layers, heads, kv_heads, 262208, 131072, "bfloat16", "gemma3_text",
+                  tied=True, head_dim=head_dim)  # fmt: skip
+    vision = {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+              "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False}  # fmt: skip
+    return {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "torch_dtype": "bfloat16",
+            "text_config": {k: v for k, v in text.items() if k != "architectures"}, "vision_config": vision}  # fmt: skip
+
+
 # The sizes `plan` needs for each alias, as in the config.json each points to on the hub, so that
 # planning an alias needs no network.
 ALIAS_CONFIGS = {
@@ -93,6 +106,9 @@ ALIAS_CONFIGS = {
     "google/gemma-2-27b": _llama(4608, 36864, 46, 32, 16, 256000, 8192, "float32", "gemma2", tied=True, head_dim=128),
     "google/gemma-3-270m": _llama(640, 2048, 18, 4, 1, 262144, 32768, "bfloat16", "gemma3_text", tied=True, head_dim=256),
     "google/gemma-3-1b-pt": _llama(1152, 6912, 26, 4, 1, 262144, 32768, "bfloat16", "gemma3_text", tied=True, head_dim=256),
+    "google/gemma-3-4b-pt": _gemma3_vision_language(2560, 10240, 34, 8, 4, 256),
+    "google/gemma-3-12b-pt": _gemma3_vision_language(3840, 15360, 48, 16, 8, 256),
+    "google/gemma-3-27b-pt": _gemma3_vision_language(5376, 21504, 62, 32, 16, 128),
     "microsoft/Phi-3-mini-4k-instruct": _llama(3072, 8192, 32, 32, 32, 32064, 4096, "bfloat16", "phi3"),
     "microsoft/phi-4": _llama(5120, 17920, 40, 40, 10, 100352, 16384, "bfloat16", "phi3"),
     "microsoft/Phi-4-mini-instruct": _llama(3072, 8192, 32, 24, 8, 200064, 131072, "bfloat16", "phi3", tied=True),
