@@ -282,9 +282,8 @@ def int_keys(scores: dict) -> dict[int, float]:
 def block_magnitude_scores(blocks: Blocks, model: list[int], saves: ScoringSaves) -> dict[int, float]:
     """Sum of |W| over each block's Linear weights."""
     position, saved = saves.resume("magnitude")
-    scores = saved.get("scores", {})
+    scores, linears = saved.get("scores", {}), blocks.runner.projections.names
     for position, index, stored in blocks.stream(model, position, "magnitude"):
-        linears = blocks.runner.projections.names
         scores[index] = sum(float(stored[f"{local}.weight"].double().abs().sum()) for local in linears)
         del stored
         saves.after_block("magnitude", position + 1, {"scores": scores}, {})

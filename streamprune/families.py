@@ -135,7 +135,7 @@ PREFIXED = (TensorNames("language_model.model.", "language_model.lm_head.weight"
 
 def tensor_names(config: dict, names) -> TensorNames:
     """The TensorNames of a checkpoint with this config.json and these tensor names."""
-    if "text_config" not in config:
+    if (config.get("architectures") or [None])[0] not in VISION_LANGUAGE:
         return TEXT_ONLY
     found = [candidate for candidate in PREFIXED if candidate.embedding in names]
     if not found:
