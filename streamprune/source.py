@@ -38,6 +38,8 @@ ALIASES = {
     "gemma-3-4b": "google/gemma-3-4b-pt",
     "gemma-3-12b": "google/gemma-3-12b-pt",
     "gemma-3-27b": "google/gemma-3-27b-pt",
+    "olmo-2-7b": "allenai/OLMo-2-1124-7B",
+    "olmo-2-13b": "allenai/OLMo-2-1124-13B",
     "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
     "phi-4": "microsoft/phi-4",
     "phi-4-mini": "microsoft/Phi-4-mini-instruct",
@@ -53,7 +55,8 @@ def _llama(
 ):  # fmt: skip
     architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}  # fmt: skip
+                    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                    "olmo2": "Olmo2ForCausalLM"}  # fmt: skip
     return {
         "architectures": [architecture[model_type]],
         "model_type": model_type,
@@ -109,6 +112,8 @@ ALIAS_CONFIGS = {
     "google/gemma-3-4b-pt": _gemma3_vision_language(2560, 10240, 34, 8, 4, 256),
     "google/gemma-3-12b-pt": _gemma3_vision_language(3840, 15360, 48, 16, 8, 256),
     "google/gemma-3-27b-pt": _gemma3_vision_language(5376, 21504, 62, 32, 16, 128),
+    "allenai/OLMo-2-1124-7B": _llama(4096, 11008, 32, 32, 32, 100352, 4096, "float32", "olmo2"),
+    "allenai/OLMo-2-1124-13B": _llama(5120, 13824, 40, 40, 40, 100352, 4096, "float32", "olmo2"),
     "microsoft/Phi-3-mini-4k-instruct": _llama(3072, 8192, 32, 32, 32, 32064, 4096, "bfloat16", "phi3"),
     "microsoft/phi-4": _llama(5120, 17920, 40, 40, 10, 100352, 16384, "bfloat16", "phi3"),
     "microsoft/Phi-4-mini-instruct": _llama(3072, 8192, 32, 24, 8, 200064, 131072, "bfloat16", "phi3", tied=True),
