@@ -1,9 +1,10 @@
 """Supported model families, kept as data, and how to run one of their decoder layers on its own.
 
 Every supported family is a Llama-style decoder: `model.embed_tokens`, `model.layers.{i}` with the
-same attention and MLP projections (seven Linears, or Phi-3's four with q/k/v and gate/up fused),
-`model.norm`, an optional `lm_head`. transformers supplies the layer and rotary classes; we only
-build one layer at a time on the meta device and give it its own tensors.
+same attention and MLP projections (seven Linears, or Phi-3's four with q/k/v and gate/up fused; a
+mixture-of-experts block has its router and a gate, up and down Linear per expert), `model.norm`, an
+optional `lm_head`. transformers supplies the layer and rotary classes; we only build one layer at a
+time on the meta device and give it its own tensors.
 """
 
 from __future__ import annotations
@@ -53,6 +54,38 @@ FUSED = Projections({
     "mlp input": ("mlp.gate_up_proj",),
     "down_proj input": ("mlp.down_proj",),
 })  # fmt: skip
+ATTENTION = Projections({site: SEPARATE.sites[site] for site in ("attention input", "o_proj input")})
+# Qwen2-MoE: beside the routed experts, one shared expert MLP that sees every token (as an ordinary MLP)
+SHARED_EXPERT = Projections({
+    **ATTENTION.sites,
+    "mlp input": ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+    "down_proj input": ("mlp.shared_expert.down_proj",),
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts block's routed experts as the hub's checkpoints store them: separate
+    Linears {block}.experts.{e}.{gate, up, down}.weight. transformers 5 stacks them into 3D parameters
+    (experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]); LayerRunner swaps those for one
+    Linear per expert and projection (ExpertLinears), so that each expert is observed on the tokens
+    the router sends it, pruned as its own matrix and written back under its own name. The router
+    (block.gate) stays dense."""
+
+    block: str = "mlp"  # the block's name in the checkpoint (Mixtral's: block_sparse_moe; in memory it is mlp)
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    width: str = "moe_intermediate_size"  # config.json's field for an expert's intermediate size
+
+    def sites(self, num_experts: int) -> dict[str, tuple[str, ...]]:
+        """Two input sites per expert: its gate and up read the tokens routed to it, its down their product."""
+        sites = {}
+        for e in range(num_experts):
+            prefix = f"{self.block}.experts.{e}."
+            sites[f"expert {e} input"] = (prefix + self.gate, prefix + self.up)
+            sites[f"expert {e} down_proj input"] = (prefix + self.down,)
+        return sites
 
 
 @dataclass(frozen=True)
@@ -68,7 +101,15 @@ class Family:
     # layer's entry in config.layer_types
     rotary_by_layer_type: bool = False
     module: str = ""  # transformers' module, when it is not named after model_type (gemma3_text)
-    projections: Projections = SEPARATE
+    projections: Projections = SEPARATE  # a mixture-of-experts family's: those beside the routed experts
+    experts: Experts | None = None  # a mixture-of-experts family's routed experts
+
+    def projections_for(self, config: PretrainedConfig) -> Projections:
+        """The Linears pruned in every block of a model with this config (a MoE block's depend on its
+        number of experts)."""
+        if self.experts is None:
+            return self.projections
+        return Projections({**self.projections.sites, **self.experts.sites(num_experts(config))})
 
     def classes(self) -> tuple[type, type, type]:
         """transformers' decoder layer, rotary embedding and RMSNorm classes of the family (the
@@ -96,6 +137,12 @@ FAMILIES = {
                module="gemma3"),  # fmt: skip
         # fused projections; rope scaling (longrope) and partial rotary (Phi-4-mini) from the config
         Family("phi3", "Phi3ForCausalLM", "Phi3", projections=FUSED),  # Phi-3, Phi-3.5, Phi-4, Phi-4-mini
+        # mixture-of-experts: every block's MLP is experts behind a router
+        Family("mixtral", "MixtralForCausalLM", "Mixtral", projections=ATTENTION,
+               experts=Experts(block="block_sparse_moe", gate="w1", up="w3", down="w2", width="intermediate_size")),  # fmt: skip
+        Family("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2Moe", projections=SHARED_EXPERT, experts=Experts()),
+        Family("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3Moe", projections=ATTENTION, experts=Experts()),
+        Family("olmoe", "OlmoeForCausalLM", "Olmoe", projections=ATTENTION, experts=Experts(width="intermediate_size")),
     )
 }
 # Vision-language checkpoints whose language model is pruned (architecture -> its family); the
@@ -175,7 +222,18 @@ def family_of(config: dict) -> Family:
             f"code from a checkpoint. Supported: {SUPPORTED}."
         )
     check_config_limits(config)
+    if family.experts is not None and (config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1):
+        raise BadInputError(
+            "config.json mixes dense and mixture-of-experts blocks (mlp_only_layers or decoder_sparse_step); "
+            "streamprune prunes models whose every block is a mixture of experts so far"
+        )
     return family
+
+
+def num_experts(config) -> int:
+    """A mixture-of-experts config's number of routed experts (Mixtral's field has another name)."""
+    get = config.get if isinstance(config, dict) else lambda field: getattr(config, field, None)
+    return get("num_local_experts") or get("num_experts")
 
 
 # Generous bounds on the config's sizes (Llama-3.1-405B: 126 layers, hidden 16,384, MLP 53,248,
@@ -190,8 +248,12 @@ CONFIG_LIMITS = {
     "head_dim": 4096,
     "vocab_size": 8_388_608,
     "max_position_embeddings": 134_217_728,
+    "num_experts": 4096,
+    "num_local_experts": 4096,
+    "moe_intermediate_size": 1_048_576,
 }
-OPTIONAL_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+OPTIONAL_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "num_experts", "num_local_experts",
+                   "moe_intermediate_size")  # fmt: skip
 
 
 def check_config_limits(config: dict, partial: bool = False) -> None:
@@ -243,13 +305,17 @@ class LayerRunner:
         self.layer_class, rotary_class, self.norm_class = family.classes()
         self.rotary = rotary_class(config=self.config).to(device)
         self.rotary_by_layer_type = family.rotary_by_layer_type
-        self.projections = family.projections
+        self.experts = family.experts
+        self.projections = family.projections_for(self.config)
         self._context: dict[tuple[int, int, str], tuple] = {}
 
     def skeleton(self, index: int = 0) -> torch.nn.Module:
         """Layer `index` with parameters on the meta device: names and shapes, no memory."""
         with torch.device("meta"):
-            return self.layer_class(self.config, index)
+            layer = self.layer_class(self.config, index)
+            if self.experts is not None:
+                swap_in_expert_linears(layer, self.experts)
+        return layer
 
     def build(self, index: int, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
         """Layer `index` on the compute device; `tensors` maps local names to weights (any dtype)."""
@@ -285,3 +351,53 @@ class LayerRunner:
                 self._context[key] = (position_ids, mask, self.rotary(hidden, position_ids, *by_kind))
         position_ids, mask, position_embeddings = self._context[key]
         return layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+
+
+def swap_in_expert_linears(layer: torch.nn.Module, names: Experts) -> None:
+    """Replace the layer's stacked experts by ExpertLinears, and register its MoE block under the
+    checkpoint's name (transformers 5 renamed Mixtral's block_sparse_moe to mlp; its checkpoints
+    keep the old name): the layer's state_dict then has the checkpoint's names and the forward,
+    which calls self.mlp, runs the same block."""
+    block = layer.mlp
+    block.experts = ExpertLinears(block.experts, names)
+    if names.block != "mlp":
+        del layer._modules["mlp"]
+        layer._modules[names.block] = block
+        object.__setattr__(layer, "mlp", block)  # a plain attribute, outside the module tree
+
+
+class ExpertLinears(torch.nn.Module):
+    """transformers 5's experts module (MixtralExperts, Qwen2MoeExperts, Qwen3MoeExperts and
+    OlmoeExperts share one forward) with one nn.Linear per expert and projection: the same
+    arithmetic, expert by expert, in the same order."""
+
+    def __init__(self, stacked: torch.nn.Module, names: Experts):
+        super().__init__()
+        experts, double_intermediate, hidden = stacked.gate_up_proj.shape  # [E, 2I, H]
+        intermediate = double_intermediate // 2
+        self.act_fn, self.names, self.num_experts = stacked.act_fn, names, experts
+        for e in range(experts):  # named as the checkpoint's: experts.{e}.{gate, up, down}
+            expert = torch.nn.Module()
+            expert.add_module(names.gate, torch.nn.Linear(hidden, intermediate, bias=False))
+            expert.add_module(names.up, torch.nn.Linear(hidden, intermediate, bias=False))
+            expert.add_module(names.down, torch.nn.Linear(intermediate, hidden, bias=False))
+            self.add_module(str(e), expert)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                ) -> torch.Tensor:  # fmt: skip
+        """hidden_states [tokens, hidden]; top_k_index, top_k_weights [tokens, k]: each token's experts
+        and their weights -> [tokens, hidden]. An expert no token chose is not run (nor observed)."""
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            chosen = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(chosen.sum(dim=(-1, -2)), 0).nonzero()  # [experts hit, 1]
+        for expert_index in hit[:, 0].tolist():
+            if expert_index == self.num_experts:
+                continue
+            top_k_position, token_index = torch.where(chosen[expert_index])
+            expert, x = self.get_submodule(str(expert_index)), hidden_states[token_index]  # x [tokens routed here, hidden]
+            gate, up = getattr(expert, self.names.gate)(x), getattr(expert, self.names.up)(x)
+            y = getattr(expert, self.names.down)(self.act_fn(gate) * up)
+            y = y * top_k_weights[token_index, top_k_position, None]
+            final.index_add_(0, token_index, y.to(final.dtype))
+        return final

@@ -140,6 +140,12 @@ def heal(config: HealConfig) -> dict:
             "with a vision tower); streamprune heal trains text-only models so far. Its block reconstruction "
             "works: streamprune run MODEL --reconstruct ..."
         )
+    if source.family.experts is not None:
+        raise UsageError(
+            f"{source.directory} is a mixture-of-experts model ({source.family.architecture}); streamprune heal "
+            "trains dense models so far (transformers holds the experts as stacked tensors, not Linears peft can "
+            "adapt). Its block reconstruction works: streamprune run MODEL --reconstruct ..."
+        )
     check_not_source(config.out, source.directory)
     with OutputLock(config.out) as lock:
         lock.check()

@@ -43,6 +43,7 @@ from .distributed import Peers, leave_process_group
 from .errors import STOP_SIGNALS, Interrupted, ResourceError, UsageError
 from .families import Projections
 from .methods import Method, Statistic, Target
+from .methods.base import uncalibrated_prune
 from .methods.wanda import InputSqNorm, wanda_scores
 from .methods.masks import apply_mask, zero_count
 from .reconstruct import reconstruct_layer, trainable
@@ -143,7 +144,7 @@ class PruneRun:
     @property
     def projections(self) -> Projections:
         """The Linears pruned in every block, by input site."""
-        return self.source.family.projections
+        return self.source.runner.projections
 
     @property
     def streams_while_pruning(self) -> bool:
@@ -180,7 +181,7 @@ class PruneRun:
         if config.batch_size is None and RunState.exists(config.out) and not config.force:
             config.batch_size = RunState.load(config.out).structure.get("batch_size")
         geometry = plan.Geometry.from_config(self.source.checkpoint.config)
-        first_linear = self.source.family.projections.names[0]
+        first_linear = self.projections.names[0]
         probe = self.source.checkpoint.tensors[f"{self.source.names.layer(0)}{first_linear}.weight"]
         settings = plan.Settings(
             method=config.method,
@@ -518,6 +519,7 @@ class PruneRun:
         target = self.target_for(index)
         if self.dense_hidden is not None:
             self.dense_stream_forward(index, layer)
+        uncalibrated = []  # Linears no calibration token reached (experts never routed to): pruned by |W|
         if not self.method.needs_calibration:
             masks = self.prune_weights(layer, stored, None, target, self.projections.names)
         else:
@@ -528,6 +530,8 @@ class PruneRun:
                 linears = [linear for site in sites for linear in self.projections.sites[site]]
                 if self.peers.leader:
                     masks.update(self.prune_weights(layer, stored, statistics, target, linears))
+                    uncalibrated += [linear for site in sites if not statistics[site].samples
+                                     for linear in self.projections.sites[site]]  # fmt: skip
                 self.peers.broadcast(layer.get_submodule(local).weight.data for local in linears)
                 del statistics
         reconstruction = None
@@ -540,6 +544,8 @@ class PruneRun:
             if self.observe is not None:
                 self.observe(index, self.hidden)
         log = {"layer": index, "sparsity": sparsity, "seconds": time.perf_counter() - started}
+        if uncalibrated:
+            log["uncalibrated"] = uncalibrated
         self.layer_log.append(log if reconstruction is None else {**log, "reconstruction": reconstruction})
 
     def site_groups(self) -> list[tuple[str, ...]]:
@@ -717,7 +723,10 @@ def prune_linears(method: Method, layer: torch.nn.Module, statistics: dict | Non
         module = layer.get_submodule(local)
         statistic = None if statistics is None else statistics[projections.site_of(local)]
         with torch.no_grad():  # the layer's weights are parameters: autograd would copy every score pass
-            pruned = method.prune(module.weight, statistic, target)
+            if statistic is not None and not statistic.samples:
+                pruned = uncalibrated_prune(module.weight, target)
+            else:
+                pruned = method.prune(module.weight, statistic, target)
         new = module.weight.data if pruned.weight is None else pruned.weight.to(module.weight.dtype)
         module.weight.data = apply_mask(new, pruned.mask)
         yield local, pruned
@@ -809,7 +818,7 @@ def check_pattern_fits(config: PruneConfig, source) -> None:
     if block is None:
         return
     layer = source.runner.skeleton(0)
-    for local in source.family.projections.names:
+    for local in source.runner.projections.names:
         width = layer.get_submodule(local).in_features
         if width % block[1]:
             raise UsageError(

@@ -52,6 +52,11 @@ class Geometry:
     qkv_bias: bool
     fused: bool = False  # Phi-3: q/k/v one Linear, gate/up another (a larger largest Linear)
     copied_params: int = 0  # a vision-language checkpoint's vision tower and projector, copied as they are
+    # mixture of experts: `experts` MLPs of width `intermediate` a block, `experts_per_token` of them
+    # run for each token, beside a shared MLP of width `shared_intermediate` (Qwen2-MoE) run for all
+    experts: int = 0
+    experts_per_token: int = 0
+    shared_intermediate: int = 0
 
     @classmethod
     def from_config(cls, config: dict) -> Geometry:
@@ -62,42 +67,71 @@ class Geometry:
             copied = vision_params(config)
             config = text_config(config)
         heads = config["num_attention_heads"]
+        from .families import FAMILIES, num_experts
+
+        moe = getattr(FAMILIES.get(config.get("model_type")), "experts", None)
+        experts = num_experts(config) if moe else 0
         return cls(
             layers=config["num_hidden_layers"],
             hidden=config["hidden_size"],
-            intermediate=config["intermediate_size"],
+            intermediate=config[moe.width] if moe else config["intermediate_size"],
             heads=heads,
             kv_heads=config.get("num_key_value_heads") or heads,
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             vocab=config["vocab_size"],
             tied=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
+            qkv_bias=config.get("model_type") in ("qwen2", "qwen2_moe") or bool(config.get("attention_bias", False)),
             fused=config.get("model_type") == "phi3",
             copied_params=copied,
+            experts=experts,
+            experts_per_token=config.get("num_experts_per_tok") or 0 if experts else 0,
+            shared_intermediate=config.get("shared_expert_intermediate_size") or 0 if experts else 0,
         )
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """[out, in] of the pruned Linears (seven, or Phi-3's four)."""
+        """[out, in] of the pruned Linears (seven, Phi-3's four, or a MoE block's attention, shared
+        MLP and every expert's three)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         h, i = self.hidden, self.intermediate
         if self.fused:
             return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i)}
-        return {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (i, h), "up": (i, h), "down": (h, i)}
+        attention = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q)}
+        if not self.experts:
+            return {**attention, "gate": (i, h), "up": (i, h), "down": (h, i)}
+        shared = self.shared_intermediate
+        mlps = {**({"shared gate": (shared, h), "shared up": (shared, h), "shared down": (h, shared)} if shared else {})}
+        for e in range(self.experts):
+            mlps.update({f"expert {e} gate": (i, h), f"expert {e} up": (i, h), f"expert {e} down": (h, i)})
+        return {**attention, **mlps}
 
     def site_widths(self) -> dict[str, int]:
         """in_features of each input site (families.Projections)."""
         q = self.heads * self.head_dim
-        return {"attention input": self.hidden, "o_proj input": q, "mlp input": self.hidden,
-                "down_proj input": self.intermediate}  # fmt: skip
+        widths = {"attention input": self.hidden, "o_proj input": q}
+        if not self.experts or self.shared_intermediate:
+            widths.update({"mlp input": self.hidden, "down_proj input": self.shared_intermediate or self.intermediate})
+        for e in range(self.experts):
+            widths.update({f"expert {e} input": self.hidden, f"expert {e} down_proj input": self.intermediate})
+        return widths
 
     @property
     def linear_params(self) -> int:
         return sum(rows * cols for rows, cols in self.linear_shapes().values())
 
     @property
+    def active_linear_params(self) -> int:
+        """The pruned Linears' weights one token computes with: all of them, or in a MoE block those
+        of its experts_per_token experts (the forward's work)."""
+        if not self.experts:
+            return self.linear_params
+        idle = (self.experts - self.experts_per_token) * 3 * self.hidden * self.intermediate
+        return self.linear_params - idle
+
+    @property
     def layer_params(self) -> int:
         bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
-        return self.linear_params + bias + 2 * self.hidden  # + the two RMSNorm weights
+        routers = self.experts * self.hidden + (self.hidden if self.shared_intermediate else 0)  # + the shared gate
+        return self.linear_params + bias + routers + 2 * self.hidden  # + the two RMSNorm weights
 
     @property
     def outside_params(self) -> int:
@@ -198,6 +232,7 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     in_buffer = buffer if s.offload == "cpu" else 0
     return {
         "params": g.layers * g.layer_params + g.outside_params,
+        "experts": (g.experts, g.experts_per_token),
         "checkpoint_bytes": checkpoint_bytes,
         "layer_bytes": stored_layer,
         "buffer_bytes": buffer,
@@ -252,14 +287,16 @@ def checkpoint_every_within_budget(layers: int, passes: int, buffer_bytes: int, 
 def _compute(g: Geometry, s: Settings, method, owl: bool) -> tuple[int, int, int, int]:
     """(forward FLOPs, statistics' FLOPs, prune FLOPs, prune steps) of the whole run."""
     tokens = s.nsamples * s.seqlen
-    flops_per_forward = 2 * g.linear_params * tokens + 2 * s.nsamples * g.heads * g.head_dim * s.seqlen * s.seqlen
+    flops_per_forward = 2 * g.active_linear_params * tokens + 2 * s.nsamples * g.heads * g.head_dim * s.seqlen * s.seqlen
     forward_flops = g.layers * (_forwards_per_layer(s, method.needs_calibration) + int(owl)) * flops_per_forward
     prune_flops = g.layers * sum(method.prune_flops(rows, cols) for rows, cols in g.linear_shapes().values())
     prune_steps = g.layers * sum(method.prune_steps(rows, cols) for rows, cols in g.linear_shapes().values())
     statistic_flops = 0  # added token by token in the dense forward (SparseGPT's: a float32 matmul)
     if method.needs_calibration:
         statistic = method.statistic.flops_per_token
-        statistic_flops = g.layers * tokens * sum(statistic(width) for width in g.site_widths().values())
+        # an expert's sites see its share of the tokens (experts_per_token of every `experts`)
+        share = {site: g.experts_per_token / g.experts if site.startswith("expert ") else 1 for site in g.site_widths()}
+        statistic_flops = g.layers * tokens * sum(statistic(width) * share[site] for site, width in g.site_widths().items())
     return forward_flops, statistic_flops, prune_flops, prune_steps
 
 
@@ -400,7 +437,7 @@ def probe_rates(config: dict, compute: torch.dtype, device: torch.device) -> dic
         layer = runner.build(0, tensors)
         forward = _best_seconds(lambda: runner.forward(layer, 0, hidden), device)
     del layer, tensors
-    flops = 2 * g.linear_params * PROBE_TOKENS + 2 * g.heads * g.head_dim * PROBE_TOKENS**2
+    flops = 2 * g.active_linear_params * PROBE_TOKENS + 2 * g.heads * g.head_dim * PROBE_TOKENS**2
     rows, cols = max(g.linear_shapes().values(), key=lambda shape: shape[0] * shape[1])
     solve = measure_cpu_flops(torch.float32) if device.type == "cpu" else flops / forward
     return {"forward": flops / forward, "solve": solve, "weights": weights_per_second(rows, cols, compute, device),
@@ -588,6 +625,10 @@ def report(plan: dict, settings: Settings, times: dict | None, device_name: str,
         f"(offload {settings.offload})",
         f"  peak RAM   {format_size(plan['peak_ram_bytes'])} ({ram_parts})",
     ]
+    experts, per_token = plan.get("experts", (0, 0))
+    if experts:
+        lines.insert(1, f"  experts    {experts} a block, {per_token} run per token: a layer holds {experts / per_token:.0f}x "
+                        "the MLP weights a token computes with, and a statistic per expert (all counted here)")  # fmt: skip
     if plan["peak_vram_bytes"] is not None:
         lines.append(
             f"  peak VRAM  {format_size(plan['peak_vram_bytes'])} (allocated by torch; the CUDA context adds ~0.5 GB)"

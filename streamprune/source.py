@@ -43,6 +43,12 @@ ALIASES = {
     "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
     "phi-4": "microsoft/phi-4",
     "phi-4-mini": "microsoft/Phi-4-mini-instruct",
+    "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
+    "mixtral-8x22b": "mistralai/Mixtral-8x22B-v0.1",
+    "qwen1.5-moe-a2.7b": "Qwen/Qwen1.5-MoE-A2.7B",
+    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+    "qwen3-235b-a22b": "Qwen/Qwen3-235B-A22B",
+    "olmoe-1b-7b": "allenai/OLMoE-1B-7B-0924",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B",
@@ -56,7 +62,8 @@ def _llama(
     architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
                     "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                    "olmo2": "Olmo2ForCausalLM"}  # fmt: skip
+                    "olmo2": "Olmo2ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                    "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}  # fmt: skip
     return {
         "architectures": [architecture[model_type]],
         "model_type": model_type,
@@ -71,6 +78,17 @@ def _llama(
         "tie_word_embeddings": tied,
         **({"head_dim": head_dim} if head_dim else {}),
     }
+
+
+def _moe(dense: dict, experts: int, per_token: int, expert_intermediate: int, **fields) -> dict:
+    """A mixture-of-experts config: `dense`'s attention and sizes, `experts` MLPs of width
+    `expert_intermediate` a block, `per_token` of them for each token; as the hub's config names
+    them (Mixtral's: num_local_experts and intermediate_size)."""
+    if dense["model_type"] == "mixtral":
+        return {**dense, "num_local_experts": experts, "num_experts_per_tok": per_token,
+                "intermediate_size": expert_intermediate, **fields}  # fmt: skip
+    return {**dense, "num_experts": experts, "num_experts_per_tok": per_token,
+            "moe_intermediate_size": expert_intermediate, **fields}  # fmt: skip
 
 
 def _gemma3_vision_language(hidden, intermediate, layers, heads, kv_heads, head_dim):
@@ -117,6 +135,15 @@ ALIAS_CONFIGS = {
     "microsoft/Phi-3-mini-4k-instruct": _llama(3072, 8192, 32, 32, 32, 32064, 4096, "bfloat16", "phi3"),
     "microsoft/phi-4": _llama(5120, 17920, 40, 40, 10, 100352, 16384, "bfloat16", "phi3"),
     "microsoft/Phi-4-mini-instruct": _llama(3072, 8192, 32, 24, 8, 200064, 131072, "bfloat16", "phi3", tied=True),
+    "mistralai/Mixtral-8x7B-v0.1": _moe(_llama(4096, 14336, 32, 32, 8, 32000, 32768, "bfloat16", "mixtral"), 8, 2, 14336),
+    "mistralai/Mixtral-8x22B-v0.1": _moe(_llama(6144, 16384, 56, 48, 8, 32000, 65536, "bfloat16", "mixtral"), 8, 2, 16384),
+    "Qwen/Qwen1.5-MoE-A2.7B": _moe(_llama(2048, 5632, 24, 16, 16, 151936, 8192, "bfloat16", "qwen2_moe"), 60, 4, 1408,
+                                   shared_expert_intermediate_size=5632),  # fmt: skip
+    "Qwen/Qwen3-30B-A3B": _moe(_llama(2048, 6144, 48, 32, 4, 151936, 40960, "bfloat16", "qwen3_moe", head_dim=128), 128, 8,
+                               768, norm_topk_prob=True),  # fmt: skip
+    "Qwen/Qwen3-235B-A22B": _moe(_llama(4096, 12288, 94, 64, 4, 151936, 40960, "bfloat16", "qwen3_moe", head_dim=128), 128,
+                                 8, 1536, norm_topk_prob=True),  # fmt: skip
+    "allenai/OLMoE-1B-7B-0924": _moe(_llama(2048, 1024, 16, 16, 16, 50304, 4096, "float32", "olmoe"), 64, 8, 1024),
 }
 # Only what a checkpoint needs: config, tokenizer, safetensors weights. Never pickles or code.
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]

@@ -117,6 +117,12 @@ def layout(checkpoint: Checkpoint, runner: LayerRunner, names: TensorNames) -> d
             groups[prefixes[prefix]][name] = name[len(prefix) :]
         else:
             groups[None].append(name)
+    if runner.experts is not None and f"{names.layer(0)}{runner.experts.block}.experts.gate_up_proj" in checkpoint.tensors:
+        raise BadInputError(
+            "the checkpoint stores each block's experts stacked in one tensor (experts.gate_up_proj, as transformers "
+            "holds them in memory); streamprune reads the per-expert layout the hub's checkpoints use "
+            "(experts.{e}.gate_proj.weight, ...) so far"
+        )
     for index in range(num_layers):
         present = set(groups[index].values())
         for local, shape in expected.items():
@@ -229,7 +235,7 @@ def forward_batches(
     handles = []
     for site, observe in (observers or {}).items():
         first_linear = layer.get_submodule(runner.projections.sites[site][0])
-        handles.append(first_linear.register_forward_pre_hook(lambda _module, args, observe=observe: observe(args[0])))
+        handles.append(first_linear.register_forward_pre_hook(lambda _module, args, observe=observe: observe(sample(args[0]))))
     try:
         for start in range(0, hidden.shape[0], batch_size):
             x = hidden[start : start + batch_size].to(runner.device)
@@ -242,6 +248,13 @@ def forward_batches(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def sample(x: torch.Tensor) -> torch.Tensor:
+    """A Linear's input as observers take it, [samples, seqlen, in]. A MoE block flattens its tokens
+    ([tokens, in]: an expert sees those routed to it); a statistic takes them as one sample, which
+    weighs every token alike, as a batch of samples does."""
+    return x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
 
 
 def embed(

@@ -23,11 +23,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 # the tiny fixtures every equivalence test runs on: one per supported family, and their variants
 TINY_FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3", "gemma3-vl", "phi3")
+# mixture-of-experts fixtures (tests/test_moe.py): 8 experts, 2 a token
+MOE_FAMILIES = ("mixtral", "qwen2-moe", "qwen3-moe", "olmoe")
 
 
 def tiny_config(family: str, layers: int = 3):
     from transformers import (
-        Gemma2Config, Gemma3Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config,
+        Gemma2Config, Gemma3Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Olmo2Config, OlmoeConfig,
+        Phi3Config, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig,
     )  # fmt: skip
 
     common = dict(
@@ -70,6 +73,17 @@ def tiny_config(family: str, layers: int = 3):
     if family == "phi3":  # fused qkv_proj and gate_up_proj; sliding window; as Phi-4-mini: partial rotary, tied
         return Phi3Config(**common, sliding_window=16, partial_rotary_factor=0.5, tie_word_embeddings=True,
                           bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    moe = dict(num_experts_per_tok=2, **({"num_local_experts": 8} if family == "mixtral" else {"num_experts": 8}))
+    if family in ("qwen2-moe", "qwen3-moe"):  # the experts' width apart from a dense MLP's; top-k renormalized
+        moe.update(moe_intermediate_size=96, norm_topk_prob=True)
+    if family == "mixtral":  # 8 experts, 2 a token, a router; the checkpoint's block is block_sparse_moe
+        return MixtralConfig(**common, **moe)
+    if family == "qwen2-moe":  # a shared expert beside the routed ones, gated by its own Linear; biased q/k/v
+        return Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=160)
+    if family == "qwen3-moe":
+        return Qwen3MoeConfig(**common, **moe, head_dim=32)
+    if family == "olmoe":  # q/k norms over all heads; router probabilities not renormalized
+        return OlmoeConfig(**common, **moe, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     raise ValueError(family)
 
 

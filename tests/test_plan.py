@@ -75,7 +75,9 @@ def test_the_plan_says_how_much_a_run_writes(tiny_llama):
      ("qwen3-1.7b", 1.7), ("qwen3-4b", 4.0), ("qwen3-8b", 8.2), ("qwen3-32b", 32.8), ("gemma-2-2b", 2.61),
      ("gemma-2-9b", 9.24), ("gemma-2-27b", 27.2), ("gemma-3-270m", 0.268), ("gemma-3-1b", 1.0),
      ("phi-3-mini", 3.82), ("phi-4", 14.7), ("phi-4-mini", 3.84), ("gemma-3-4b", 4.30), ("gemma-3-12b", 12.2),
-     ("gemma-3-27b", 27.4), ("olmo-2-7b", 7.30), ("olmo-2-13b", 13.7)],
+     ("gemma-3-27b", 27.4), ("olmo-2-7b", 7.30), ("olmo-2-13b", 13.7), ("mixtral-8x7b", 46.7),
+     ("mixtral-8x22b", 141), ("qwen1.5-moe-a2.7b", 14.3), ("qwen3-30b-a3b", 30.5), ("qwen3-235b-a22b", 235),
+     ("olmoe-1b-7b", 6.92)],
 )  # fmt: skip
 def test_the_built_in_sizes_of_the_newer_aliases_give_their_published_parameter_counts(alias, billions):
     from streamprune.source import ALIASES

@@ -37,10 +37,12 @@ class Statistic(ABC):
 
     `add_batch` sees every micro-batch of the dense layer's forward; `merge` folds in the same
     site's statistic collected elsewhere (another process or device, other samples), so that
-    statistics can be combined in a fixed order."""
+    statistics can be combined in a fixed order. `samples` counts what was added: 0 where no
+    calibration token reached the site (an expert the router never chose)."""
 
     def __init__(self, in_features: int, device: torch.device):
         self.in_features, self.device = in_features, device
+        self.samples = 0
 
     @abstractmethod
     def add_batch(self, x: torch.Tensor) -> None:  # x [batch, seqlen, in_features]
@@ -110,6 +112,13 @@ class Method(ABC):
         """Floating-point operations of `prune` for one [rows, cols] Linear, for the plan's time
         estimate; a score and a sort are negligible beside the forward."""
         return 0
+
+
+def uncalibrated_prune(weight: torch.Tensor, target: Target) -> Pruned:
+    """A Linear whose site saw no calibration token (an expert no token was routed to): the weights
+    alone decide, the lowest |W| of each row or N:M group (the comparison groups of every method
+    with a statistic)."""
+    return Pruned(row_or_group_mask(weight.abs().float(), target))
 
 
 def row_or_group_mask(scores: torch.Tensor, target: Target) -> torch.Tensor:

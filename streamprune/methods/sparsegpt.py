@@ -26,7 +26,6 @@ class Hessian(Statistic):
     def __init__(self, in_features: int, device: torch.device):
         super().__init__(in_features, device)
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # [in, in]
-        self.samples = 0
         self._inverse = None  # (Hinv [in, in], dead [in] bool), once pruning starts
 
     def add_batch(self, x: torch.Tensor) -> None:

@@ -15,7 +15,6 @@ class InputSqNorm(Statistic):
     def __init__(self, in_features: int, device: torch.device):
         super().__init__(in_features, device)
         self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device)  # [in]
-        self.samples = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
         for sample in x:  # [seqlen, in]
