@@ -70,8 +70,17 @@ def output_digests(out) -> dict[str, str]:
     return {path.name: digest(path) for path in sorted(out.iterdir()) if path.is_file() and path.name != RECORD_FILE}
 
 
+# support files copied from the source: their bytes are the source's (the model build writes the
+# installed transformers' version into them), so they are compared with the source's, not a digest
+COPIED = ("config.json", "generation_config.json")
+
+
 @pytest.mark.parametrize("name", RUNS)
 def test_output_bytes_equal_main_before_the_refactor(smollm2, tmp_path, name):
     out = tmp_path / name.replace(":", "-")
     prune(PruneConfig(model=str(smollm2), out=out, **RUNS[name], **CALIB))
-    assert output_digests(out) == GOLDEN[name]
+    written = output_digests(out)
+    for copied in COPIED:
+        assert (out / copied).read_bytes() == (smollm2 / copied).read_bytes()
+        del written[copied]
+    assert written == {file: sha for file, sha in GOLDEN[name].items() if file not in COPIED}
