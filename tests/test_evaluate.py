@@ -234,7 +234,7 @@ def test_run_with_a_missing_eval_ppl_file_is_refused_before_pruning(tiny_llama, 
 def test_smollm2_streamed_equals_whole_model(smollm2):
     from transformers import AutoTokenizer
 
-    limit = 8
+    limit = 4  # 4 windows, 4 questions of each of the 7 tasks: every one must agree (CI time)
     config = EvalConfig(
         model=str(smollm2),
         ppl=str(WIKITEXT),
