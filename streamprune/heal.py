@@ -128,6 +128,12 @@ def compute_dtype(base: str, device_type: str) -> torch.dtype:
     return torch.float32
 
 
+NOT_MOE = (
+    "streamprune heal trains dense models so far (transformers holds the experts as stacked tensors, not Linears peft "
+    "can adapt). Its block reconstruction works: streamprune run MODEL --reconstruct ..."
+)
+
+
 def heal(config: HealConfig) -> dict:
     """Train LoRA adapters on the pruned `config.model`, merge them through its masks, write the
     checkpoint to `config.out`; returns the record (also written as streamprune.json)."""
@@ -141,11 +147,7 @@ def heal(config: HealConfig) -> dict:
             "works: streamprune run MODEL --reconstruct ..."
         )
     if source.family.experts is not None:
-        raise UsageError(
-            f"{source.directory} is a mixture-of-experts model ({source.family.architecture}); streamprune heal "
-            "trains dense models so far (transformers holds the experts as stacked tensors, not Linears peft can "
-            "adapt). Its block reconstruction works: streamprune run MODEL --reconstruct ..."
-        )
+        raise UsageError(f"{source.directory} is a mixture-of-experts model ({source.family.architecture}); {NOT_MOE}")
     check_not_source(config.out, source.directory)
     with OutputLock(config.out) as lock:
         lock.check()

@@ -820,12 +820,16 @@ def plan_heal(model: str, device: str = "auto", base: str = "auto", rank: int = 
               seqlen: int = 512, steps: int = 200, optimizer: str = "adam", checkpointing: bool = True,
               max_ram: int | None = None, max_gpu_memory: int | None = None) -> tuple[str, dict]:  # fmt: skip
     """`streamprune plan MODEL --heal`: whether LoRA healing fits, and how long it takes."""
+    from .errors import UsageError
     from .families import family_of
-    from .heal import compute_dtype, resolve_base
+    from .heal import NOT_MOE, compute_dtype, resolve_base
     from .source import fetch_config
 
     config, where = fetch_config(model)
-    family_of(config).classes()
+    family = family_of(config)
+    if family.experts is not None:
+        raise UsageError(f"{model} is a mixture-of-experts model ({family.architecture}); {NOT_MOE}")
+    family.classes()
     import peft  # noqa: F401  (heal's heavy imports, so that the runtime measured below is heal's)
     import transformers.models.auto.tokenization_auto  # noqa: F401
 
@@ -853,7 +857,7 @@ def plan_heal(model: str, device: str = "auto", base: str = "auto", rank: int = 
     total_seconds = steps * step_flops / rates["forward"] if rates else None
     lines = [
         f"{model}: {config.get('architectures', ['?'])[0]}, {g.layers} layers (config from {where})",
-        f"heal plan: LoRA rank {rank} on {7 * g.layers} Linears ({format_size(parts['adapters and optimizer'])} "
+        f"heal plan: LoRA rank {rank} on {len(g.linear_shapes()) * g.layers} Linears ({format_size(parts['adapters and optimizer'])} "
         f"with {optimizer}), base {base}, {batch_size} x {seqlen} tokens a step, gradient checkpointing "
         f"{'on' if checkpointing else 'off'}",
         f"  peak {'VRAM' if kind == 'cuda' else 'RAM '} {format_size(needed)} ("

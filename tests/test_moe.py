@@ -9,12 +9,14 @@ import json
 
 import pytest
 import torch
+from typer.testing import CliRunner
 from conftest import MOE_FAMILIES, WIKITEXT, attention, make_tiny_model, tree_digest
 from reference_wanda import capture_layer0_inputs, decoder, layer_outputs, load_full_model, wanda_metric
 from test_depth import calibration_ids, run_depth, whole_model, without_blocks
 from test_evaluate import whole_model_ppl
 from test_pipeline import load_state, run, saved_ids
 
+from streamprune.cli import app
 from streamprune.config import PruneConfig
 from streamprune.evaluate import EvalConfig, evaluate
 from streamprune.families import family_of
@@ -275,3 +277,5 @@ def test_reconstruction_keeps_each_expert_sparse_and_heal_points_to_it(moe_model
                for layer in record["layers"])  # fmt: skip
     with pytest.raises(UsageError, match="mixture-of-experts.*--reconstruct"):
         heal(HealConfig(model=str(source), out=tmp_path / "healed", steps=1))
+    result = CliRunner().invoke(app, ["plan", "mixtral-8x7b", "--heal"])
+    assert result.exit_code == 2 and "mixture-of-experts" in result.output and "--reconstruct" in result.output
