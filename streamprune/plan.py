@@ -60,15 +60,13 @@ class Geometry:
 
     @classmethod
     def from_config(cls, config: dict) -> Geometry:
+        from .families import FAMILIES, num_experts, text_config
+
         copied = 0
         if "text_config" in config:  # a vision-language checkpoint: its language model's (the rest is copied)
-            from .families import text_config
-
             copied = vision_params(config)
             config = text_config(config)
         heads = config["num_attention_heads"]
-        from .families import FAMILIES, num_experts
-
         moe = getattr(FAMILIES.get(config.get("model_type")), "experts", None)
         experts = num_experts(config) if moe else 0
         return cls(
