@@ -122,6 +122,19 @@ def collect_scaler_rows(layer, inps: torch.Tensor, outs: torch.Tensor, kwargs: d
     return scaler
 
 
+def prune_wanda_mask(scores: torch.Tensor, ratio: float, prune_n: int, prune_m: int) -> torch.Tensor:
+    """prune_wanda's mask (True: pruned): prune_n of every prune_m, or the lowest `ratio` of each row."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if prune_n:
+        for start in range(0, scores.shape[1], prune_m):
+            group = scores[:, start : start + prune_m].float()
+            mask.scatter_(1, start + torch.topk(group, prune_n, dim=1, largest=False)[1], True)
+    else:
+        order = torch.sort(scores, dim=-1, stable=True)[1]
+        mask.scatter_(1, order[:, : int(scores.shape[1] * ratio)], True)
+    return mask
+
+
 @torch.no_grad()
 def wanda_reference(
     model, input_ids: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0, metric=wanda_metric,
@@ -140,15 +153,7 @@ def wanda_reference(
             if not isinstance(module, torch.nn.Linear):
                 continue
             scores = metric(module.weight.data, scaler[name])
-            mask = torch.zeros_like(scores, dtype=torch.bool)
-            if prune_n:
-                for start in range(0, scores.shape[1], prune_m):
-                    group = scores[:, start : start + prune_m].float()
-                    mask.scatter_(1, start + torch.topk(group, prune_n, dim=1, largest=False)[1], True)
-            else:
-                order = torch.sort(scores, dim=-1, stable=True)[1]
-                mask.scatter_(1, order[:, : int(scores.shape[1] * ratio)], True)
-            module.weight.data[mask] = 0
+            module.weight.data[prune_wanda_mask(scores, ratio, prune_n, prune_m)] = 0
         for j in range(inps.shape[0]):
             outs[j] = layer(inps[j].unsqueeze(0), **kwargs)[0]
         inps, outs = outs, inps

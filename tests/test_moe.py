@@ -11,7 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 from conftest import MOE_FAMILIES, WIKITEXT, attention, make_tiny_model, tree_digest
-from reference_wanda import capture_layer0_inputs, decoder, layer_outputs, load_full_model, wanda_metric
+from reference_wanda import (
+    capture_layer0_inputs, decoder, layer_outputs, load_full_model, prune_wanda_mask, wanda_metric,
+)  # fmt: skip
 from test_depth import calibration_ids, run_depth, whole_model, without_blocks
 from test_evaluate import whole_model_ppl
 from test_pipeline import load_state, run, saved_ids
@@ -52,19 +54,6 @@ def checkpoint_linears(model, model_dir) -> dict[str, torch.Tensor]:
             linears[f"{expert}{names.up}.weight"] = experts.gate_up_proj.data[e, intermediate:]
             linears[f"{expert}{names.down}.weight"] = experts.down_proj.data[e]
     return linears
-
-
-def row_or_nm_mask(scores: torch.Tensor, sparsity: float, prune_n: int, prune_m: int) -> torch.Tensor:
-    """prune_wanda's mask: the lowest scores of each row, or prune_n of every prune_m."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if prune_n:
-        for start in range(0, scores.shape[1], prune_m):
-            group = scores[:, start : start + prune_m]
-            mask.scatter_(1, start + torch.topk(group, prune_n, dim=1, largest=False)[1], True)
-    else:
-        order = torch.sort(scores, dim=-1, stable=True)[1]
-        mask.scatter_(1, order[:, : int(scores.shape[1] * sparsity)], True)
-    return mask
 
 
 @torch.no_grad()
@@ -114,7 +103,7 @@ def moe_wanda_reference(model, model_dir, input_ids, sparsity=0.5, prune_n=0, pr
                 scores = weight.abs().float()
             else:
                 scores = wanda_metric(weight, scaler[key])
-            weight[row_or_nm_mask(scores, sparsity, prune_n, prune_m)] = 0
+            weight[prune_wanda_mask(scores, sparsity, prune_n, prune_m)] = 0
 
         for local, module in dense.items():
             prune_in_place(module.weight.data, local, local)
