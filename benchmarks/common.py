@@ -46,7 +46,8 @@ def code_version() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    # a copy of the tree without .git (a GPU machine's) is told its commit by STREAMPRUNE_COMMIT
+    commit = git("rev-parse", "--short", "HEAD") or os.environ.get("STREAMPRUNE_COMMIT", "unknown")
     return commit + (" + uncommitted changes" if git("status", "--porcelain", "--", "streamprune") else "")
 
 
@@ -102,12 +103,13 @@ def pick_labels(text: str, known, what: str) -> list[str]:
     return wanted
 
 
-def perplexity(model: Path, work: Path, ppl_windows: int) -> float:
-    """WikiText-2 perplexity over the first `ppl_windows` 512-token windows, from `streamprune eval`."""
+def perplexity(model: Path, work: Path, ppl_windows: int, *options: str) -> float:
+    """WikiText-2 perplexity over the first `ppl_windows` 512-token windows, from `streamprune eval`
+    (with `options`, e.g. --device cuda)."""
     ppl_json = work / "ppl.json"
     streamprune(
         "eval", str(model), "--ppl", str(DATA / "wikitext2" / "wiki.test.raw"), "--seqlen", "512",
-        "--limit", str(ppl_windows), "--output", str(ppl_json), "--quiet",
+        "--limit", str(ppl_windows), "--output", str(ppl_json), "--quiet", *options,
     )  # fmt: skip
     return json.loads(ppl_json.read_text())["perplexity"]["ppl"]
 

@@ -1,19 +1,23 @@
-"""One decoder layer of Llama-2-70B's geometry (hidden 8192, intermediate 28672, 64 heads, 8 KV
-heads, random bf16 weights) pruned with Wanda on a GPU with 128 x 2048 calibration tokens, exactly as
-the layer loop does it (the run's collect_statistics, prune_linears and forward_batches; the activation buffer
-128 x 2048 x 8192 bf16 = 4 GiB in CPU RAM): peak VRAM and seconds per layer, extrapolated to 80
-layers, beside `streamprune plan llama-70b`'s estimate for the same settings.
+"""One decoder layer of a large model's geometry (default Llama-2-70B: hidden 8192, intermediate
+28672, 64 heads, 8 KV heads; random bf16 weights) pruned on a GPU with 128 x 2048 calibration tokens,
+exactly as the layer loop does it (the run's collect_statistics, prune_linears and forward_batches;
+the activation buffer, 128 x 2048 x 8192 bf16 = 4 GiB, in pinned CPU RAM): peak VRAM and seconds
+per layer for each method, each step timed, beside the plan's estimate for the same settings (its
+rates probed on this GPU).
 
-    python benchmarks/gpu_layer.py            # needs a CUDA GPU; ~2 minutes on an H100
+    python benchmarks/gpu_layer.py                                   # wanda and sparsegpt, Llama-2-70B
+    python benchmarks/gpu_layer.py --model mixtral-8x7b --methods wanda --section gpu-layer-moe
+    python benchmarks/gpu_layer.py --device cpu --nsamples 2 --seqlen 64 --model llama-3.2-1b  # a smoke run
 
-Without a GPU it measures nothing and says so in RESULTS.md.
+Needs a CUDA GPU for the numbers that matter; without one (and without --device cpu) it measures
+nothing and says so in RESULTS.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,79 +26,130 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import conditions, write_section  # noqa: E402
 
-from streamprune.families import FAMILIES, LayerRunner  # noqa: E402
+from streamprune.families import LayerRunner, family_of  # noqa: E402
 from streamprune.methods import Target, method_named  # noqa: E402
 from streamprune.pipeline import collect_statistics, prune_linears  # noqa: E402
-from streamprune.plan import Geometry, Settings, estimate  # noqa: E402
-from streamprune.source import ALIAS_CONFIGS  # noqa: E402
+from streamprune.plan import Geometry, Settings, estimate, local_rates, seconds  # noqa: E402
+from streamprune.source import ALIAS_CONFIGS, ALIASES  # noqa: E402
 from streamprune.stream import forward_batches  # noqa: E402
 
-CONFIG = ALIAS_CONFIGS["meta-llama/Llama-2-70b-hf"]
-NSAMPLES, SEQLEN = 128, 2048
 GIB = 2**30
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, work) -> tuple[object, float]:
+    synchronize(device)
+    started = time.perf_counter()
+    result = work()
+    synchronize(device)
+    return result, time.perf_counter() - started
+
+
+def prune_one_layer(runner: LayerRunner, tensors: dict, hidden: torch.Tensor, method_name: str) -> dict:
+    """The layer loop's three steps on one layer; seconds of each and the peak VRAM."""
+    device = runner.device
+    method = method_named(method_name)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():
+        layer, build = timed(device, lambda: runner.build(0, tensors))
+        if method.needs_calibration:  # the dense forward, statistics collected on the way
+            statistics, dense = timed(device, lambda: collect_statistics(
+                method.statistic, runner, layer, 0, hidden, 1, write_back=False))  # fmt: skip
+        else:
+            statistics, dense = None, 0.0
+        _, prune = timed(device, lambda: list(prune_linears(method, layer, statistics, Target(sparsity=0.5),
+                                                            runner.projections)))  # fmt: skip
+        _, pruned = timed(device, lambda: forward_batches(runner, layer, 0, hidden, 1, write_back=True))
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    del layer, statistics
+    steps = {"build": build, "dense forward + statistics": dense, "prune": prune, "pruned forward": pruned}
+    return {"method": method_name, "seconds": steps, "total_seconds": sum(steps.values()), "peak_vram_bytes": peak}
+
+
+def planned(config: dict, method_name: str, device: torch.device, nsamples: int, seqlen: int, rates) -> dict:
+    geometry = Geometry.from_config(config)
+    settings = Settings(method=method_name, device=device.type, nsamples=nsamples, seqlen=seqlen)
+    plan = estimate(geometry, settings)
+    per_layer = None
+    if rates is not None:  # compute only: this benchmark reads and writes nothing
+        per_layer = seconds(plan, rates, 1.0, 1.0, overlap=True)["compute"] / geometry.layers
+    return {"peak_vram_bytes": plan["peak_vram_bytes"] if device.type == "cuda" else None,
+            "seconds_per_layer": per_layer, "layers": geometry.layers}  # fmt: skip
+
+
+def random_layer(runner: LayerRunner) -> dict:
+    torch.manual_seed(0)
+    return {name: (torch.randn(p.shape, dtype=torch.bfloat16) * 0.02 if p.dim() == 2 else torch.ones(p.shape))
+            for name, p in runner.skeleton(0).state_dict().items()}  # fmt: skip
+
+
+def table(model: str, rows: list[dict], device: torch.device) -> list[str]:
+    lines = ["| method | build | dense forward + statistics | prune | pruned forward | s a layer | plan s a layer "
+             "| layers x s | peak VRAM | plan VRAM |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for row in rows:
+        s, plan = row["seconds"], row["plan"]
+        vram = "" if row["peak_vram_bytes"] is None else f"{row['peak_vram_bytes'] / GIB:.2f} GiB"
+        plan_vram = "" if plan["peak_vram_bytes"] is None else f"{plan['peak_vram_bytes'] / GIB:.2f} GiB"
+        plan_s = "" if plan["seconds_per_layer"] is None else f"{plan['seconds_per_layer']:.1f}"
+        lines.append(
+            f"| {row['method']} | {s['build']:.1f} | {s['dense forward + statistics']:.1f} | {s['prune']:.1f} "
+            f"| {s['pruned forward']:.1f} | {row['total_seconds']:.1f} | {plan_s} "
+            f"| {plan['layers'] * row['total_seconds'] / 60:.1f} min | {vram} | {plan_vram} |"
+        )
+    return lines
+
+
 def main() -> None:
-    plan = estimate(Geometry.from_config(CONFIG), Settings(device="cuda", nsamples=NSAMPLES, seqlen=SEQLEN))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama-2-70b", help="an alias with built-in sizes")
+    parser.add_argument("--methods", default="wanda,sparsegpt")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--section", default="gpu-layer", help="the RESULTS.md section to write")
+    parser.add_argument("--json", type=Path, help="also write the measured numbers here")
+    args = parser.parse_args()
+    config = {**ALIAS_CONFIGS[ALIASES[args.model]], "rms_norm_eps": 1e-5}
     header = [
-        "## One Llama-2-70B layer on a GPU (Wanda 50%, bf16, 128 x 2048 calibration tokens)",
+        f"## One {args.model} layer on a GPU (50%, bf16, {args.nsamples} x {args.seqlen} calibration tokens)",
         "",
-        "Command: `python benchmarks/gpu_layer.py`.",
+        f"Command: `python benchmarks/gpu_layer.py --model {args.model} --methods {args.methods} "
+        f"--section {args.section}`.",
         "",
         conditions(),
         "",
     ]
-    if not torch.cuda.is_available():
-        body = "\n".join(
-            header
-            + [
-                "No GPU was lent to the session that ran this, so nothing was measured. For the record, the plan "
-                f"(`streamprune plan llama-70b --device h100`, arithmetic, not a measurement) expects peak VRAM "
-                f"{plan['peak_vram_bytes'] / GIB:.2f} GiB and peak RAM {plan['peak_ram_bytes'] / GIB:.2f} GiB "
-                "plus the runtime.",
-            ]
-        )
-        write_section("gpu-layer", body)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        write_section(args.section, "\n".join(header + ["No GPU was lent to the session that ran this: nothing measured."]))
         return
-
-    device = torch.device("cuda")
-    config_dir = Path(tempfile.mkdtemp())
-    (config_dir / "config.json").write_text(json.dumps({**CONFIG, "rms_norm_eps": 1e-5}))
-    runner = LayerRunner(config_dir, FAMILIES["llama"], device, torch.bfloat16)
-    torch.manual_seed(0)
-    tensors = {
-        name: (torch.randn(p.shape, dtype=torch.bfloat16) * 0.02 if p.dim() == 2 else torch.ones(p.shape))
-        for name, p in runner.skeleton(0).state_dict().items()
-    }
-    hidden = torch.randn(NSAMPLES, SEQLEN, CONFIG["hidden_size"], dtype=torch.bfloat16).pin_memory()
-    torch.cuda.reset_peak_memory_stats(device)
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    method = method_named("wanda")
-    with torch.no_grad():
-        layer = runner.build(0, tensors)
-        # the dense forward
-        statistics = collect_statistics(method.statistic, runner, layer, 0, hidden, 1, write_back=False)
-        for _ in prune_linears(method, layer, statistics, Target(sparsity=0.5), runner.projections):  # prune
-            pass
-        forward_batches(runner, layer, 0, hidden, 1, write_back=True)  # pruned forward
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated(device)
-    body = "\n".join(
-        header
-        + [
-            "| | measured | plan |",
-            "|---|---:|---:|",
-            f"| peak VRAM (torch allocated) | {peak / GIB:.2f} GiB | {plan['peak_vram_bytes'] / GIB:.2f} GiB |",
-            f"| seconds per layer | {seconds:.1f} | |",
-            f"| 80 layers (x80, compute only) | {80 * seconds / 60:.1f} min | |",
-            "",
-            f"Under 24 GB: **{'yes' if peak < 24 * 10**9 else 'no'}**. Random weights: the time is the real "
-            "arithmetic; the masks mean nothing.",
-        ]
-    )
-    write_section("gpu-layer", body)
+    runner = LayerRunner(config, family_of(config), device, torch.bfloat16)
+    tensors = random_layer(runner)
+    hidden = torch.randn(args.nsamples, args.seqlen, config["hidden_size"], dtype=torch.bfloat16)
+    hidden = hidden.pin_memory() if device.type == "cuda" else hidden
+    rates = local_rates(config, torch.bfloat16, device, None)  # the plan's probe, on this device
+    rows = []
+    for method_name in args.methods.split(","):
+        row = prune_one_layer(runner, tensors, hidden, method_name)
+        row["plan"] = planned(config, method_name, device, args.nsamples, args.seqlen, rates)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    body = header + table(args.model, rows, device) + [
+        "",
+        "Random weights: the time is the real arithmetic, the masks mean nothing. Seconds per step with the "
+        "device synchronized; `layers x s` is compute only (no reading or writing). The plan's seconds are "
+        "its compute estimate per layer from rates probed on this device.",
+    ]
+    write_section(args.section, "\n".join(body))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--section", required=True, help="RESULTS.md section: perplexity-SECTION")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--ppl-windows", type=int, default=40)
+    parser.add_argument("--device", default="cpu", help="for run and eval: cpu, or cuda where a GPU is")
     args = parser.parse_args()
     wanted = pick_labels(args.variants, VARIANTS, "variants")
     model = build()
@@ -66,7 +67,9 @@ def main() -> None:
             rows.append(measure(label, model, work, args))
             print(f"  ppl {rows[-1][1]:.2f}", flush=True)
             # after every variant, so that an invocation stopped early keeps what it measured
-            write_section(f"perplexity-{args.section}", table(rows, args, len(wanted)))
+            # a GPU's table beside the CPU's, not drawn over them by plots.py
+            prefix = "perplexity" if args.device == "cpu" else "gpu-perplexity"
+            write_section(f"{prefix}-{args.section}", table(rows, args, len(wanted)))
     finally:
         shutil.rmtree(work)
 
@@ -78,10 +81,10 @@ def measure(label: str, model: Path, work: Path, args) -> tuple[str, float, dict
         target = work / "pruned"
         streamprune(
             "run", str(model), "--out", str(target), "--force", *VARIANTS[label], "--calib", str(C4),
-            "--nsamples", str(args.nsamples), "--seqlen", "512", "--seed", "0", "--quiet",
+            "--nsamples", str(args.nsamples), "--seqlen", "512", "--seed", "0", "--quiet", "--device", args.device,
         )  # fmt: skip
         record = json.loads((target / "streamprune.json").read_text())
-    return label, perplexity(target, work, args.ppl_windows), record
+    return label, perplexity(target, work, args.ppl_windows, "--device", args.device), record
 
 
 def table(rows: list, args, wanted: int) -> str:
@@ -91,21 +94,23 @@ def table(rows: list, args, wanted: int) -> str:
         f'Command: `python benchmarks/perplexity.py --variants "{args.variants}" --section {args.section}'
         + (f" --nsamples {args.nsamples}" if args.nsamples != 32 else "")
         + (f" --ppl-windows {args.ppl_windows}" if args.ppl_windows != 40 else "")
-        + f"`. Calibration {args.nsamples} x 512 tokens of `c4/c4_validation_2k.jsonl.gz`, seed 0, CPU, "
-        "float32, micro-batch 1. Perplexity: WikiText-2 test (`wiki.test.raw`), non-overlapping 512-token "
+        + (f" --device {args.device}" if args.device != "cpu" else "")
+        + f"`. Calibration {args.nsamples} x 512 tokens of `c4/c4_validation_2k.jsonl.gz`, seed 0, "
+        f"{'CPU' if args.device == 'cpu' else args.device}, float32, micro-batch 1. Perplexity: WikiText-2 test (`wiki.test.raw`), non-overlapping 512-token "
         f"windows, the first {args.ppl_windows}. Pruning time and peak RSS: the run record's "
         "total_seconds and peak_rss_bytes (one run each, on a shared machine)."
         + ("" if len(rows) == wanted else f" Measured so far: {len(rows)} of the {wanted} variants asked for."),
         "",
         conditions(),
         "",
-        "| variant | WikiText-2 ppl | pruning time | peak RSS |",
-        "|---|---:|---:|---:|",
+        "| variant | WikiText-2 ppl | pruning time | peak RSS | peak VRAM |",
+        "|---|---:|---:|---:|---:|",
     ]
     for label, ppl, record in rows:
         took = "-" if record is None else f"{record['total_seconds']:.0f} s"
         rss = "-" if record is None else f"{record['peak_rss_bytes'] / 2**20:.0f} MiB"
-        lines.append(f"| {label} | {ppl:.2f} | {took} | {rss} |")
+        vram = "-" if not (record or {}).get("peak_vram_bytes") else f"{record['peak_vram_bytes'] / 2**20:.0f} MiB"
+        lines.append(f"| {label} | {ppl:.2f} | {took} | {rss} | {vram} |")
     for label, _, record in rows:  # OWL's allocation, layer 0 first (benchmarks/plots.py draws it)
         sparsities = (record or {}).get("allocation", {}).get("sparsities")
         if sparsities:

