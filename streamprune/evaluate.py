@@ -264,7 +264,7 @@ def forward_padded(source: Source, layer, index: int, hidden, batches, lengths, 
             x[row, : lengths[i]] = hidden[offsets[i] : offsets[i + 1]].to(device)
         y = source.runner.forward(layer, index, x)
         for row, i in enumerate(batch):
-            hidden[offsets[i] : offsets[i + 1]] = y[row, : lengths[i]].to("cpu")
+            hidden[offsets[i] : offsets[i + 1]].copy_(y[row, : lengths[i]])  # no staging copy (stream.forward_batches)
             buffers.release(hidden, slice(offsets[i], offsets[i + 1]))
 
 
