@@ -280,7 +280,10 @@ def plan_command(
         "and per machine memory, and the expected speed-up.",
     ),
     read_speed: str = typer.Option("2GB", help="Disk read speed per second assumed for the time estimate."),
-    write_speed: str = typer.Option("1GB", help="Disk write speed per second assumed for the time estimate."),
+    write_speed: Optional[str] = typer.Option(
+        None, help="Disk write speed per second for the time estimate (default: probed by writing 256 MiB in the "
+        "current directory; 1GB for a GPU named but not here)."
+    ),
     heal: bool = typer.Option(
         False, "--heal", help="Plan `streamprune heal` (LoRA, the whole model in memory) instead of a run."
     ),
@@ -348,7 +351,7 @@ def plan_command(
             overlap=overlap,
             processes=processes,
             read_bytes_per_second=parse_limit("--read-speed", read_speed),
-            write_bytes_per_second=parse_limit("--write-speed", write_speed),
+            write_bytes_per_second=write_speed and parse_limit("--write-speed", write_speed),
         )
     typer.echo(json.dumps(numbers, indent=2) if as_json else text)
     if not numbers["fits"]:

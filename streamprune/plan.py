@@ -10,8 +10,10 @@ What a method holds (its statistics, its scratch) the method reports itself (met
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -404,13 +406,37 @@ def _embedding_ram(g: Geometry, s: Settings, tokens: int, buffer: int) -> int:
 
 
 def seconds(plan: dict, rates: dict, read_bytes_per_second: float, write_bytes_per_second: float, overlap: bool) -> dict:
-    """Compute and I/O time; with overlap the run takes about the larger, without it the sum.
+    """Compute and I/O time; with overlap the run takes about the larger, without it the sum (pass
+    overlap=False for a CPU run: its reads and writes share the cores that compute, and three
+    70B-geometry layers in bfloat16 took 121 s with overlap, 122 s without).
     `rates` (probe_rates): FLOP/s of the layer forwards and of float32 matmuls, pruned weights
     through their passes per second, SparseGPT's column steps per second."""
     compute = (plan["forward_flops"] / rates["forward"] + (plan["statistic_flops"] + plan["prune_flops"]) / rates["solve"]
                + plan["pruned_weights"] / rates["weights"] + plan["prune_steps"] / rates["steps"])  # fmt: skip
     io = plan["bytes_read"] / read_bytes_per_second + plan["bytes_written"] / write_bytes_per_second
     return {"compute": compute, "io": io, "total": max(compute, io) if overlap else compute + io}
+
+
+PROBE_WRITE_BYTES = 256 * 2**20  # fsynced: a smaller file can land in the disk's own cache
+
+
+def disk_write_bytes_per_second(directory: Path) -> float | None:
+    """Bytes per second written and fsynced to a file in `directory` (deleted after), as the writer
+    does its shards; None where the directory cannot be written. This machine's disk: 0.35 GB/s,
+    where 1 GB/s had been assumed."""
+    import tempfile
+
+    chunk = bytes(8 * 2**20)
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".streamprune-probe-") as file:
+            started = time.perf_counter()
+            for _ in range(PROBE_WRITE_BYTES // len(chunk)):
+                file.write(chunk)
+            file.flush()
+            os.fsync(file.fileno())
+            return PROBE_WRITE_BYTES / (time.perf_counter() - started)
+    except OSError:
+        return None
 
 
 PROBE_TOKENS = 128  # a probe forward: long enough for full-size matmuls, short enough for 70B on a CPU
@@ -647,7 +673,7 @@ def report(plan: dict, settings: Settings, times: dict | None, device_name: str,
     if times is not None:
         lines.append(
             f"  time       ~{_duration(times['total'])} on {device_name} (compute {_duration(times['compute'])}, "
-            f"I/O {_duration(times['io'])}, {'overlapped' if settings.overlap else 'in sequence'})"
+            f"I/O {_duration(times['io'])}, {'overlapped' if settings.overlap and settings.device == 'cuda' else 'in sequence'})"
         )
     if plan.get("processes", 1) > 1:
         speed_up = f"; expected speed-up {times['speed_up']:.2f}x over one process" if times else ""
@@ -712,13 +738,15 @@ def plan_model(
     max_ram: int | None = None,
     max_gpu_memory: int | None = None,
     read_bytes_per_second: float = 2e9,
-    write_bytes_per_second: float = 1e9,
+    write_bytes_per_second: float | None = None,
     processes: int = 1,
     **run_settings,
 ) -> tuple[str, dict]:
     """`streamprune plan`: the report and the numbers for MODEL (a directory, hub id or alias;
     only its config.json is read). `device` is auto, cpu, cuda or a GPU name from GPU_PEAK_TFLOPS;
-    `run_settings` are the run's own Settings fields (method, pattern, nsamples, seqlen, ...)."""
+    `run_settings` are the run's own Settings fields (method, pattern, nsamples, seqlen, ...).
+    `write_bytes_per_second` None: probed in the current directory where the plan probes its
+    device (1 GB/s assumed for a GPU named but not here)."""
     from .checkpoint import FLOAT_DTYPES as DTYPES
     from .config import check_dtype
     from .families import family_of
@@ -745,9 +773,13 @@ def plan_model(
         plan, problems = shared(geometry, settings, processes, max_ram, max_gpu_memory)
     else:
         plan, problems = fit(geometry, settings, max_ram, max_gpu_memory)
+    here = device.lower().replace("-", "") not in GPU_PEAK_TFLOPS  # this machine's device, probed
+    write_probed = write_bytes_per_second is None and rates is not None and here
+    if write_bytes_per_second is None:
+        write_bytes_per_second = (disk_write_bytes_per_second(Path.cwd()) if write_probed else None) or 1e9
     times = None
     if rates is not None:
-        io = read_bytes_per_second, write_bytes_per_second, settings.overlap
+        io = read_bytes_per_second, write_bytes_per_second, settings.overlap and kind == "cuda"
         # processes on one CPU share its cores (torchrun gives each one thread): each computes at
         # its share of the probed rates; on GPUs each has its own
         times = seconds(plan, {k: r / processes for k, r in rates.items()} if kind == "cpu" else rates, *io)
@@ -758,7 +790,8 @@ def plan_model(
         f"stored {str(stored).removeprefix('torch.')}, compute {str(compute).removeprefix('torch.')} "
         f"(config from {where})\nlimits: RAM {format_size(max_ram) if max_ram else 'unknown'}"
         + (f", GPU memory {format_size(max_gpu_memory)}" if kind == "cuda" else "")
-        + f"; disk read {read_bytes_per_second / 1e9:g} GB/s, write {write_bytes_per_second / 1e9:g} GB/s (assumed)"
+        + f"; disk read {read_bytes_per_second / 1e9:g} GB/s (assumed), write {write_bytes_per_second / 1e9:.2g} GB/s "
+        + ("(probed here)" if write_probed else "(assumed)")
     )
     text = head + "\n" + report(plan, settings, times, device_name, problems)
     numbers = {

@@ -253,3 +253,29 @@ def test_the_run_takes_exactly_the_steps_the_plan_estimates(tiny_llama, tmp_path
     record = run(tiny_llama, tmp_path / "out", method=method, **extra)
     assert set(record["rss_after_step_bytes"]) == set(record["plan"]["ram_by_step"])
     assert all(rss > 0 for rss in record["rss_after_step_bytes"].values())
+
+
+def test_disk_write_probe_and_cpu_io_in_sequence(tmp_path):
+    from streamprune.plan import disk_write_bytes_per_second, seconds
+
+    rate = disk_write_bytes_per_second(tmp_path)
+    assert rate is not None and rate > 1e6 and list(tmp_path.iterdir()) == []  # probed, and nothing left
+    assert disk_write_bytes_per_second(tmp_path / "missing") is None
+    plan = {"forward_flops": 10.0, "statistic_flops": 0.0, "prune_flops": 0.0, "pruned_weights": 0, "prune_steps": 0,
+            "bytes_read": 4.0, "bytes_written": 6.0}  # fmt: skip
+    rates = {"forward": 1.0, "solve": 1.0, "weights": 1.0, "steps": 1.0}
+    assert seconds(plan, rates, 2.0, 3.0, overlap=True) == {"compute": 10.0, "io": 4.0, "total": 10.0}
+    assert seconds(plan, rates, 2.0, 3.0, overlap=False)["total"] == 14.0
+
+
+def test_plan_on_this_cpu_adds_its_probed_writes_to_compute(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["plan", str(tiny_llama), "--device", "cpu", "--nsamples", "4", "--seqlen", "32",
+                                      "--json"])  # fmt: skip
+    numbers = json.loads(result.output)
+    times = numbers["seconds"]
+    assert result.exit_code == 0 and times["total"] == pytest.approx(times["compute"] + times["io"])
+    assert list(tmp_path.iterdir()) == []
+    named = CliRunner().invoke(app, ["plan", "llama-70b", "--device", "rtx4090", "--json"])
+    times = json.loads(named.output)["seconds"]
+    assert times["total"] == max(times["compute"], times["io"]), "a GPU's run overlaps its I/O"
