@@ -65,7 +65,8 @@ def main() -> None:
         "",
         "Command: `python benchmarks/eta.py`. Planned: `streamprune plan --device cpu` with the run's flags (its "
         "rates probed here: one decoder layer of the geometry forwarding 128 tokens in the compute dtype, a "
-        "float32 matmul, the passes over every pruned weight on the largest Linear, SparseGPT's column steps), "
+        "float32 matmul, the passes over every pruned weight on the largest Linear, SparseGPT's column steps; "
+        "the disk's write speed; I/O added to compute on a CPU), "
         "then measured: the run's total_seconds, right after, on the same machine.",
         "",
         conditions(),
