@@ -439,6 +439,16 @@ def disk_write_bytes_per_second(directory: Path) -> float | None:
         return None
 
 
+def probe_directory(model: str) -> Path:
+    """Where to probe the disk: the current directory (outputs usually go below it), unless that is
+    inside the source checkpoint, which is never written, even for a moment: then the temp directory."""
+    import tempfile
+
+    here, source = Path.cwd().resolve(), Path(model).resolve()
+    inside = source.is_dir() and (here == source or source in here.parents)
+    return Path(tempfile.gettempdir()) if inside else here
+
+
 PROBE_TOKENS = 128  # a probe forward: long enough for full-size matmuls, short enough for 70B on a CPU
 
 
@@ -745,8 +755,8 @@ def plan_model(
     """`streamprune plan`: the report and the numbers for MODEL (a directory, hub id or alias;
     only its config.json is read). `device` is auto, cpu, cuda or a GPU name from GPU_PEAK_TFLOPS;
     `run_settings` are the run's own Settings fields (method, pattern, nsamples, seqlen, ...).
-    `write_bytes_per_second` None: probed in the current directory where the plan probes its
-    device (1 GB/s assumed for a GPU named but not here)."""
+    `write_bytes_per_second` None: probed (probe_directory) where the plan probes its device (1 GB/s
+    assumed for a GPU named but not here)."""
     from .checkpoint import FLOAT_DTYPES as DTYPES
     from .config import check_dtype
     from .families import family_of
@@ -776,7 +786,7 @@ def plan_model(
     here = device.lower().replace("-", "") not in GPU_PEAK_TFLOPS  # this machine's device, probed
     write_probed = write_bytes_per_second is None and rates is not None and here
     if write_bytes_per_second is None:
-        write_bytes_per_second = (disk_write_bytes_per_second(Path.cwd()) if write_probed else None) or 1e9
+        write_bytes_per_second = (disk_write_bytes_per_second(probe_directory(model)) if write_probed else None) or 1e9
     times = None
     if rates is not None:
         io = read_bytes_per_second, write_bytes_per_second, settings.overlap and kind == "cuda"

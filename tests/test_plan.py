@@ -276,6 +276,12 @@ def test_plan_on_this_cpu_adds_its_probed_writes_to_compute(tiny_llama, tmp_path
     times = numbers["seconds"]
     assert result.exit_code == 0 and times["total"] == pytest.approx(times["compute"] + times["io"])
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.chdir(tiny_llama)  # inside the source: never written, the probe goes to the temp directory
+    before = tree_digest(tiny_llama)
+    seen = []
+    monkeypatch.setattr("streamprune.plan.disk_write_bytes_per_second", lambda directory: seen.append(directory))
+    assert CliRunner().invoke(app, ["plan", ".", "--device", "cpu", "--nsamples", "4", "--seqlen", "32"]).exit_code == 0
+    assert tree_digest(tiny_llama) == before and seen and tiny_llama.resolve() not in [seen[0], *seen[0].parents]
     named = CliRunner().invoke(app, ["plan", "llama-70b", "--device", "rtx4090", "--json"])
     times = json.loads(named.output)["seconds"]
     assert times["total"] == max(times["compute"], times["io"]), "a GPU's run overlaps its I/O"
