@@ -60,6 +60,18 @@ def frozen_while_writing(run: subprocess.Popen, out: Path) -> None:
         assert time.monotonic() < deadline, "the run never took its lock"
         time.sleep(0.005)
     os.kill(run.pid, signal.SIGSTOP)
+    # kill returns before the stop lands: a thread mid-write finishes its write first, so wait
+    # until every thread of the run is stopped ("T"), or its files may still change
+    while not all(task_state(task) == "T" for task in Path(f"/proc/{run.pid}/task").iterdir()):
+        assert time.monotonic() < deadline, "the run never stopped"
+        time.sleep(0.005)
+
+
+def task_state(task: Path) -> str:
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:  # a thread that ended meanwhile
+        return "T"
 
 
 @pytest.fixture(scope="module")
