@@ -137,13 +137,13 @@ def main() -> None:
     ]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        write_section(args.section, "\n".join(header + ["No GPU was lent to the session that ran this: nothing measured."]))
+        write_section(args.section, "\n".join(header + ["No GPU here: nothing measured."]))
         return
     runner = LayerRunner(config, family_of(config), device, torch.bfloat16)
     tensors = random_layer(runner)
     hidden = torch.randn(args.nsamples, args.seqlen, config["hidden_size"], dtype=torch.bfloat16)
     hidden = hidden.pin_memory() if device.type == "cuda" else hidden
-    rates = local_rates(config, torch.bfloat16, device, None)  # the plan's probe, on this device
+    rates = local_rates(config, torch.bfloat16, device, None, (1, args.seqlen))  # the plan's probe, on this device
     rows = []
     for method_name in args.methods.split(","):
         row = prune_one_layer(runner, tensors, hidden, method_name)

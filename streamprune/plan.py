@@ -450,11 +450,26 @@ def probe_directory(model: str) -> Path:
 
 
 PROBE_TOKENS = 128  # a probe forward: long enough for full-size matmuls, short enough for 70B on a CPU
+# on a GPU a forward of 128 tokens is bound by its latency, not its arithmetic: it rated an H200 far
+# below what the run's micro-batches of 2048 got, so there the probe forwards the run's own shape
+GPU_PROBE_TOKENS = 8192
 
 
-def probe_rates(config: dict, compute: torch.dtype, device: torch.device) -> dict:
+def probe_shape(device: torch.device, forward_shape: tuple[int, int] | None) -> tuple[int, int]:
+    """[samples, tokens] of the probe's forward: PROBE_TOKENS on a CPU (a 70B layer's forward of a
+    run's 2048 tokens takes minutes there); on a GPU the run's micro-batch `forward_shape`
+    ([batch_size, seqlen]), at most GPU_PROBE_TOKENS tokens in all."""
+    if device.type == "cpu" or forward_shape is None:
+        return 1, PROBE_TOKENS
+    batch, seqlen = forward_shape
+    seqlen = min(seqlen, GPU_PROBE_TOKENS)
+    return max(1, min(batch, GPU_PROBE_TOKENS // seqlen)), seqlen
+
+
+def probe_rates(config: dict, compute: torch.dtype, device: torch.device,
+                forward_shape: tuple[int, int] | None = None) -> dict:  # fmt: skip
     """What the run computes, timed here (best of two after a warm-up): one decoder layer of this
-    geometry in the compute dtype on the device, forwarding PROBE_TOKENS tokens (attention, norms and
+    geometry in the compute dtype on the device, forwarding probe_shape's tokens (attention, norms and
     rotary included; its weights one constant, as a matmul's speed does not depend on them); a
     float32 matmul (statistics such as SparseGPT's Hessians, and its solve); the passes over every
     pruned weight (weights_per_second); SparseGPT's column steps (steps_per_second). A
@@ -466,12 +481,13 @@ def probe_rates(config: dict, compute: torch.dtype, device: torch.device) -> dic
     runner = LayerRunner(config, family_of(config), device, compute)
     tensors = {name: torch.full(p.shape, 0.01 if p.dim() == 2 else 1.0, dtype=compute)
                for name, p in runner.skeleton(0).state_dict().items()}  # fmt: skip
-    hidden = torch.randn(1, PROBE_TOKENS, g.hidden, dtype=compute, device=device)
+    samples, tokens = probe_shape(device, forward_shape)
+    hidden = torch.randn(samples, tokens, g.hidden, dtype=compute, device=device)
     with torch.no_grad():
         layer = runner.build(0, tensors)
         forward = _best_seconds(lambda: runner.forward(layer, 0, hidden), device)
     del layer, tensors
-    flops = 2 * g.active_linear_params * PROBE_TOKENS + 2 * g.heads * g.head_dim * PROBE_TOKENS**2
+    flops = samples * (2 * g.active_linear_params * tokens + 2 * g.heads * g.head_dim * tokens**2)
     rows, cols = max(g.linear_shapes().values(), key=lambda shape: shape[0] * shape[1])
     solve = measure_cpu_flops(torch.float32) if device.type == "cpu" else flops / forward
     return {"forward": flops / forward, "solve": solve, "weights": weights_per_second(rows, cols, compute, device),
@@ -681,9 +697,10 @@ def report(plan: dict, settings: Settings, times: dict | None, device_name: str,
         f"  compute    {plan['flops'] / 1e12:,.1f} TFLOP",
     ]
     if times is not None:
+        overlapped = settings.overlap and settings.device == "cuda"  # as plan_model computed them
         lines.append(
             f"  time       ~{_duration(times['total'])} on {device_name} (compute {_duration(times['compute'])}, "
-            f"I/O {_duration(times['io'])}, {'overlapped' if settings.overlap and settings.device == 'cuda' else 'in sequence'})"
+            f"I/O {_duration(times['io'])}, {'overlapped' if overlapped else 'in sequence'})"
         )
     if plan.get("processes", 1) > 1:
         speed_up = f"; expected speed-up {times['speed_up']:.2f}x over one process" if times else ""
@@ -703,10 +720,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def plan_device(device: str, compute: torch.dtype, max_gpu_memory: int | None, config: dict) -> tuple:
+def plan_device(device: str, compute: torch.dtype, max_gpu_memory: int | None, config: dict,
+                forward_shape: tuple[int, int] | None = None) -> tuple:  # fmt: skip
     """(name, rates or None, "cpu" or "cuda", GPU memory limit) for `plan --device`: auto, cpu or
-    cuda[:N] (this machine's: its rates probed, see probe_rates) or a GPU named in GPU_PEAK_TFLOPS
-    (its rates assumed from the peak)."""
+    cuda[:N] (this machine's: its rates probed, see probe_rates, on the run's [batch_size, seqlen]
+    `forward_shape`) or a GPU named in GPU_PEAK_TFLOPS (its rates assumed from the peak)."""
     from .errors import UsageError
 
     named = device.lower().replace("-", "")
@@ -719,7 +737,7 @@ def plan_device(device: str, compute: torch.dtype, max_gpu_memory: int | None, c
             raise UsageError(f"--device {device}: torch sees no GPU here; name one instead, e.g. --device rtx4090")
         name = torch.cuda.get_device_name(torch.device(device))
         limit = max_gpu_memory or default_limits(0, torch.device(device))[1]
-        return name, local_rates(config, compute, torch.device(device), limit), "cuda", limit
+        return name, local_rates(config, compute, torch.device(device), limit, forward_shape), "cuda", limit
     if device == "cpu":
         rates = local_rates(config, compute, torch.device("cpu"), available_ram_bytes())
         return "this CPU (probed)", rates, "cpu", max_gpu_memory
@@ -731,14 +749,15 @@ def assumed_rates(flops: float | None) -> dict | None:
     return None if flops is None else {"forward": flops, "solve": flops, "weights": 1e10, "steps": 1e4}
 
 
-def local_rates(config: dict, compute: torch.dtype, device: torch.device, memory: int | None) -> dict | None:
+def local_rates(config: dict, compute: torch.dtype, device: torch.device, memory: int | None,
+                forward_shape: tuple[int, int] | None = None) -> dict | None:  # fmt: skip
     """probe_rates where one layer in the compute dtype takes at most a quarter of `memory`;
     otherwise a square matmul's rate in the compute dtype for everything (optimistic)."""
     layer_bytes = Geometry.from_config(config).layer_params * compute.itemsize
     if memory is not None and layer_bytes > memory / 4:
         rate = measure_cpu_flops(compute) if device.type == "cpu" else gpu_flops(torch.cuda.get_device_name(device))
         return None if rate is None else {"forward": rate, "solve": rate, "weights": 1e8, "steps": 1e4}
-    return probe_rates(config, compute, device)
+    return probe_rates(config, compute, device, forward_shape)
 
 
 def plan_model(
@@ -773,7 +792,8 @@ def plan_model(
     compute = stored if dtype == "auto" else DTYPES[dtype]
     seqlen = run_settings.pop("seqlen", Settings.seqlen)
     seqlen = min(seqlen, config.get("max_position_embeddings") or seqlen)
-    device_name, rates, kind, max_gpu_memory = plan_device(device, compute, max_gpu_memory, config)
+    forward_shape = (run_settings.get("batch_size") or Settings.batch_size, seqlen)
+    device_name, rates, kind, max_gpu_memory = plan_device(device, compute, max_gpu_memory, config, forward_shape)
     settings = Settings(**run_settings, seqlen=seqlen, stored_bytes=stored.itemsize, compute_bytes=compute.itemsize,
                         device=kind, runtime_bytes=current_rss_bytes())  # fmt: skip
     if max_ram is None:

@@ -285,3 +285,14 @@ def test_plan_on_this_cpu_adds_its_probed_writes_to_compute(tiny_llama, tmp_path
     named = CliRunner().invoke(app, ["plan", "llama-70b", "--device", "rtx4090", "--json"])
     times = json.loads(named.output)["seconds"]
     assert times["total"] == max(times["compute"], times["io"]), "a GPU's run overlaps its I/O"
+
+
+def test_probe_forwards_the_runs_micro_batch_on_a_gpu_and_128_tokens_on_a_cpu():
+    from streamprune.plan import probe_shape
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert probe_shape(cpu, (16, 2048)) == probe_shape(cpu, None) == probe_shape(cuda, None) == (1, 128)
+    assert probe_shape(cuda, (1, 2048)) == (1, 2048)
+    assert probe_shape(cuda, (16, 2048)) == (4, 2048)  # 8192 tokens at most
+    assert probe_shape(cuda, (3, 512)) == (3, 512)
+    assert probe_shape(cuda, (2, 32768)) == (1, 8192)
