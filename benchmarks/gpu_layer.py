@@ -98,7 +98,7 @@ def random_layer(runner: LayerRunner) -> dict:
             for name, p in runner.skeleton(0).state_dict().items()}  # fmt: skip
 
 
-def table(model: str, rows: list[dict], device: torch.device) -> list[str]:
+def table(rows: list[dict]) -> list[str]:
     lines = ["| method | build | dense forward + statistics | prune | pruned forward | s a layer | plan s a layer "
              "| layers x s | peak VRAM | plan VRAM |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -152,7 +152,7 @@ def main() -> None:
         rows.append(row)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    body = header + table(args.model, rows, device) + [
+    body = header + table(rows) + [
         "",
         "Random weights: the time is the real arithmetic, the masks mean nothing. Seconds per step with the "
         "device synchronized; `layers x s` is compute only (no reading or writing). The plan's seconds are "

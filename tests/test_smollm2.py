@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import C4, tree_digest
+from conftest import tree_digest
 from reference_wanda import LINEARS, layer_outputs, load_full_model, wanda_reference
-from test_golden import CALIB as GOLDEN_CALIB
-from test_golden import RUNS, assert_golden
+from test_golden import CALIB, RUNS, assert_golden
 from test_pipeline import load_state, mask_agreement, saved_ids
 
 from streamprune import PruneConfig, prune
@@ -15,7 +14,7 @@ from streamprune import PruneConfig, prune
 pytestmark = pytest.mark.smollm2
 # batch_size 1: one sample per forward, as the reference runs; larger micro-batches round differently
 # and, in 2:4 mode, a flipped near-tie changes every later layer's inputs (see README)
-CALIB = dict(calib=str(C4), nsamples=8, seqlen=128, batch_size=1, quiet=True)
+# CALIB (test_golden's): 8 x 128 C4 ids, batch_size 1
 
 
 @pytest.mark.parametrize("pattern", [None, "2:4"])
@@ -23,7 +22,6 @@ def test_smollm2_wanda_equals_whole_model_reference(smollm2, tmp_path, pattern):
     before = tree_digest(smollm2)
     out = tmp_path / "out"
     golden = "wanda-2:4" if pattern else "wanda-50"  # test_golden's run: Wanda, 2:4 or 50%
-    assert GOLDEN_CALIB == CALIB
     record = prune(PruneConfig(model=str(smollm2), out=out, **RUNS[golden], **CALIB))
     assert record["source"]["num_hidden_layers"] == 30
     assert_golden(out, smollm2, golden)  # and its bytes are main's before the refactor (test_golden)
