@@ -126,6 +126,12 @@ def run(
     offload_dir: Optional[Path] = typer.Option(
         None, help="Directory for --offload disk's file (default --out/.streamprune/offload); a fast disk helps."
     ),
+    expert_weights: str = typer.Option(
+        "auto",
+        help="Mixture-of-experts models on a GPU: where each layer's routed experts live. gpu (the whole layer "
+        "there), cpu (in RAM, each expert moved to the GPU only while it computes; its statistics and pruning on "
+        "the CPU: for a layer larger than the GPU, slower), or auto (gpu when the plan fits --max-gpu-memory).",
+    ),
     max_ram: Optional[str] = typer.Option(
         None, help="RAM the run may use, e.g. 16GB (default: what is available now). The plan is checked against it."
     ),
@@ -208,6 +214,7 @@ def run(
             checkpoint_minutes=checkpoint_minutes,
             offload=offload,
             offload_dir=None if offload_dir is None else str(offload_dir),
+            expert_weights=expert_weights,
             max_ram=max_ram,
             max_gpu_memory=max_gpu_memory,
             overlap=overlap,
@@ -267,6 +274,7 @@ def plan_command(
         "rtx4090, rtx3090, a10.",
     ),
     offload: str = typer.Option("auto", help="cpu, disk or auto, as for run."),
+    expert_weights: str = typer.Option("auto", help="Mixture-of-experts models: gpu, cpu or auto, as for run."),
     max_ram: Optional[str] = typer.Option(None, help="RAM limit to check, e.g. 16GB (default: available here)."),
     max_gpu_memory: Optional[str] = typer.Option(
         None, help="GPU memory limit to check, e.g. 24GB (default: the named GPU's, or what is free here)."
@@ -307,7 +315,7 @@ def plan_command(
     from types import SimpleNamespace
 
     from .allocation import ALLOCATIONS, OWL_LAMBDA, OWL_M, check_owl
-    from .config import OFFLOAD, check_choice, check_positive, check_sparsity, keep_block, parse_limit
+    from .config import EXPERT_WEIGHTS, OFFLOAD, check_choice, check_positive, check_sparsity, keep_block, parse_limit
     from .methods import METHODS, Target, method_named
     from .plan import plan_model
     from .reconstruct import OPTIMIZERS, ReconstructSettings
@@ -322,6 +330,7 @@ def plan_command(
         if allocation == "owl":
             check_owl(sparsity, pattern, OWL_M, OWL_LAMBDA)
         check_choice("--offload", offload, OFFLOAD)
+        check_choice("--expert-weights", expert_weights, EXPERT_WEIGHTS)
         counts = SimpleNamespace(
             nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, checkpoint_every=checkpoint_every,
             processes=processes,
@@ -345,6 +354,7 @@ def plan_command(
             dtype=dtype,
             device=device,
             offload=offload,
+            expert_weights=expert_weights,
             max_ram=parse_limit("--max-ram", max_ram),
             max_gpu_memory=parse_limit("--max-gpu-memory", max_gpu_memory),
             checkpoint_every=checkpoint_every,

@@ -16,6 +16,7 @@ from .sizes import parse_size
 
 PROPAGATE = ("pruned", "dense")
 OFFLOAD = ("auto", "cpu", "disk")
+EXPERT_WEIGHTS = ("auto", "gpu", "cpu")
 
 
 @dataclass
@@ -50,6 +51,9 @@ class PruneConfig:
     checkpoint_minutes: float | None = None  # ... and also when this many minutes have passed
     offload: str = "auto"  # the activation buffer in RAM (cpu), in a file (disk), or cpu when it fits (auto)
     offload_dir: str | None = None  # where --offload disk puts it; default OUT/.streamprune/offload
+    # a mixture-of-experts layer's routed experts on a GPU run: on the GPU, in RAM (each visiting the
+    # GPU while it computes), or on the GPU when the plan says the layer fits (auto)
+    expert_weights: str = "auto"
     max_ram: str | None = None  # RAM the run may use; default what is available now
     max_gpu_memory: str | None = None  # GPU memory the run may use; default what is free on the device
     overlap: bool = True  # read, compute and write on separate threads
@@ -83,6 +87,12 @@ class PruneConfig:
         check_choice("--offload", self.offload, OFFLOAD)
         if self.offload_dir is not None and self.offload == "cpu":
             raise UsageError("--offload-dir is where --offload disk keeps the buffer; drop it, or use --offload disk")
+        check_choice("--expert-weights", self.expert_weights, EXPERT_WEIGHTS)
+        if self.reconstruct and self.expert_weights == "cpu":
+            raise UsageError(
+                "--reconstruct trains the whole layer on the compute device; --expert-weights cpu keeps the experts "
+                "off it. Drop one of them"
+            )
         self.max_shard_bytes = parse_shard_size(self.max_shard_size)
         self.max_ram_bytes = parse_limit("--max-ram", self.max_ram)
         self.max_gpu_bytes = parse_limit("--max-gpu-memory", self.max_gpu_memory)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -302,6 +303,9 @@ class LayerRunner:
             self.config = AutoConfig.from_pretrained(model_dir).get_text_config()
         self.config._attn_implementation = family.attention
         self.device, self.dtype = device, dtype
+        # where a mixture-of-experts layer's routed experts are built: the compute device, or the CPU
+        # for a layer larger than the GPU (each expert then visits the GPU while it computes)
+        self.expert_device = device
         self.layer_class, rotary_class, self.norm_class = family.classes()
         self.rotary = rotary_class(config=self.config).to(device)
         self.rotary_by_layer_type = family.rotary_by_layer_type
@@ -318,11 +322,15 @@ class LayerRunner:
         return layer
 
     def build(self, index: int, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """Layer `index` on the compute device; `tensors` maps local names to weights (any dtype)."""
+        """Layer `index` on the compute device (its routed experts on `expert_device`); `tensors` maps
+        local names to weights (any dtype)."""
         layer = self.skeleton(index)
+        experts = f"{self.experts.block}.experts." if self.experts is not None else None
         layer.load_state_dict(
-            {name: t.to(self.device, self.dtype) for name, t in tensors.items()}, strict=True, assign=True
-        )
+            {name: t.to(self.expert_device if experts and name.startswith(experts) else self.device, self.dtype)
+             for name, t in tensors.items()},
+            strict=True, assign=True,
+        )  # fmt: skip
         return layer.eval()
 
     def attention_kind(self, index: int) -> str:
@@ -396,8 +404,25 @@ class ExpertLinears(torch.nn.Module):
                 continue
             top_k_position, token_index = torch.where(chosen[expert_index])
             expert, x = self.get_submodule(str(expert_index)), hidden_states[token_index]  # x [tokens routed here, hidden]
-            gate, up = getattr(expert, self.names.gate)(x), getattr(expert, self.names.up)(x)
-            y = getattr(expert, self.names.down)(self.act_fn(gate) * up)
+            with visiting(expert, x.device):
+                gate, up = getattr(expert, self.names.gate)(x), getattr(expert, self.names.up)(x)
+                y = getattr(expert, self.names.down)(self.act_fn(gate) * up)
             y = y * top_k_weights[token_index, top_k_position, None]
             final.index_add_(0, token_index, y.to(final.dtype))
         return final
+
+
+@contextmanager
+def visiting(module: torch.nn.Module, device: torch.device):
+    """`module`'s parameters on `device` for the duration (a no-op where they already are): an
+    expert kept on the CPU computes on the GPU, one expert's weights there at a time. The same
+    Parameter objects stay in the module, so hooks and the caller's references still see them."""
+    parameters = [p for p in module.parameters() if p.device != device]
+    home = [p.data for p in parameters]
+    try:
+        for p in parameters:
+            p.data = p.data.to(device, non_blocking=True)
+        yield
+    finally:
+        for p, data in zip(parameters, home):
+            p.data = data

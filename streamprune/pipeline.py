@@ -178,8 +178,11 @@ class PruneRun:
         --offload auto and --batch-size auto are decided here (a resumed run keeps its batch
         size); a run that cannot fit stops now."""
         config = self.config
-        if config.batch_size is None and RunState.exists(config.out) and not config.force:
+        resuming = RunState.exists(config.out) and not config.force
+        if config.batch_size is None and resuming:
             config.batch_size = RunState.load(config.out).structure.get("batch_size")
+        if config.expert_weights == "auto" and resuming:  # pruned where they were, as the identity says
+            config.expert_weights = RunState.load(config.out).structure.get("expert_weights") or "auto"
         geometry = plan.Geometry.from_config(self.source.checkpoint.config)
         first_linear = self.projections.names[0]
         probe = self.source.checkpoint.tensors[f"{self.source.names.layer(0)}{first_linear}.weight"]
@@ -197,6 +200,7 @@ class PruneRun:
             compute_bytes=self.source.dtype.itemsize,
             device=self.device.type,
             offload=config.offload,
+            expert_weights=config.expert_weights,
             overlap=config.overlap,
             checkpoint_every=config.checkpoint_every,
             runtime_bytes=plan.current_rss_bytes(),
@@ -210,7 +214,9 @@ class PruneRun:
             self.plan, problems = plan.fit(geometry, settings, max_ram, max_vram)
         else:  # this process's share (all of them on this machine's RAM), the leader's writes
             self.plan, problems = plan.shared(geometry, settings, self.peers.world_size, max_ram, max_vram)
-        config.offload = settings.offload
+        config.offload, config.expert_weights = settings.offload, settings.expert_weights
+        if self.plan["experts_in_ram"]:
+            self.use_experts_in_ram()
         config.checkpoint_every = self.plan["checkpoint_every"]  # the default keeps within the write budget
         # the leader's choices: they shape the result (and the resume points), and it owns those
         config.batch_size, config.checkpoint_every = self.peers.broadcast_object(
@@ -227,6 +233,16 @@ class PruneRun:
             self.offload_dir = (
                 Path(config.offload_dir).expanduser() if config.offload_dir else config.out / STATE_DIR / OFFLOAD_DIR
             )
+
+    def use_experts_in_ram(self) -> None:
+        """--expert-weights cpu (asked, or the plan's choice for a layer larger than the GPU): every
+        layer is built with its routed experts in RAM; each visits the GPU while it computes."""
+        if self.config.reconstruct:
+            raise ResourceError(
+                "a layer of this model does not fit the GPU with its experts on it, and --reconstruct trains the "
+                "whole layer there. Drop --reconstruct, or use a GPU with more memory. Nothing was written."
+            )
+        self.source.runner.expert_device = torch.device("cpu")
 
     def open_state(self) -> None:
         """The leader's: the others learn from it where the run stands (the layer to start from,
@@ -251,7 +267,7 @@ class PruneRun:
 
     def run_identity(self) -> dict:
         """Every setting that shapes the output bytes: a run may only be resumed with the same ones."""
-        config, calibrated = self.config, self.calib_path is not None
+        config, calibrated, on_gpu = self.config, self.calib_path is not None, self.device.type == "cuda"
         return {
             "source": source_fingerprint(self.source.checkpoint),
             "method": self.method.name,
@@ -270,6 +286,8 @@ class PruneRun:
             "seed": config.seed if calibrated else None,
             "dtype": str(self.source.dtype).removeprefix("torch."),
             "batch_size": config.batch_size if calibrated else None,
+            # where the experts' statistics and pruning ran (CPU or GPU arithmetic): only a GPU MoE run's
+            "expert_weights": config.expert_weights if self.source.runner.experts and on_gpu else None,
             "max_shard_bytes": config.max_shard_bytes,
         }
 
@@ -707,8 +725,9 @@ def collect_statistics(
 ) -> dict[str, Statistic]:
     """A `statistic` at each of `sites` (default: every input site), from one forward of `layer` over `hidden`."""
     projections = runner.projections
-    statistics = {site: statistic(layer.get_submodule(projections.sites[site][0]).in_features, runner.device)
-                  for site in sites or projections.sites}  # fmt: skip
+    first_linears = {site: layer.get_submodule(projections.sites[site][0]) for site in sites or projections.sites}
+    # each beside its Linears' weights: an expert kept on the CPU has its statistic there too
+    statistics = {site: statistic(linear.in_features, linear.weight.device) for site, linear in first_linears.items()}
     observers = {site: statistic.add_batch for site, statistic in statistics.items()}
     forward_batches(runner, layer, index, hidden, batch_size, write_back, observers=observers)
     return statistics

@@ -179,6 +179,9 @@ class Settings:
     compute_bytes: int = 2  # bytes per value in the compute dtype
     device: str = "cpu"  # "cpu" or "cuda"
     offload: str = "cpu"  # where the activation buffer lives: "cpu" (RAM) or "disk"
+    # where a mixture-of-experts layer's routed experts live on a GPU run: "gpu" (the whole layer
+    # there) or "cpu" (each visits the GPU while it computes; their statistics and pruning on the CPU)
+    expert_weights: str = "gpu"
     overlap: bool = True
     checkpoint_every: int | None = None  # None: the fewest layers that keep within WRITE_BUDGET
     runtime_bytes: int = 0  # python + torch + transformers, resident before any model work
@@ -209,6 +212,15 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
 
     training = _reconstruct_bytes(g, s) if s.reconstruct else 0
     ram_by_step = _ram_by_step(g, s, buffer, forward, statistics, prune_scratch, prune_calibrated, outliers)
+    experts_in_ram = not on_cpu and s.expert_weights == "cpu" and g.experts > 0
+    if experts_in_ram:
+        moved = _experts_in_ram(g, s, method, target, prune_calibrated)
+        for step_name, extra in moved["ram_by_step"].items():
+            ram_by_step[step_name] += extra
+        compute_copy -= moved["vram_weights"]
+        statistics -= moved["vram_statistics"]
+        prune_scratch = moved["vram_prune_scratch"]
+        largest_linear = moved["vram_largest_linear"]
     if training:
         ram_by_step[RECONSTRUCT] = ram_by_step[PRUNE] - (prune_scratch if on_cpu else 0) + (training if on_cpu else 0)
     tokenizer = g.vocab * TOKENIZER_BYTES_PER_VOCAB_ENTRY if calibrated else 0
@@ -234,6 +246,7 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     return {
         "params": g.layers * g.layer_params + g.outside_params,
         "experts": (g.experts, g.experts_per_token),
+        "experts_in_ram": experts_in_ram,
         "checkpoint_bytes": checkpoint_bytes,
         "layer_bytes": stored_layer,
         "buffer_bytes": buffer,
@@ -318,6 +331,31 @@ def _pass_bytes(g: Geometry, s: Settings, method, prune_calibrated: bool, owl: b
         outliers = _forward_bytes(g, s) + max(InputSqNorm.scratch_bytes(s.seqlen, w) for w in widths)
         outliers = max(outliers, largest_linear * (4 + 1)) + sum(InputSqNorm.held_bytes(w) for w in widths)
     return statistics, forward, outliers
+
+
+def _experts_in_ram(g: Geometry, s: Settings, method, target: Target, prune_calibrated: bool) -> dict:
+    """--expert-weights cpu on a GPU run: what leaves the GPU (the routed experts' weights but the
+    one computing, their statistics, their pruning) and what the RAM holds instead, by step."""
+    expert_linears = {name: shape for name, shape in g.linear_shapes().items() if name.startswith("expert ")}
+    resident = {name: shape for name, shape in g.linear_shapes().items() if name not in expert_linears}
+    expert_params = sum(rows * cols for rows, cols in expert_linears.values())
+    one_expert = 3 * g.hidden * g.intermediate
+    widths = {site: w for site, w in g.site_widths().items() if site.startswith("expert ")}
+    held = sum(method.statistic.held_bytes(w) for w in widths.values()) if method.needs_calibration else 0
+    # built from the read tensors: no copy where the compute dtype is the stored one
+    weights = 0 if s.stored_bytes == s.compute_bytes else expert_params * s.compute_bytes
+    largest_expert = max(rows * cols for rows, cols in expert_linears.values())
+    scratch = max(method.prune_scratch_bytes(rows, cols, target) for rows, cols in expert_linears.values())
+    ram = {PRUNE: weights + held + scratch + largest_expert * s.compute_bytes, WRITE_AND_PROPAGATE: weights}
+    if method.needs_calibration and prune_calibrated:
+        ram[DENSE_FORWARD] = weights + held
+    return {
+        "ram_by_step": ram,
+        "vram_weights": (expert_params - one_expert) * s.compute_bytes,
+        "vram_statistics": held,
+        "vram_prune_scratch": max(method.prune_scratch_bytes(rows, cols, target) for rows, cols in resident.values()),
+        "vram_largest_linear": max(rows * cols for rows, cols in resident.values()),
+    }
 
 
 def _forwards_per_layer(s: Settings, statistics: bool) -> float:
@@ -622,6 +660,9 @@ def fit(geometry: Geometry, settings: Settings, max_ram: int | None, max_vram: i
     def vram_ok(plan: dict) -> bool:
         return max_vram is None or plan["peak_vram_bytes"] is None or plan["peak_vram_bytes"] <= max_vram
 
+    if settings.expert_weights == "auto":  # first: experts in RAM make the RAM that --offload auto weighs
+        on_gpu = settings.device != "cuda" or not geometry.experts or vram_ok(plan_of(expert_weights="gpu"))
+        settings.expert_weights = "gpu" if on_gpu else "cpu"
     if settings.offload == "auto":
         settings.offload = "cpu" if ram_ok(plan_of(offload="cpu")) else "disk"
     plan, problems = estimate(geometry, settings), []
@@ -642,7 +683,9 @@ def fit(geometry: Geometry, settings: Settings, max_ram: int | None, max_vram: i
     if not vram_ok(plan):
         need = f"needs about {format_size(plan['peak_vram_bytes'])} of GPU memory, more than {format_size(max_vram)}"
         batches = [b for b in range(settings.batch_size - 1, 0, -1) if vram_ok(plan_of(batch_size=b))]
-        if batches:
+        if geometry.experts and settings.expert_weights == "gpu" and vram_ok(plan_of(expert_weights="cpu")):
+            problems.append(f"{need}: add --expert-weights cpu (each expert visits the GPU only while it computes)")
+        elif batches:
             problems.append(f"{need}: lower --batch-size to {batches[0]}")
         elif settings.compute_bytes == 4 and vram_ok(plan_of(compute_bytes=2, batch_size=1)):
             problems.append(f"{need}: compute in --dtype bfloat16")
@@ -676,6 +719,9 @@ def report(plan: dict, settings: Settings, times: dict | None, device_name: str,
     if experts:
         lines.insert(1, f"  experts    {experts} a block, {per_token} run per token: a layer holds {experts / per_token:.0f}x "
                         "the MLP weights a token computes with, and a statistic per expert (all counted here)")  # fmt: skip
+    if plan.get("experts_in_ram"):
+        lines.insert(2, "  experts    kept in RAM (--expert-weights cpu): each visits the GPU while it computes; their "
+                        "statistics and pruning run on the CPU, slower than the estimate below")  # fmt: skip
     if plan["peak_vram_bytes"] is not None:
         lines.append(
             f"  peak VRAM  {format_size(plan['peak_vram_bytes'])} (allocated by torch; the CUDA context adds ~0.5 GB)"

@@ -48,6 +48,7 @@ FLAGS = {
     "seed": "--seed",
     "dtype": "--dtype",
     "batch_size": "--batch-size",
+    "expert_weights": "--expert-weights",
     "max_shard_bytes": "--max-shard-size",
     "criterion": "--criterion",
     "remove": "--remove",

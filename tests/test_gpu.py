@@ -34,3 +34,21 @@ def test_gpu_memory_limit_is_planned_and_refused_early(tiny_llama, tmp_path):
     record = run(tiny_llama, tmp_path / "auto", device="cuda", batch_size=None)
     # auto: the most samples per micro-batch (at most 16) that the plan fits in the free GPU memory
     assert record["arguments"]["batch_size"] >= 1 and record["plan"]["peak_vram_bytes"] > 0
+
+
+def test_moe_experts_in_ram_prune_as_on_the_gpu(tmp_path):
+    """--expert-weights cpu (a MoE layer larger than the GPU): each expert visits the GPU while it
+    computes; its statistic and pruning stay in RAM. Same masks as with the whole layer on the GPU,
+    less GPU memory."""
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "mixtral", "mixtral")
+    on_gpu = run(model, tmp_path / "gpu", device="cuda", expert_weights="gpu", batch_size=1)
+    in_ram = run(model, tmp_path / "ram", device="cuda", expert_weights="cpu", batch_size=1)
+    assert in_ram["plan"]["experts_in_ram"] and not on_gpu["plan"]["experts_in_ram"]
+    assert in_ram["plan"]["peak_vram_bytes"] < on_gpu["plan"]["peak_vram_bytes"]
+    gpu, ram = load_state(tmp_path / "gpu"), load_state(tmp_path / "ram")
+    for part in (".experts.", "self_attn."):  # the experts', and the attention's from the next inputs
+        names = [name for name in gpu if part in name and gpu[name].dim() == 2]  # their Linears
+        same = sum(int(((gpu[name] == 0) == (ram[name] == 0)).sum()) for name in names)
+        assert names and same / sum(gpu[name].numel() for name in names) >= 0.999, part

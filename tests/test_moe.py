@@ -268,3 +268,43 @@ def test_reconstruction_keeps_each_expert_sparse_and_heal_points_to_it(moe_model
         heal(HealConfig(model=str(source), out=tmp_path / "healed", steps=1))
     result = CliRunner().invoke(app, ["plan", "mixtral-8x7b", "--heal"])
     assert result.exit_code == 2 and "mixture-of-experts" in result.output and "--reconstruct" in result.output
+
+
+def test_a_moe_layer_larger_than_the_gpu_keeps_its_experts_in_ram():
+    """Mixtral-8x7B with SparseGPT on 8 GB of GPU memory: its layer (2.7 GiB of weights, 6.6 GiB of
+    Hessians) does not fit with its experts on the GPU; auto keeps them in RAM, where the plan now
+    counts their weights' compute copies, Hessians and pruning, and the GPU holds one expert."""
+    from streamprune.plan import Geometry, Settings, estimate, fit
+    from streamprune.source import fetch_config
+
+    limits = ["--device", "rtx4090", "--max-gpu-memory", "8GB", "--max-ram", "64GB", "--write-speed", "1GB", "--json"]
+    args = ["plan", "mixtral-8x7b", "--method", "sparsegpt", *limits]
+    auto = CliRunner().invoke(app, args)
+    assert auto.exit_code == 0, auto.output
+    chosen = json.loads(auto.output)
+    assert chosen["experts_in_ram"] and chosen["settings"]["expert_weights"] == "cpu"
+    on_gpu = CliRunner().invoke(app, [*args, "--expert-weights", "gpu"])
+    assert on_gpu.exit_code == 4 and "add --expert-weights cpu" in on_gpu.output
+
+    geometry = Geometry.from_config(fetch_config("mixtral-8x7b")[0])
+    hidden, intermediate, experts = 4096, 14336, 8
+    settings = dict(method="sparsegpt", device="cuda", stored_bytes=2, compute_bytes=2)
+    gpu, cpu = estimate(geometry, Settings(**settings)), estimate(geometry, Settings(**settings, expert_weights="cpu"))
+    one_expert = 3 * hidden * intermediate * 2
+    hessians = experts * (hidden**2 + intermediate**2) * 4
+    # the GPU gives up every expert's weights but the computing one's, and their Hessians
+    assert gpu["peak_vram_bytes"] - cpu["peak_vram_bytes"] >= (experts - 1) * one_expert + hessians
+    assert cpu["peak_vram_bytes"] < 8 * 10**9 < gpu["peak_vram_bytes"]
+    # the RAM takes the Hessians (the weights are the read bf16 tensors themselves)
+    assert cpu["ram_by_step"]["prune"] - gpu["ram_by_step"]["prune"] >= hessians
+    # a dense model, or a CPU run, has nothing to move: auto stays put
+    dense = Settings(method="wanda", device="cuda", expert_weights="auto")
+    fit(Geometry.from_config(fetch_config("llama-70b")[0]), dense, None, 10**9)
+    assert dense.expert_weights == "gpu"
+
+
+def test_experts_in_ram_and_reconstruct_are_refused_together(moe_models, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(moe_models["mixtral"]), "--out", str(out), "--reconstruct",
+                                      "--expert-weights", "cpu", "--calib", str(WIKITEXT)])  # fmt: skip
+    assert result.exit_code == 2 and "--expert-weights cpu" in result.output and not out.exists(), result.output

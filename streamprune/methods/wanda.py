@@ -17,8 +17,8 @@ class InputSqNorm(Statistic):
         self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device)  # [in]
 
     def add_batch(self, x: torch.Tensor) -> None:
-        for sample in x:  # [seqlen, in]
-            self.add_sample(torch.norm(sample.t().float(), p=2, dim=1) ** 2)
+        for sample in x:  # [seqlen, in] on the compute device; the statistic may be in RAM (an expert's)
+            self.add_sample((torch.norm(sample.t().float(), p=2, dim=1) ** 2).to(self.device))
 
     def add_sample(self, sq_norm: torch.Tensor) -> None:
         """One sample's ||X_j||^2 [in] into a running mean over samples, in the reference's exact
