@@ -415,6 +415,10 @@ def eval_command(
         None, help="Keep the activation buffer (tokens x hidden) in a temporary file here instead of RAM."
     ),
     output: Optional[Path] = typer.Option(None, help="Write the results (with per-example predictions) as JSON."),
+    expert_weights: str = typer.Option(
+        "gpu", help="Mixture-of-experts models on a GPU: gpu, or cpu (each expert in RAM, moved to the GPU only "
+        "while it computes) for a layer larger than the GPU, as for run. Same results either way."
+    ),
     overlap: bool = typer.Option(
         True, "--overlap/--no-overlap", help="Read the next layer while this one computes."
     ),
@@ -441,6 +445,7 @@ def eval_command(
             dtype=dtype,
             batch_tokens=batch_tokens,
             offload_dir=None if offload_dir is None else str(offload_dir),
+            expert_weights=expert_weights,
             overlap=overlap,
             quiet=quiet,
         )

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import buffers
 from .buffers import available_ram_bytes
-from .config import check_dtype, check_positive, parse_device
+from .config import check_choice, check_dtype, check_positive, parse_device
 from .errors import BadInputError, ResourceError, UsageError
 from .outdir import check_destination, check_not_source, write_json
 from .sizes import format_size
@@ -39,6 +39,7 @@ class EvalConfig:
     dtype: str = "auto"
     batch_tokens: int = 8192  # tokens per micro-batch (padding included)
     offload_dir: str | None = None  # keep the activation buffer in a file there instead of RAM
+    expert_weights: str = "gpu"  # or "cpu": a MoE layer's routed experts in RAM, each visiting the GPU
     overlap: bool = True  # read the next layer while this one computes
     quiet: bool = False
 
@@ -51,6 +52,7 @@ class EvalConfig:
         if self.tasks and self.data_dir is None:
             raise UsageError("--tasks needs --data-dir, the directory holding the task files (zeroshot layout)")
         check_positive(self, "seqlen", "batch_tokens", "limit")
+        check_choice("--expert-weights", self.expert_weights, ("gpu", "cpu"))
         check_dtype(self.dtype)
         self.torch_device = parse_device(self.device)
 
@@ -105,6 +107,8 @@ def evaluate(config: EvalConfig) -> dict:
     buffers.return_freed_memory_to_the_system()
     # 1. the model: checked as for pruning; nothing is loaded whole
     source = open_source(config.model, config.torch_device, config.dtype)
+    if config.expert_weights == "cpu":
+        source.runner.expert_device = torch.device("cpu")
     if config.offload_dir is not None:
         check_not_source(Path(config.offload_dir).expanduser(), source.directory, "--offload-dir")
         check_destination(Path(config.offload_dir), "--offload-dir")

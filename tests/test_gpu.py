@@ -52,3 +52,15 @@ def test_moe_experts_in_ram_prune_as_on_the_gpu(tmp_path):
         names = [name for name in gpu if part in name and gpu[name].dim() == 2]  # their Linears
         same = sum(int(((gpu[name] == 0) == (ram[name] == 0)).sum()) for name in names)
         assert names and same / sum(gpu[name].numel() for name in names) >= 0.999, part
+
+
+def test_moe_eval_with_experts_in_ram_equals_the_gpu_layer(tmp_path):
+    from conftest import WIKITEXT, make_tiny_model
+
+    from streamprune.evaluate import EvalConfig, evaluate
+
+    model = make_tiny_model(tmp_path / "mixtral", "mixtral")
+    ppl = {where: evaluate(EvalConfig(model=str(model), ppl=str(WIKITEXT), seqlen=64, limit=4, device="cuda",
+                                      expert_weights=where, quiet=True))["perplexity"]["ppl"]
+           for where in ("gpu", "cpu")}  # fmt: skip
+    assert ppl["cpu"] == pytest.approx(ppl["gpu"], rel=1e-6)  # the same GPU arithmetic, weights moved
