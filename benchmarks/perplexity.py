@@ -40,6 +40,10 @@ VARIANTS = {
     "SparseGPT 2:4 sequential + reconstruct": ["--method", "sparsegpt", "--pattern", "2:4", "--sequential",
                                                "--reconstruct"],
     "SparseGPT 50% + reconstruct": ["--method", "sparsegpt", "--sparsity", "0.5", "--reconstruct"],
+    # the same arithmetic in exact math, rounded otherwise (the forward's and the Hessians' sums): how far
+    # rounding alone moves a result
+    "SparseGPT 2:4 micro-batch 2": ["--method", "sparsegpt", "--pattern", "2:4", "--batch-size", "2"],
+    "SparseGPT 2:4 micro-batch 4": ["--method", "sparsegpt", "--pattern", "2:4", "--batch-size", "4"],
 }
 # 50%, 60% and 70% unstructured, uniform and OWL, for every method
 for _label, _method in (("magnitude", "magnitude"), ("Wanda", "wanda"), ("RIA", "ria"), ("SparseGPT", "sparsegpt")):
@@ -96,7 +100,7 @@ def table(rows: list, args, wanted: int) -> str:
         + (f" --ppl-windows {args.ppl_windows}" if args.ppl_windows != 40 else "")
         + (f" --device {args.device}" if args.device != "cpu" else "")
         + f"`. Calibration {args.nsamples} x 512 tokens of `c4/c4_validation_2k.jsonl.gz`, seed 0, "
-        f"{'CPU' if args.device == 'cpu' else args.device}, float32, micro-batch 1. Perplexity: WikiText-2 test "
+        f"{'CPU' if args.device == 'cpu' else args.device}, float32, micro-batch 1 unless the variant names another. Perplexity: WikiText-2 test "
         "(`wiki.test.raw`), non-overlapping 512-token "
         f"windows, the first {args.ppl_windows}. Pruning time and peak RSS: the run record's "
         "total_seconds and peak_rss_bytes (one run each, on a shared machine)."
