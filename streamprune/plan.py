@@ -424,7 +424,8 @@ def _ram_by_step(g: Geometry, s: Settings, buffer: int, forward: int, statistics
         ram[OUTLIER_PASS] = beside_stream + this_layer + (outliers if on_cpu else 0)
     if statistics:  # the statistics' forward: only a method that has statistics takes it
         ram[DENSE_FORWARD] = beside + this_layer + cpu_forward + cpu_statistics + previous_writes
-    prune = beside + this_layer + kept_masks + previous_writes + cpu_statistics
+    # on a CPU the run waits for those writes before it prunes (pipeline.prune_weights)
+    prune = beside + this_layer + kept_masks + (0 if on_cpu else previous_writes) + cpu_statistics
     ram[PRUNE] = prune + (prune_scratch + largest_linear * s.compute_bytes if on_cpu else 0)
     # the pruned tensors handed to the writer, and the pruned forward
     ram[WRITE_AND_PROPAGATE] = beside + this_layer + kept_masks + cpu_forward + (0 if shares_storage else pruned_stored)
