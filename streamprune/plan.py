@@ -200,7 +200,6 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     calibrated = prune_calibrated or owl
     tokens = s.nsamples * s.seqlen
     stored_layer = g.layer_params * s.stored_bytes
-    largest_linear = max(rows * cols for rows, cols in g.linear_shapes().values())
     buffer = tokens * g.hidden * s.compute_bytes if calibrated else 0  # [nsamples, seqlen, hidden]
     buffer *= 2 if s.reconstruct else 1  # and the dense stream's
     on_cpu = s.device == "cpu"
@@ -208,32 +207,18 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     # Pruning one Linear: the method's own scratch (scores, sort, mask), the largest Linear's; off
     # the CPU path the masks of all seven Linears are kept on the CPU until they are applied.
     prune_scratch = max(method.prune_scratch_bytes(rows, cols, target) for rows, cols in g.linear_shapes().values())
-    compute_copy = g.layer_params * s.compute_bytes  # the layer built in the compute dtype
-
     training = _reconstruct_bytes(g, s) if s.reconstruct else 0
     ram_by_step = _ram_by_step(g, s, buffer, forward, statistics, prune_scratch, prune_calibrated, outliers)
     experts_in_ram = not on_cpu and s.expert_weights == "cpu" and g.experts > 0
-    if experts_in_ram:
-        moved = _experts_in_ram(g, s, method, target, prune_calibrated)
-        for step_name, extra in moved["ram_by_step"].items():
-            ram_by_step[step_name] += extra
-        compute_copy -= moved["vram_weights"]
-        statistics -= moved["vram_statistics"]
-        prune_scratch = moved["vram_prune_scratch"]
-        largest_linear = moved["vram_largest_linear"]
+    peak_vram = None
+    if not on_cpu:
+        peak_vram = _peak_vram(g, s, method, target, (statistics, forward, outliers, training), prune_calibrated,
+                               ram_by_step)  # fmt: skip
     if training:
         ram_by_step[RECONSTRUCT] = ram_by_step[PRUNE] - (prune_scratch if on_cpu else 0) + (training if on_cpu else 0)
     tokenizer = g.vocab * TOKENIZER_BYTES_PER_VOCAB_ENTRY if calibrated else 0
     heaviest = max(ram_by_step, key=ram_by_step.get)
     peak_ram = s.runtime_bytes + tokenizer + tokens * 8 + ram_by_step[heaviest]
-
-    peak_vram = None
-    if not on_cpu:
-        # the layer's own copy on the GPU and the statistics; each Linear's pruned weight replaces
-        # (frees) its dense one, so one extra Linear at a time, beside the method's scratch
-        largest_pruned = largest_linear * s.compute_bytes
-        peak_vram = compute_copy + statistics + max(prune_scratch + largest_linear + largest_pruned, forward)
-        peak_vram = max(peak_vram, compute_copy + outliers, compute_copy + training)
 
     outside_bytes = g.outside_params * s.stored_bytes
     checkpoint_bytes = g.layers * stored_layer + outside_bytes
@@ -333,11 +318,35 @@ def _pass_bytes(g: Geometry, s: Settings, method, prune_calibrated: bool, owl: b
     return statistics, forward, outliers
 
 
-def _experts_in_ram(g: Geometry, s: Settings, method, target: Target, prune_calibrated: bool) -> dict:
-    """--expert-weights cpu on a GPU run: what leaves the GPU (the routed experts' weights but the
-    one computing, their statistics, their pruning) and what the RAM holds instead, by step."""
+def _peak_vram(g: Geometry, s: Settings, method, target: Target, passes: tuple[int, int, int, int],
+               prune_calibrated: bool, ram_by_step: dict[str, int]) -> int:  # fmt: skip
+    """A GPU run's peak: the layer's own copy and the statistics; each Linear's pruned weight replaces
+    (frees) its dense one, so one extra Linear at a time, beside the method's scratch; or the outlier
+    pass, or --reconstruct's training. `passes`: (statistics, forward, outliers, training) bytes.
+    With --expert-weights cpu the routed experts' part moves to the RAM (added to `ram_by_step`)."""
+    statistics, forward, outliers, training = passes
+    compute_copy = g.layer_params * s.compute_bytes  # the layer built in the compute dtype
+    on_gpu = g.linear_shapes()
+    if s.expert_weights == "cpu" and g.experts:
+        ram, vram_weights, vram_statistics = _experts_in_ram(g, s, method, target, prune_calibrated)
+        for step_name, extra in ram.items():
+            ram_by_step[step_name] += extra
+        compute_copy -= vram_weights
+        statistics -= vram_statistics
+        on_gpu = {name: shape for name, shape in on_gpu.items() if not name.startswith("expert ")}
+    largest_linear = max(rows * cols for rows, cols in on_gpu.values())  # its mask: a byte a weight
+    prune_scratch = max(method.prune_scratch_bytes(rows, cols, target) for rows, cols in on_gpu.values())
+    peak = compute_copy + statistics + max(prune_scratch + largest_linear * (1 + s.compute_bytes), forward)
+    return max(peak, compute_copy + outliers, compute_copy + training)
+
+
+def _experts_in_ram(g: Geometry, s: Settings, method, target: Target, prune_calibrated: bool
+                    ) -> tuple[dict[str, int], int, int]:  # fmt: skip
+    """--expert-weights cpu on a GPU run: what the RAM holds instead of the GPU, by step (the
+    experts' statistics and pruning, and compute-dtype copies where it differs from the stored
+    one), and what leaves the GPU: the routed experts' weights but the computing one's, and their
+    statistics."""
     expert_linears = {name: shape for name, shape in g.linear_shapes().items() if name.startswith("expert ")}
-    resident = {name: shape for name, shape in g.linear_shapes().items() if name not in expert_linears}
     expert_params = sum(rows * cols for rows, cols in expert_linears.values())
     one_expert = 3 * g.hidden * g.intermediate
     widths = {site: w for site, w in g.site_widths().items() if site.startswith("expert ")}
@@ -349,13 +358,7 @@ def _experts_in_ram(g: Geometry, s: Settings, method, target: Target, prune_cali
     ram = {PRUNE: weights + held + scratch + largest_expert * s.compute_bytes, WRITE_AND_PROPAGATE: weights}
     if method.needs_calibration and prune_calibrated:
         ram[DENSE_FORWARD] = weights + held
-    return {
-        "ram_by_step": ram,
-        "vram_weights": (expert_params - one_expert) * s.compute_bytes,
-        "vram_statistics": held,
-        "vram_prune_scratch": max(method.prune_scratch_bytes(rows, cols, target) for rows, cols in resident.values()),
-        "vram_largest_linear": max(rows * cols for rows, cols in resident.values()),
-    }
+    return ram, (expert_params - one_expert) * s.compute_bytes, held
 
 
 def _forwards_per_layer(s: Settings, statistics: bool) -> float:
