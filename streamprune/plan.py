@@ -643,7 +643,7 @@ def shared(geometry: Geometry, settings: Settings, processes: int, max_ram: int 
     share = replace(settings, nsamples=math.ceil(settings.nsamples / processes),
                     checkpoint_every=whole["checkpoint_every"])  # fmt: skip
     plan, problems = fit(geometry, share, None if max_ram is None else max_ram // processes, max_vram)
-    settings.offload = share.offload
+    settings.offload, settings.expert_weights = share.offload, share.expert_weights
     for key in ("bytes_written", "disk_bytes"):  # the whole buffer's (what pruning costs does not depend on it)
         plan[key] = whole[key]
     plan.update(processes=processes, machine_peak_ram_bytes=processes * plan["peak_ram_bytes"])

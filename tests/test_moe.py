@@ -297,6 +297,12 @@ def test_a_moe_layer_larger_than_the_gpu_keeps_its_experts_in_ram():
     assert cpu["peak_vram_bytes"] < 8 * 10**9 < gpu["peak_vram_bytes"]
     # the RAM takes the Hessians (the weights are the read bf16 tensors themselves)
     assert cpu["ram_by_step"]["prune"] - gpu["ram_by_step"]["prune"] >= hessians
+    # several processes: each one's share decides, and the run learns the choice
+    from streamprune.plan import shared
+
+    wanda = Settings(method="wanda", device="cuda", expert_weights="auto", stored_bytes=2, compute_bytes=2)
+    each, problems = shared(geometry, wanda, 2, None, 2 * 10**9)
+    assert wanda.expert_weights == "cpu" and each["experts_in_ram"] and not problems
     # a dense model, or a CPU run, has nothing to move: auto stays put
     dense = Settings(method="wanda", device="cuda", expert_weights="auto")
     fit(Geometry.from_config(fetch_config("llama-70b")[0]), dense, None, 10**9)
