@@ -178,11 +178,13 @@ class PruneRun:
         --offload auto and --batch-size auto are decided here (a resumed run keeps its batch
         size); a run that cannot fit stops now."""
         config = self.config
-        resuming = RunState.exists(config.out) and not config.force
-        if config.batch_size is None and resuming:
-            config.batch_size = RunState.load(config.out).structure.get("batch_size")
-        if config.expert_weights == "auto" and resuming:  # pruned where they were, as the identity says
-            config.expert_weights = RunState.load(config.out).structure.get("expert_weights") or "auto"
+        auto = config.batch_size is None or config.expert_weights == "auto"
+        if auto and RunState.exists(config.out) and not config.force:  # a resume keeps what was chosen
+            saved = RunState.load(config.out).structure
+            if config.batch_size is None:
+                config.batch_size = saved.get("batch_size")
+            if config.expert_weights == "auto":
+                config.expert_weights = saved.get("expert_weights") or "auto"
         geometry = plan.Geometry.from_config(self.source.checkpoint.config)
         first_linear = self.projections.names[0]
         probe = self.source.checkpoint.tensors[f"{self.source.names.layer(0)}{first_linear}.weight"]

@@ -213,7 +213,7 @@ def estimate(geometry: Geometry, settings: Settings) -> dict:
     peak_vram = None
     if not on_cpu:
         peak_vram = _peak_vram(g, s, method, target, (statistics, forward, outliers, training), prune_calibrated,
-                               ram_by_step)  # fmt: skip
+                               ram_by_step if experts_in_ram else None)  # fmt: skip
     if training:
         ram_by_step[RECONSTRUCT] = ram_by_step[PRUNE] - (prune_scratch if on_cpu else 0) + (training if on_cpu else 0)
     tokenizer = g.vocab * TOKENIZER_BYTES_PER_VOCAB_ENTRY if calibrated else 0
@@ -319,15 +319,15 @@ def _pass_bytes(g: Geometry, s: Settings, method, prune_calibrated: bool, owl: b
 
 
 def _peak_vram(g: Geometry, s: Settings, method, target: Target, passes: tuple[int, int, int, int],
-               prune_calibrated: bool, ram_by_step: dict[str, int]) -> int:  # fmt: skip
+               prune_calibrated: bool, ram_by_step: dict[str, int] | None) -> int:  # fmt: skip
     """A GPU run's peak: the layer's own copy and the statistics; each Linear's pruned weight replaces
     (frees) its dense one, so one extra Linear at a time, beside the method's scratch; or the outlier
     pass, or --reconstruct's training. `passes`: (statistics, forward, outliers, training) bytes.
-    With --expert-weights cpu the routed experts' part moves to the RAM (added to `ram_by_step`)."""
+    `ram_by_step` given: the routed experts are kept in RAM (--expert-weights cpu), their part goes there."""
     statistics, forward, outliers, training = passes
     compute_copy = g.layer_params * s.compute_bytes  # the layer built in the compute dtype
     on_gpu = g.linear_shapes()
-    if s.expert_weights == "cpu" and g.experts:
+    if ram_by_step is not None:
         ram, vram_weights, vram_statistics = _experts_in_ram(g, s, method, target, prune_calibrated)
         for step_name, extra in ram.items():
             ram_by_step[step_name] += extra
@@ -348,7 +348,6 @@ def _experts_in_ram(g: Geometry, s: Settings, method, target: Target, prune_cali
     statistics."""
     expert_linears = {name: shape for name, shape in g.linear_shapes().items() if name.startswith("expert ")}
     expert_params = sum(rows * cols for rows, cols in expert_linears.values())
-    one_expert = 3 * g.hidden * g.intermediate
     widths = {site: w for site, w in g.site_widths().items() if site.startswith("expert ")}
     held = sum(method.statistic.held_bytes(w) for w in widths.values()) if method.needs_calibration else 0
     # built from the read tensors: no copy where the compute dtype is the stored one
@@ -358,7 +357,7 @@ def _experts_in_ram(g: Geometry, s: Settings, method, target: Target, prune_cali
     ram = {PRUNE: weights + held + scratch + largest_expert * s.compute_bytes, WRITE_AND_PROPAGATE: weights}
     if method.needs_calibration and prune_calibrated:
         ram[DENSE_FORWARD] = weights + held
-    return ram, (expert_params - one_expert) * s.compute_bytes, held
+    return ram, (expert_params - expert_params // g.experts) * s.compute_bytes, held
 
 
 def _forwards_per_layer(s: Settings, statistics: bool) -> float:
