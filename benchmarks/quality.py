@@ -3,6 +3,7 @@
     python benchmarks/quality.py [--limit 100] [--ppl-windows 40]     # about an hour on 2 CPU cores
     python benchmarks/quality.py --variants "RIA 50%,RIA 2:4"        # only these, in a section of their own
     python benchmarks/quality.py --table methods --limit 50          # every method x sparsity x OWL: hours
+    python benchmarks/quality.py --table methods --limit 50 --variants "RIA 50%,RIA 2:4"  # a share of them
 
 --table methods measures the methods issue's table: magnitude, Wanda, RIA and SparseGPT, each at
 50%, 60% and 70% unstructured with and without OWL, and at 2:4 and 4:8 (33 variants with dense).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -102,20 +104,25 @@ def methods_table(args) -> None:
     """The methods table, going on from the rows benchmarks/quality-methods.json already holds
     (measured with the same --limit and --ppl-windows)."""
     settings = {"limit": args.limit, "ppl_windows": args.ppl_windows}
-    saved = json.loads(METHOD_ROWS.read_text()) if METHOD_ROWS.exists() else {"settings": settings, "rows": {}}
-    if saved["settings"] != settings:
-        sys.exit(f"{METHOD_ROWS} holds rows measured with {saved['settings']}; use those, or move the file away")
+    if saved_rows(settings) is None:
+        sys.exit(f"{METHOD_ROWS} holds rows measured with other settings than {settings}; use those, or move it away")
     model = build()
     work = Path(tempfile.mkdtemp())
     # the 70% rows first (the methods issue reads OWL's effect there), then the rest in table order
     order = sorted(METHOD_VARIANTS, key=lambda variant: "70%" not in variant[0])
+    if args.variants:  # a share of the rows: two processes on two cores can each measure their own
+        wanted = pick_labels(args.variants, dict(METHOD_VARIANTS), "variants")
+        order = [(label, flags) for label, flags in order if label in wanted]
     try:
         for label, flags in order:
-            if label in saved["rows"]:
+            if label in saved_rows(settings)["rows"]:
                 continue
             _, ppl, tasks, seconds = measure(label, flags, model, work, args)
+            saved = saved_rows(settings)  # read again: another process may have added rows meanwhile
             saved["rows"][label] = {"ppl": ppl, "tasks": tasks, "seconds": seconds, "commit": code_version()}
-            METHOD_ROWS.write_text(json.dumps(saved, indent=1) + "\n")
+            scratch = METHOD_ROWS.with_suffix(f".{os.getpid()}.tmp")
+            scratch.write_text(json.dumps(saved, indent=1) + "\n")
+            os.replace(scratch, METHOD_ROWS)  # whole or not at all: a killed run leaves the rows it had
             rows = [(lbl, r["ppl"], r["tasks"], r["seconds"]) for lbl, _ in METHOD_VARIANTS if (r := saved["rows"].get(lbl))]
             commits = sorted({r["commit"] for r in saved["rows"].values()})
             title = f": every method, with and without OWL ({len(rows)} of {len(METHOD_VARIANTS)} variants measured)"
@@ -125,6 +132,13 @@ def methods_table(args) -> None:
             write_section("quality-methods", body)
     finally:
         shutil.rmtree(work)
+
+
+def saved_rows(settings: dict) -> dict | None:
+    """The methods table's rows measured so far (none yet: an empty table); None where they were
+    measured with other settings."""
+    saved = json.loads(METHOD_ROWS.read_text()) if METHOD_ROWS.exists() else {"settings": settings, "rows": {}}
+    return saved if saved["settings"] == settings else None
 
 
 def table(title: str, options: str, rows: list, args, note: str = "") -> str:
