@@ -41,34 +41,41 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(device: torch.device, work) -> tuple[object, float]:
+def timed(device: torch.device, work, peaks: dict, step: str) -> tuple[object, float]:
+    """work()'s result and seconds; its peak VRAM (bytes allocated by torch) into peaks[step]."""
     synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     result = work()
     synchronize(device)
-    return result, time.perf_counter() - started
+    took = time.perf_counter() - started
+    if device.type == "cuda":
+        peaks[step] = torch.cuda.max_memory_allocated(device)
+    return result, took
 
 
 def prune_one_layer(runner: LayerRunner, tensors: dict, hidden: torch.Tensor, method_name: str) -> dict:
-    """The layer loop's three steps on one layer; seconds of each and the peak VRAM."""
+    """The layer loop's three steps on one layer; seconds and peak VRAM of each, and the peak."""
     device = runner.device
     method = method_named(method_name)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    peaks = {}
     with torch.no_grad():
-        layer, build = timed(device, lambda: runner.build(0, tensors))
+        layer, build = timed(device, lambda: runner.build(0, tensors), peaks, "build")
         if method.needs_calibration:  # the dense forward, statistics collected on the way
             statistics, dense = timed(device, lambda: collect_statistics(
-                method.statistic, runner, layer, 0, hidden, 1, write_back=False))  # fmt: skip
+                method.statistic, runner, layer, 0, hidden, 1, write_back=False), peaks, "dense")  # fmt: skip
         else:
             statistics, dense = None, 0.0
-        _, prune = timed(device, lambda: prune_as_the_run_does(method, layer, statistics, runner))
-        _, pruned = timed(device, lambda: forward_batches(runner, layer, 0, hidden, 1, write_back=True))
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        _, prune = timed(device, lambda: prune_as_the_run_does(method, layer, statistics, runner), peaks, "prune")
+        _, pruned = timed(device, lambda: forward_batches(
+            runner, layer, 0, hidden, 1, write_back=True), peaks, "pruned")  # fmt: skip
     del layer, statistics
     steps = {"build": build, "dense forward + statistics": dense, "prune": prune, "pruned forward": pruned}
-    return {"method": method_name, "seconds": steps, "total_seconds": sum(steps.values()), "peak_vram_bytes": peak}
+    return {"method": method_name, "seconds": steps, "total_seconds": sum(steps.values()),
+            "peak_vram_bytes": max(peaks.values()) if peaks else None, "peak_vram_bytes_by_step": peaks}  # fmt: skip
 
 
 def prune_as_the_run_does(method, layer: torch.nn.Module, statistics: dict | None, runner: LayerRunner) -> None:
@@ -85,11 +92,18 @@ def planned(config: dict, method_name: str, device: torch.device, nsamples: int,
     geometry = Geometry.from_config(config)
     settings = Settings(method=method_name, device=device.type, nsamples=nsamples, seqlen=seqlen)
     plan = estimate(geometry, settings)
-    per_layer = None
+    per_layer, terms = None, None
     if rates is not None:  # compute only: this benchmark reads and writes nothing
         per_layer = seconds(plan, rates, 1.0, 1.0, overlap=True)["compute"] / geometry.layers
+        # the estimate's terms a layer, to set beside the steps measured
+        terms = {"forward": plan["forward_flops"] / rates["forward"],
+                 "statistics": plan["statistic_flops"] / rates["solve"],
+                 "prune flops": plan["prune_flops"] / rates["solve"],
+                 "pruned weights": plan["pruned_weights"] / rates["weights"],
+                 "prune steps": plan["prune_steps"] / rates["steps"]}  # fmt: skip
+        terms = {name: value / geometry.layers for name, value in terms.items()}
     return {"peak_vram_bytes": plan["peak_vram_bytes"] if device.type == "cuda" else None,
-            "seconds_per_layer": per_layer, "layers": geometry.layers}  # fmt: skip
+            "seconds_per_layer": per_layer, "seconds_by_term": terms, "layers": geometry.layers}  # fmt: skip
 
 
 def random_layer(runner: LayerRunner) -> dict:

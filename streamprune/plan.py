@@ -36,6 +36,10 @@ WRITE_AND_PROPAGATE = "write and propagate"
 # Dense bf16 tensor-core peaks (vendor datasheets, TFLOP/s); a run reaches a fraction of this.
 GPU_PEAK_TFLOPS = {"h200": 989, "h100": 989, "a100": 312, "l40s": 362, "rtx4090": 165, "rtx3090": 71, "a10": 125}
 GPU_EFFICIENCY = 0.4  # fraction of peak that batch-1 layer forwards typically reach
+# float32 without tensor cores (statistics such as SparseGPT's Hessians, and its solve), data sheets;
+# an H200 multiplied 8192-square float32 matrices at 52 of its 67
+GPU_FLOAT32_TFLOPS = {"h200": 67, "h100": 67, "a100": 19.5, "l40s": 91.6, "rtx4090": 82.6, "rtx3090": 35.6, "a10": 31.2}
+GPU_FLOAT32_EFFICIENCY = 0.75
 GPU_MEMORY_GB = {"h200": 141, "h100": 80, "a100": 80, "l40s": 48, "rtx4090": 24, "rtx3090": 24, "a10": 24}
 TOKENIZER_BYTES_PER_VOCAB_ENTRY = 1024  # a loaded fast tokenizer, measured: ~48 MB for 49k entries
 
@@ -333,9 +337,12 @@ def _peak_vram(g: Geometry, s: Settings, method, target: Target, passes: tuple[i
             ram_by_step[step_name] += extra
         compute_copy -= vram_weights
         statistics -= vram_statistics
+        if method.needs_calibration and prune_calibrated:  # an expert's statistic is made on the GPU, then moved
+            widths = [w for site, w in g.site_widths().items() if site.startswith("expert ")]
+            forward += max(method.statistic.moved_bytes(w) for w in widths)
         on_gpu = {name: shape for name, shape in on_gpu.items() if not name.startswith("expert ")}
     largest_linear = max(rows * cols for rows, cols in on_gpu.values())  # its mask: a byte a weight
-    prune_scratch = max(method.prune_scratch_bytes(rows, cols, target) for rows, cols in on_gpu.values())
+    prune_scratch = max(method.prune_scratch_bytes(rows, cols, target, on_gpu=True) for rows, cols in on_gpu.values())
     peak = compute_copy + statistics + max(prune_scratch + largest_linear * (1 + s.compute_bytes), forward)
     return max(peak, compute_copy + outliers, compute_copy + training)
 
@@ -527,7 +534,9 @@ def probe_rates(config: dict, compute: torch.dtype, device: torch.device,
     del layer, tensors
     flops = samples * (2 * g.active_linear_params * tokens + 2 * g.heads * g.head_dim * tokens**2)
     rows, cols = max(g.linear_shapes().values(), key=lambda shape: shape[0] * shape[1])
-    solve = measure_cpu_flops(torch.float32) if device.type == "cpu" else flops / forward
+    # float32 matmuls run at their own rate: on an H200 about 52 TFLOP/s, not the bfloat16 forward's
+    # 700 (taken for it, the plan said 10 s for a 70B layer's SparseGPT that took 27)
+    solve = measure_matmul_flops(torch.float32, device)
     return {"forward": flops / forward, "solve": solve, "weights": weights_per_second(rows, cols, compute, device),
             "steps": steps_per_second(device)}  # fmt: skip
 
@@ -574,10 +583,10 @@ def steps_per_second(device: torch.device, columns: int = 256) -> float:
     return columns / seconds
 
 
-def _best_seconds(work, device: torch.device) -> float:
+def _best_seconds(work, device: torch.device, repeats: int = 2) -> float:
     work()  # warm-up
     best = math.inf
-    for _ in range(2):
+    for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
@@ -588,16 +597,13 @@ def _best_seconds(work, device: torch.device) -> float:
     return best
 
 
-def measure_cpu_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5) -> float:
-    """This machine's matmul FLOP/s with torch's threads (best of `repeats`): the CPU's rate."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.mm(a, b)  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
+                         repeats: int = 5) -> float:  # fmt: skip
+    """The device's square-matmul FLOP/s in `dtype` (best of `repeats`; a CPU with torch's threads).
+    A GPU multiplies 8192 x 8192 (a smaller product leaves it bound by latency), a CPU 1024 x 1024."""
+    size = 1024 if device.type == "cpu" else 8192
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    return 2 * size**3 / _best_seconds(lambda: torch.mm(a, b), device, repeats)
 
 
 def gpu_flops(name: str) -> float | None:
@@ -777,7 +783,7 @@ def plan_device(device: str, compute: torch.dtype, max_gpu_memory: int | None, c
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if named in GPU_PEAK_TFLOPS:
-        return device, assumed_rates(gpu_flops(named)), "cuda", max_gpu_memory or GPU_MEMORY_GB[named] * 10**9
+        return device, assumed_rates(named), "cuda", max_gpu_memory or GPU_MEMORY_GB[named] * 10**9
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device}: torch sees no GPU here; name one instead, e.g. --device rtx4090")
@@ -790,19 +796,24 @@ def plan_device(device: str, compute: torch.dtype, max_gpu_memory: int | None, c
     raise UsageError(f"--device {device!r}: use auto, cpu, cuda, or one of {', '.join(GPU_PEAK_TFLOPS)}")
 
 
-def assumed_rates(flops: float | None) -> dict | None:
-    """A GPU that is not here: its assumed FLOP/s for everything, weight passes and steps at assumed rates."""
-    return None if flops is None else {"forward": flops, "solve": flops, "weights": 1e10, "steps": 1e4}
+def assumed_rates(named: str) -> dict:
+    """A GPU that is not here (a key of GPU_PEAK_TFLOPS): FLOP/s assumed from its data sheet, the
+    bfloat16 peak for forwards and the float32 one for statistics and solves; weight passes and
+    SparseGPT's column steps at assumed rates (an H200 made 1e4 steps a second)."""
+    return {"forward": GPU_PEAK_TFLOPS[named] * 1e12 * GPU_EFFICIENCY, "weights": 1e10, "steps": 1e4,
+            "solve": GPU_FLOAT32_TFLOPS[named] * 1e12 * GPU_FLOAT32_EFFICIENCY}  # fmt: skip
 
 
 def local_rates(config: dict, compute: torch.dtype, device: torch.device, memory: int | None,
                 forward_shape: tuple[int, int] | None = None) -> dict | None:  # fmt: skip
     """probe_rates where one layer in the compute dtype takes at most a quarter of `memory`;
-    otherwise a square matmul's rate in the compute dtype for everything (optimistic)."""
+    otherwise a square matmul's rate in the compute dtype (assumed from the data sheet on a GPU) for
+    the forwards, a float32 one measured here for the solves (optimistic)."""
     layer_bytes = Geometry.from_config(config).layer_params * compute.itemsize
     if memory is not None and layer_bytes > memory / 4:
-        rate = measure_cpu_flops(compute) if device.type == "cpu" else gpu_flops(torch.cuda.get_device_name(device))
-        return None if rate is None else {"forward": rate, "solve": rate, "weights": 1e8, "steps": 1e4}
+        rate = measure_matmul_flops(compute) if device.type == "cpu" else gpu_flops(torch.cuda.get_device_name(device))
+        solve = measure_matmul_flops(torch.float32, device)
+        return None if rate is None else {"forward": rate, "solve": solve, "weights": 1e8, "steps": 1e4}
     return probe_rates(config, compute, device, forward_shape)
 
 

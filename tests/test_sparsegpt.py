@@ -178,5 +178,10 @@ def test_plan_holds_one_hessian_per_input_site_and_fits_a_24gb_gpu():
     sparsegpt, wanda = plan("sparsegpt"), plan("wanda")
     assert sparsegpt["fits"] and sparsegpt["peak_vram_bytes"] < 24e9
     hessians = (3 * 8192**2 + 28672**2) * 4  # attention, o_proj and mlp inputs (8192 wide), down_proj's (28672)
-    assert sparsegpt["peak_vram_bytes"] - wanda["peak_vram_bytes"] >= hessians
+    # and on a GPU the site inverse: cuSOLVER's cholesky_inverse holds two more [in, in] beside the factor
+    # (an H200 measured 13.10 GiB for a 70B layer, planned 12.19 with them, 9.13 without)
+    assert sparsegpt["peak_vram_bytes"] - wanda["peak_vram_bytes"] >= hessians + 28672**2 * 4
+    down_proj = (8192, 28672)
+    assert SparseGPT().prune_scratch_bytes(*down_proj, Target(0.5), on_gpu=True) == 2 * 28672**2 * 4
+    assert SparseGPT().prune_scratch_bytes(*down_proj, Target(0.5)) == 28672**2 * 4  # a CPU's LAPACK: one
     assert not math.isclose(sparsegpt["flops"], wanda["flops"])

@@ -68,6 +68,12 @@ class Statistic(ABC):
         """Bytes of temporaries while one micro-batch is added (beyond the forward's own)."""
 
     @staticmethod
+    def moved_bytes(in_features: int) -> int:
+        """Bytes `add_batch` makes where x is and moves to the statistic's device, when the two differ
+        (a MoE expert's statistic kept in RAM while the expert computes on the GPU)."""
+        return in_features * 4
+
+    @staticmethod
     def flops_per_token(in_features: int) -> int:
         """Floating-point operations `add_batch` spends per token (the plan's time estimate)."""
         return 3 * in_features  # a square and a sum per input feature, about
@@ -98,8 +104,8 @@ class Method(ABC):
         """The method's own settings that shape the output, for the run identity a resume checks."""
         return {}
 
-    def prune_scratch_bytes(self, rows: int, cols: int, target: Target) -> int:
-        """Peak temporaries of `prune` for one [rows, cols] Linear. This default is a score matrix
+    def prune_scratch_bytes(self, rows: int, cols: int, target: Target, on_gpu: bool = False) -> int:
+        """Peak temporaries of `prune` for one [rows, cols] Linear, on a GPU or a CPU. This default is a score matrix
         masked per row or N:M group: float32 scores, a sort slice (values + int64 indices), the mask."""
         return rows * cols * 4 + min(rows * cols, SORT_SLICE_ELEMENTS) * (4 + 8) + rows * cols
 

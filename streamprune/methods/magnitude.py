@@ -24,7 +24,7 @@ class Magnitude(Method):
             return Pruned(nm_prune_mask(scores, *target.keep_block))
         return Pruned(matrix_prune_mask(scores, target.sparsity))
 
-    def prune_scratch_bytes(self, rows: int, cols: int, target: Target) -> int:
+    def prune_scratch_bytes(self, rows: int, cols: int, target: Target, on_gpu: bool = False) -> int:
         if target.keep_block is not None:
             return super().prune_scratch_bytes(rows, cols, target)
         return rows * cols * (4 + 4 + 8 + 1)  # the whole matrix sorted at once

@@ -35,6 +35,6 @@ class RIA(Method):
     def settings(self) -> dict:
         return {"ria_alpha": ALPHA}
 
-    def prune_scratch_bytes(self, rows: int, cols: int, target: Target) -> int:
+    def prune_scratch_bytes(self, rows: int, cols: int, target: Target, on_gpu: bool = False) -> int:
         # |W|, the scores and one share in float32, then a sort slice and the mask
         return rows * cols * 4 * 3 + min(rows * cols, SORT_SLICE_ELEMENTS) * (4 + 8) + rows * cols

@@ -34,7 +34,10 @@ class Hessian(Statistic):
         self.H *= self.samples / (self.samples + batch)
         self.samples += batch
         inputs = math.sqrt(2 / self.samples) * x.reshape(-1, x.shape[-1]).t().float()  # [in, tokens]
-        self.H += inputs.matmul(inputs.t()).to(self.device)  # computed where x is (an expert's H may be on the CPU)
+        if inputs.device == self.H.device:
+            self.H.addmm_(inputs, inputs.t())  # in place: no [in, in] product beside H (3 GiB at a 70B down_proj)
+        else:  # an expert's H kept in RAM: the product computed where x is, then moved
+            self.H += inputs.matmul(inputs.t()).to(self.device)
 
     def merge(self, other: Hessian) -> None:
         total = self.samples + other.samples
@@ -71,6 +74,10 @@ class Hessian(Statistic):
     @staticmethod
     def scratch_bytes(seqlen: int, in_features: int) -> int:
         return seqlen * in_features * 4  # one sample's input in float32
+
+    @staticmethod
+    def moved_bytes(in_features: int) -> int:
+        return in_features * in_features * 4  # the product X X^T, made where x is
 
     @staticmethod
     def flops_per_token(in_features: int) -> int:
@@ -148,13 +155,16 @@ class SparseGPT(Method):
     def settings(self) -> dict:
         return {"percdamp": self.percdamp, "blocksize": self.blocksize}
 
-    def prune_scratch_bytes(self, rows: int, cols: int, target: Target) -> int:
-        # first the inverse, once per site: each factorisation makes one new [in, in] beside the one it
-        # replaces (the statistic's H, counted as held); once it is done, W in float32, the block's
-        # W1, Q1, Err1 and scores, its sort (values + int64 indices) and the mask. The larger of the
-        # two, not their sum: a 7B down_proj's inverse measured +468 MiB (its H is 462), its prune +413.
+    def prune_scratch_bytes(self, rows: int, cols: int, target: Target, on_gpu: bool = False) -> int:
+        # first the inverse, once per site: on a CPU each factorisation makes one new [in, in] beside
+        # the one it replaces (the statistic's H, counted as held); on a GPU cuSOLVER's
+        # cholesky_inverse makes two (its result, set to the identity, and a working copy of the
+        # factor). Once it is done, W in float32, the block's W1, Q1, Err1 and scores, its sort
+        # (values + int64 indices) and the mask. The larger of the two, not their sum: a 7B
+        # down_proj's inverse measured +468 MiB on a CPU (its H is 462), its prune +413.
         block = rows * min(self.blocksize, cols)
-        return max(cols * cols * 4, rows * cols * 4 + 4 * block * 4 + block * (4 + 8) + rows * cols)
+        inverse = cols * cols * 4 * (2 if on_gpu else 1)
+        return max(inverse, rows * cols * 4 + 4 * block * 4 + block * (4 + 8) + rows * cols)
 
     def prune_steps(self, rows: int, cols: int) -> int:
         return cols  # obs_prune's inner loop, a dozen small tensor operations a column
