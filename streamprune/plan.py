@@ -515,7 +515,7 @@ def probe_rates(config: dict, compute: torch.dtype, device: torch.device,
                 forward_shape: tuple[int, int] | None = None) -> dict:  # fmt: skip
     """What the run computes, timed here (best of two after a warm-up): one decoder layer of this
     geometry in the compute dtype on the device, forwarding probe_shape's tokens (attention, norms and
-    rotary included; its weights one constant, as a matmul's speed does not depend on them); a
+    rotary included; its weights one constant but a MoE router's, see probe_tensors); a
     float32 matmul (statistics such as SparseGPT's Hessians, and its solve); the passes over every
     pruned weight (weights_per_second); SparseGPT's column steps (steps_per_second). A
     square-matmul probe alone had planned 11 s for three 70B-geometry layers in bfloat16 that took
@@ -524,8 +524,7 @@ def probe_rates(config: dict, compute: torch.dtype, device: torch.device,
 
     g = Geometry.from_config(config)
     runner = LayerRunner(config, family_of(config), device, compute)
-    tensors = {name: torch.full(p.shape, 0.01 if p.dim() == 2 else 1.0, dtype=compute)
-               for name, p in runner.skeleton(0).state_dict().items()}  # fmt: skip
+    tensors = probe_tensors(runner, compute)
     samples, tokens = probe_shape(device, forward_shape)
     hidden = torch.randn(samples, tokens, g.hidden, dtype=compute, device=device)
     with torch.no_grad():
@@ -539,6 +538,19 @@ def probe_rates(config: dict, compute: torch.dtype, device: torch.device,
     solve = measure_matmul_flops(torch.float32, device)
     return {"forward": flops / forward, "solve": solve, "weights": weights_per_second(rows, cols, compute, device),
             "steps": steps_per_second(device)}  # fmt: skip
+
+
+def probe_tensors(runner, compute: torch.dtype) -> dict[str, torch.Tensor]:
+    """Layer 0's tensors for the probe: one constant value each, as a matmul's speed does not depend
+    on it; but a MoE router's random, as a constant one sends every token to the same top-k experts
+    and the probe would run only those (the likely reason an H200's Mixtral layer was planned at a
+    third of its measured time; not yet re-measured there)."""
+    tensors = {name: torch.full(p.shape, 0.01 if p.dim() == 2 else 1.0, dtype=compute)
+               for name, p in runner.skeleton(0).state_dict().items()}  # fmt: skip
+    if runner.experts is not None:
+        router = f"{runner.experts.block}.gate.weight"  # [experts, hidden]
+        tensors[router] = torch.randn(tensors[router].shape, generator=torch.Generator().manual_seed(0)).to(compute)
+    return tensors
 
 
 PROBE_WEIGHTS = 1 << 28  # at most this much of the largest Linear (all of a 70B's): smaller slices ran faster

@@ -314,3 +314,21 @@ def test_experts_in_ram_and_reconstruct_are_refused_together(moe_models, tmp_pat
     result = CliRunner().invoke(app, ["run", str(moe_models["mixtral"]), "--out", str(out), "--reconstruct",
                                       "--expert-weights", "cpu", "--calib", str(WIKITEXT)])  # fmt: skip
     assert result.exit_code == 2 and "--expert-weights cpu" in result.output and not out.exists(), result.output
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_the_time_probe_routes_tokens_to_every_expert(moe_models, family):
+    """The plan's probe layer: constant weights would route every token to the same top-k experts
+    (equal logits), and time only those; its router is random, so the probe runs them all."""
+    from streamprune.plan import probe_tensors
+    from streamprune.stream import open_source
+
+    runner = open_source(moe_models[family], torch.device("cpu"), "auto").runner
+    layer = runner.build(0, probe_tensors(runner, torch.float32))
+    ran = set()
+    for name, module in layer.named_modules():
+        if name.endswith(f".{runner.experts.gate}") and ".experts." in name:
+            module.register_forward_hook(lambda module, args, out, name=name: ran.add(name))
+    with torch.no_grad():
+        runner.forward(layer, 0, torch.randn(1, 64, runner.config.hidden_size))
+    assert len(ran) == 8  # every expert of the block computed
