@@ -362,8 +362,8 @@ def _experts_in_ram(g: Geometry, s: Settings, method, target: Target, prune_cali
     largest_expert = max(rows * cols for rows, cols in expert_linears.values())
     scratch = max(method.prune_scratch_bytes(rows, cols, target) for rows, cols in expert_linears.values())
     ram = {PRUNE: weights + held + scratch + largest_expert * s.compute_bytes, WRITE_AND_PROPAGATE: weights}
-    if method.needs_calibration and prune_calibrated:
-        ram[DENSE_FORWARD] = weights + held
+    if method.needs_calibration and prune_calibrated:  # and the product each add_batch moves here
+        ram[DENSE_FORWARD] = weights + held + max(method.statistic.moved_bytes(w) for w in widths.values())
     return ram, (expert_params - expert_params // g.experts) * s.compute_bytes, held
 
 

@@ -105,8 +105,9 @@ class Method(ABC):
         return {}
 
     def prune_scratch_bytes(self, rows: int, cols: int, target: Target, on_gpu: bool = False) -> int:
-        """Peak temporaries of `prune` for one [rows, cols] Linear, on a GPU or a CPU. This default is a score matrix
-        masked per row or N:M group: float32 scores, a sort slice (values + int64 indices), the mask."""
+        """Peak temporaries of `prune` for one [rows, cols] Linear, on a GPU or a CPU. This default is a
+        score matrix masked per row or N:M group: float32 scores, a sort slice (values + int64 indices),
+        the mask."""
         return rows * cols * 4 + min(rows * cols, SORT_SLICE_ELEMENTS) * (4 + 8) + rows * cols
 
     def prune_steps(self, rows: int, cols: int) -> int:
