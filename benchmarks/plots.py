@@ -2,7 +2,11 @@
 OWL dashed, log scale), and OWL's per-layer sparsities, drawn from the `perplexity-*` sections of
 RESULTS.md (written by perplexity.py from real runs; nothing here is measured or typed in).
 
-    python benchmarks/plots.py      # writes benchmarks/ppl_vs_sparsity.png, owl_layers.png and heal.png
+    python benchmarks/plots.py      # writes benchmarks/ppl_vs_sparsity.png, owl_layers.png, heal.png
+                                    # and quality_ppl_vs_sparsity.png
+
+quality_ppl_vs_sparsity.png: the same chart from the methods quality table's rows (128 x 512
+calibration tokens), benchmarks/quality-methods.json (written by quality.py --table methods).
 
 heal.png: perplexity before and after each healing, from benchmarks/heal.json (written by heal.py).
 """
@@ -42,7 +46,20 @@ def measured() -> tuple[dict, dict]:
     return curves, layers
 
 
-def ppl_chart(curves: dict, width: int = 720, height: int = 440) -> Image.Image:
+def quality_curves() -> dict:
+    """{(method, owl): {sparsity: ppl}} from the rows quality.py --table methods has measured."""
+    saved = HERE / "quality-methods.json"
+    rows = json.loads(saved.read_text())["rows"] if saved.exists() else {}
+    curves = {}
+    for name, row in rows.items():
+        label = LABEL.match(name)
+        if label:
+            curves.setdefault((label["method"], bool(label["owl"])), {})[int(label["percent"]) / 100] = row["ppl"]
+    return curves
+
+
+def ppl_chart(curves: dict, caption: str = "32 x 512 calibration tokens", width: int = 720,
+              height: int = 440) -> Image.Image:  # fmt: skip
     image = Image.new("RGB", (width, height), "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     left, right, top, bottom = 70, width - 170, 30, height - 50
@@ -62,7 +79,8 @@ def ppl_chart(curves: dict, width: int = 720, height: int = 440) -> Image.Image:
         draw.text((8, y - 6), f"{10**decade:g}", fill="black", font=font)
     for x in xs:
         draw.text((at(x, 10**y_low)[0] - 10, bottom + 8), f"{x:.0%}", fill="black", font=font)
-    draw.text((left, height - 20), "unstructured sparsity (SmolLM2-135M; WikiText-2 ppl, log scale)", fill="black")
+    draw.text((left, height - 20), f"unstructured sparsity (SmolLM2-135M, {caption}; WikiText-2 ppl, log scale)",
+              fill="black")  # fmt: skip
     for row, ((method, owl), points) in enumerate(sorted(curves.items())):
         color = COLORS.get(method, (0, 0, 0))
         line = [at(x, y) for x, y in sorted(points.items())]
@@ -150,6 +168,11 @@ def main() -> None:
     if layers:
         owl_chart(layers).save(HERE / "owl_layers.png")
         print(f"wrote {HERE / 'owl_layers.png'}: {', '.join(layers)}")
+    quality = quality_curves()
+    if quality:
+        ppl_chart(quality, "128 x 512 calibration tokens").save(HERE / "quality_ppl_vs_sparsity.png")
+        points = sum(len(points) for points in quality.values())
+        print(f"wrote {HERE / 'quality_ppl_vs_sparsity.png'}: {points} measured points")
 
 
 if __name__ == "__main__":
