@@ -332,14 +332,12 @@ def _peak_vram(g: Geometry, s: Settings, method, target: Target, passes: tuple[i
     compute_copy = g.layer_params * s.compute_bytes  # the layer built in the compute dtype
     on_gpu = g.linear_shapes()
     if ram_by_step is not None:
-        ram, vram_weights, vram_statistics = _experts_in_ram(g, s, method, target, prune_calibrated)
+        ram, vram_weights, vram_statistics, moved = _experts_in_ram(g, s, method, target, prune_calibrated)
         for step_name, extra in ram.items():
             ram_by_step[step_name] += extra
         compute_copy -= vram_weights
         statistics -= vram_statistics
-        if method.needs_calibration and prune_calibrated:  # an expert's statistic is made on the GPU, then moved
-            widths = [w for site, w in g.site_widths().items() if site.startswith("expert ")]
-            forward += max(method.statistic.moved_bytes(w) for w in widths)
+        forward += moved  # an expert's statistic is made on the GPU, then moved
         on_gpu = {name: shape for name, shape in on_gpu.items() if not name.startswith("expert ")}
     largest_linear = max(rows * cols for rows, cols in on_gpu.values())  # its mask: a byte a weight
     prune_scratch = max(method.prune_scratch_bytes(rows, cols, target, on_gpu=True) for rows, cols in on_gpu.values())
@@ -348,11 +346,11 @@ def _peak_vram(g: Geometry, s: Settings, method, target: Target, passes: tuple[i
 
 
 def _experts_in_ram(g: Geometry, s: Settings, method, target: Target, prune_calibrated: bool
-                    ) -> tuple[dict[str, int], int, int]:  # fmt: skip
+                    ) -> tuple[dict[str, int], int, int, int]:  # fmt: skip
     """--expert-weights cpu on a GPU run: what the RAM holds instead of the GPU, by step (the
     experts' statistics and pruning, and compute-dtype copies where it differs from the stored
-    one), and what leaves the GPU: the routed experts' weights but the computing one's, and their
-    statistics."""
+    one), what leaves the GPU: the routed experts' weights but the computing one's, and their
+    statistics; and what add_batch makes on the GPU to move to an expert's statistic in RAM."""
     expert_linears = {name: shape for name, shape in g.linear_shapes().items() if name.startswith("expert ")}
     expert_params = sum(rows * cols for rows, cols in expert_linears.values())
     widths = {site: w for site, w in g.site_widths().items() if site.startswith("expert ")}
@@ -362,9 +360,11 @@ def _experts_in_ram(g: Geometry, s: Settings, method, target: Target, prune_cali
     largest_expert = max(rows * cols for rows, cols in expert_linears.values())
     scratch = max(method.prune_scratch_bytes(rows, cols, target) for rows, cols in expert_linears.values())
     ram = {PRUNE: weights + held + scratch + largest_expert * s.compute_bytes, WRITE_AND_PROPAGATE: weights}
+    moved = 0
     if method.needs_calibration and prune_calibrated:  # and the product each add_batch moves here
-        ram[DENSE_FORWARD] = weights + held + max(method.statistic.moved_bytes(w) for w in widths.values())
-    return ram, (expert_params - expert_params // g.experts) * s.compute_bytes, held
+        moved = max(method.statistic.moved_bytes(w) for w in widths.values())
+        ram[DENSE_FORWARD] = weights + held + moved
+    return ram, (expert_params - expert_params // g.experts) * s.compute_bytes, held, moved
 
 
 def _forwards_per_layer(s: Settings, statistics: bool) -> float:
@@ -814,7 +814,7 @@ def assumed_rates(named: str) -> dict:
     """A GPU that is not here (a key of GPU_PEAK_TFLOPS): FLOP/s assumed from its data sheet, the
     bfloat16 peak for forwards and the float32 one for statistics and solves; weight passes and
     SparseGPT's column steps at assumed rates (an H200 made 1e4 steps a second)."""
-    return {"forward": GPU_PEAK_TFLOPS[named] * 1e12 * GPU_EFFICIENCY, "weights": 1e10, "steps": 1e4,
+    return {"forward": gpu_flops(named), "weights": 1e10, "steps": 1e4,
             "solve": GPU_FLOAT32_TFLOPS[named] * 1e12 * GPU_FLOAT32_EFFICIENCY}  # fmt: skip
 
 
@@ -826,8 +826,9 @@ def local_rates(config: dict, compute: torch.dtype, device: torch.device, memory
     layer_bytes = Geometry.from_config(config).layer_params * compute.itemsize
     if memory is not None and layer_bytes > memory / 4:
         rate = measure_matmul_flops(compute) if device.type == "cpu" else gpu_flops(torch.cuda.get_device_name(device))
-        solve = measure_matmul_flops(torch.float32, device)
-        return None if rate is None else {"forward": rate, "solve": solve, "weights": 1e8, "steps": 1e4}
+        if rate is None:
+            return None
+        return {"forward": rate, "solve": measure_matmul_flops(torch.float32, device), "weights": 1e8, "steps": 1e4}
     return probe_rates(config, compute, device, forward_shape)
 
 

@@ -330,5 +330,7 @@ def test_the_time_probe_routes_tokens_to_every_expert(moe_models, family):
         if name.endswith(f".{runner.experts.gate}") and ".experts." in name:
             module.register_forward_hook(lambda module, args, out, name=name: ran.add(name))
     with torch.no_grad():
-        runner.forward(layer, 0, torch.randn(1, 64, runner.config.hidden_size))
+        # seeded, and enough tokens that a random router reaches each of 8 experts (64 unseeded missed one)
+        tokens = torch.randn(1, 512, runner.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        runner.forward(layer, 0, tokens)
     assert len(ran) == 8  # every expert of the block computed
