@@ -29,7 +29,10 @@ from common import conditions, write_section  # noqa: E402
 from streamprune.families import LayerRunner, family_of  # noqa: E402
 from streamprune.methods import Target, method_named  # noqa: E402
 from streamprune.pipeline import collect_statistics, prune_linears  # noqa: E402
-from streamprune.plan import Geometry, Settings, estimate, local_rates, seconds  # noqa: E402
+from streamprune.plan.geometry import Geometry  # noqa: E402
+from streamprune.plan.memory import Settings, estimate  # noqa: E402
+from streamprune.plan.probes import local_rates  # noqa: E402
+from streamprune.plan.report import seconds  # noqa: E402
 from streamprune.source import ALIAS_CONFIGS, ALIASES  # noqa: E402
 from streamprune.stream import forward_batches  # noqa: E402
 

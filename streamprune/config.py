@@ -1,9 +1,13 @@
-"""The settings of one pruning run, checked before anything is read or written."""
+"""The settings of one pruning run, grouped as the CLI's help panels group their flags (method,
+calibration, reconstruction, resources, output), frozen, and checked once, before anything is read or
+written. What a run decides for itself (an auto batch size, where the buffer lives) is not written
+back here: the run's setup returns it (pipeline/setup.py)."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -12,6 +16,7 @@ from .allocation import ALLOCATIONS, OWL_LAMBDA, OWL_M, check_owl
 from .checkpoint import FLOAT_DTYPES as DTYPES
 from .errors import UsageError
 from .methods import METHODS, Method, Target, method_named
+from .reconstruct import OPTIMIZERS, ReconstructSettings
 from .sizes import parse_size
 
 PROPAGATE = ("pruned", "dense")
@@ -19,53 +24,24 @@ OFFLOAD = ("auto", "cpu", "disk")
 EXPERT_WEIGHTS = ("auto", "gpu", "cpu")
 
 
-@dataclass
-class PruneConfig:
-    model: str  # local directory, hub id or alias
-    out: Path
+@dataclass(frozen=True)
+class MethodArgs:
+    """What is pruned, and how much."""
+
     method: str = "wanda"
-    percdamp: float | None = None  # sparsegpt: dampening, a fraction of H's mean diagonal; None: 0.01
-    blocksize: int | None = None  # sparsegpt: columns pruned together; None: 128
     sparsity: float | None = None  # fraction zeroed in every pruned Linear; 0.5 when no pattern
     pattern: str | None = None  # "N:M": keep N of every M consecutive inputs in each row
+    percdamp: float | None = None  # sparsegpt: dampening, a fraction of H's mean diagonal; None: 0.01
+    blocksize: int | None = None  # sparsegpt: columns pruned together; None: 128
     allocation: str = "uniform"  # every layer loses `sparsity`, or owl: per layer, by its outliers
     owl_m: float = OWL_M  # owl: an outlier scores above this many times its layer's mean
     owl_lambda: float = OWL_LAMBDA  # owl: layer sparsities span at most 2 x this
-    propagate: str = "pruned"  # next block's inputs from the pruned block, or from the dense one
     sequential: bool = False  # each input site's statistics from the layer with the Linears before it pruned
-    reconstruct: bool = False  # train each pruned layer's survivors to match the dense layer's outputs
-    reconstruct_epochs: int = 4
-    reconstruct_lr: float = 1e-3
-    reconstruct_batch_size: int = 1
-    reconstruct_norms: bool = False  # also train the norms' weights
-    reconstruct_optimizer: str = "adam"  # or adam8bit (bitsandbytes)
-    calib: str = "c4"  # "c4" or a .txt / .jsonl / .jsonl.gz path
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "auto"  # compute dtype; auto: the checkpoint's
-    batch_size: int | None = 1  # calibration samples per micro-batch; 1 is what the reference does; None: auto
-    max_shard_size: str = "5GB"
-    checkpoint_every: int | None = None  # a resume point (activations + state) every this many layers; None: the plan's
-    checkpoint_minutes: float | None = None  # ... and also when this many minutes have passed
-    offload: str = "auto"  # the activation buffer in RAM (cpu), in a file (disk), or cpu when it fits (auto)
-    offload_dir: str | None = None  # where --offload disk puts it; default OUT/.streamprune/offload
-    # a mixture-of-experts layer's routed experts on a GPU run: on the GPU, in RAM (each visiting the
-    # GPU while it computes), or on the GPU when the plan says the layer fits (auto)
-    expert_weights: str = "auto"
-    max_ram: str | None = None  # RAM the run may use; default what is available now
-    max_gpu_memory: str | None = None  # GPU memory the run may use; default what is free on the device
-    overlap: bool = True  # read, compute and write on separate threads
-    force: bool = False
-    quiet: bool = False
 
     def __post_init__(self):
-        self.out = Path(self.out)
         check_choice("--method", self.method, METHODS)
-        check_choice("--propagate", self.propagate, PROPAGATE)
-        self.sparsity = check_sparsity(self.sparsity, self.pattern)
-        self.build_method()  # its options and the target checked now
+        object.__setattr__(self, "sparsity", check_sparsity(self.sparsity, self.pattern))
+        self.build()  # its options and the target checked now
         if self.sequential and METHODS[self.method].statistic is None:
             raise UsageError(
                 f"--sequential orders the statistics of a layer's input sites; --method {self.method} has none: drop it"
@@ -73,36 +49,12 @@ class PruneConfig:
         check_choice("--allocation", self.allocation, ALLOCATIONS)
         if self.allocation == "owl":
             check_owl(self.sparsity, self.pattern, self.owl_m, self.owl_lambda)
-        check_positive(self, "checkpoint_minutes", "nsamples", "seqlen", "batch_size", "checkpoint_every",
-                       "reconstruct_epochs", "reconstruct_lr", "reconstruct_batch_size")  # fmt: skip
-        from .reconstruct import OPTIMIZERS
 
-        check_choice("--reconstruct-optimizer", self.reconstruct_optimizer, OPTIMIZERS)
-        if self.reconstruct and self.propagate == "dense":
-            raise UsageError(
-                "--reconstruct trains each pruned layer on the pruned stream's inputs, which --propagate dense "
-                "replaces by the dense stream's; drop one of them"
-            )
-        check_dtype(self.dtype)
-        check_choice("--offload", self.offload, OFFLOAD)
-        if self.offload_dir is not None and self.offload == "cpu":
-            raise UsageError("--offload-dir is where --offload disk keeps the buffer; drop it, or use --offload disk")
-        check_choice("--expert-weights", self.expert_weights, EXPERT_WEIGHTS)
-        if self.reconstruct and self.expert_weights == "cpu":
-            raise UsageError(
-                "--reconstruct trains the whole layer on the compute device; --expert-weights cpu keeps the experts "
-                "off it. Drop one of them"
-            )
-        self.max_shard_bytes = parse_shard_size(self.max_shard_size)
-        self.max_ram_bytes = parse_limit("--max-ram", self.max_ram)
-        self.max_gpu_bytes = parse_limit("--max-gpu-memory", self.max_gpu_memory)
-        self.torch_device = parse_device(self.device)
-
-    def method_options(self) -> dict:
+    def options(self) -> dict:
         return {"percdamp": self.percdamp, "blocksize": self.blocksize}
 
-    def build_method(self) -> Method:
-        method = method_named(self.method, **self.method_options())
+    def build(self) -> Method:
+        method = method_named(self.method, **self.options())
         method.check_target(self.target)
         return method
 
@@ -115,27 +67,169 @@ class PruneConfig:
         """What every pruned Linear loses (with --allocation owl, the mean over layers)."""
         return Target(sparsity=self.sparsity, keep_block=self.keep_block())
 
-    def reconstruct_settings(self):
-        """ReconstructSettings of --reconstruct, or None."""
-        from .reconstruct import ReconstructSettings
-
-        if not self.reconstruct:
-            return None
-        return ReconstructSettings(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_batch_size,
-                                   self.reconstruct_norms, self.reconstruct_optimizer)  # fmt: skip
-
-    def allocation_settings(self) -> dict | None:
-        """The allocation's settings for the run identity and record; None for uniform."""
-        return {"name": "owl", "m": self.owl_m, "lambda": self.owl_lambda} if self.allocation == "owl" else None
-
     @property
     def target_sparsity(self) -> float:
         block = self.keep_block()
         return (block[1] - block[0]) / block[1] if block else self.sparsity
 
+    def allocation_settings(self) -> dict | None:
+        """The allocation's settings for the run identity and record; None for uniform."""
+        return {"name": "owl", "m": self.owl_m, "lambda": self.owl_lambda} if self.allocation == "owl" else None
+
+
+@dataclass(frozen=True)
+class CalibrationArgs:
+    """The token windows pushed through the layers, and how they travel."""
+
+    calib: str = "c4"  # "c4" or a .txt / .jsonl / .jsonl.gz path
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int | None = 1  # samples per micro-batch; 1 is what the reference does; None: the plan's
+    propagate: str = "pruned"  # next block's inputs from the pruned block, or from the dense one
+
+    def __post_init__(self):
+        check_positive(self, "nsamples", "seqlen", "batch_size")
+        check_choice("--propagate", self.propagate, PROPAGATE)
+
+
+@dataclass(frozen=True)
+class ReconstructionArgs:
+    """--reconstruct: each pruned layer's survivors trained toward the dense layer's outputs."""
+
+    enabled: bool = False
+    epochs: int = 4
+    lr: float = 1e-3
+    batch_size: int = 1
+    norms: bool = False  # also train the norms' weights
+    optimizer: str = "adam"  # or adam8bit (bitsandbytes)
+
+    def __post_init__(self):
+        for name in ("epochs", "lr", "batch_size"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise UsageError(f"--reconstruct-{name.replace('_', '-')} must be positive, got {value}")
+        check_choice("--reconstruct-optimizer", self.optimizer, OPTIMIZERS)
+
+    def settings(self) -> ReconstructSettings | None:
+        """The training's settings, or None without --reconstruct."""
+        if not self.enabled:
+            return None
+        return ReconstructSettings(self.epochs, self.lr, self.batch_size, self.norms, self.optimizer)
+
+
+@dataclass(frozen=True)
+class ResourceArgs:
+    """Where the run computes and keeps its buffer, and the memory it may use."""
+
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # compute dtype; auto: the checkpoint's
+    offload: str = "auto"  # the activation buffer in RAM (cpu), in a file (disk), or cpu when it fits (auto)
+    offload_dir: str | None = None  # where --offload disk puts it; default OUT/.streamprune/offload
+    # a mixture-of-experts layer's routed experts on a GPU run: on the GPU, in RAM (each visiting the
+    # GPU while it computes), or on the GPU when the plan says the layer fits (auto)
+    expert_weights: str = "auto"
+    max_ram: str | None = None  # RAM the run may use; default what is available now
+    max_gpu_memory: str | None = None  # GPU memory the run may use; default what is free on the device
+    overlap: bool = True  # read, compute and write on separate threads
+
+    def __post_init__(self):
+        check_dtype(self.dtype)
+        check_choice("--offload", self.offload, OFFLOAD)
+        if self.offload_dir is not None and self.offload == "cpu":
+            raise UsageError("--offload-dir is where --offload disk keeps the buffer; drop it, or use --offload disk")
+        check_choice("--expert-weights", self.expert_weights, EXPERT_WEIGHTS)
+        # parsed now so that a bad value stops the run before anything is read
+        for name in ("max_ram_bytes", "max_gpu_bytes", "torch_device"):
+            getattr(self, name)
+
+    @cached_property
+    def max_ram_bytes(self) -> int | None:
+        return parse_limit("--max-ram", self.max_ram)
+
+    @cached_property
+    def max_gpu_bytes(self) -> int | None:
+        return parse_limit("--max-gpu-memory", self.max_gpu_memory)
+
+    @cached_property
+    def torch_device(self) -> torch.device:
+        return parse_device(self.device)
+
+
+@dataclass(frozen=True)
+class OutputArgs:
+    """The output checkpoint and its resume points."""
+
+    out: Path
+    max_shard_size: str = "5GB"
+    checkpoint_every: int | None = None  # a resume point (activations + state) every this many layers; None: the plan's
+    checkpoint_minutes: float | None = None  # ... and also when this many minutes have passed
+    force: bool = False
+    quiet: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+        check_positive(self, "checkpoint_every", "checkpoint_minutes")
+        self.max_shard_bytes  # noqa: B018  (parsed now, like every value)
+
+    @cached_property
+    def max_shard_bytes(self) -> int:
+        return parse_shard_size(self.max_shard_size)
+
+
+# each group's flags: its field names, but for reconstruction's, which carry the --reconstruct- prefix
+GROUPS = {"method": MethodArgs, "calibration": CalibrationArgs, "reconstruction": ReconstructionArgs,
+          "resources": ResourceArgs, "output": OutputArgs}  # fmt: skip
+
+
+def flag_name(group: str, field: str) -> str:
+    """The keyword (the CLI flag, underscored) of a group's field."""
+    if group != "reconstruction":
+        return field
+    return "reconstruct" if field == "enabled" else f"reconstruct_{field}"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """One run's settings. Build it from flat keywords, the CLI's flag names, with `from_flags`."""
+
+    model: str  # local directory, hub id or alias
+    method: MethodArgs
+    calibration: CalibrationArgs
+    reconstruction: ReconstructionArgs
+    resources: ResourceArgs
+    output: OutputArgs
+
+    def __post_init__(self):
+        if self.reconstruction.enabled and self.calibration.propagate == "dense":
+            raise UsageError(
+                "--reconstruct trains each pruned layer on the pruned stream's inputs, which --propagate dense "
+                "replaces by the dense stream's; drop one of them"
+            )
+        if self.reconstruction.enabled and self.resources.expert_weights == "cpu":
+            raise UsageError(
+                "--reconstruct trains the whole layer on the compute device; --expert-weights cpu keeps the experts "
+                "off it. Drop one of them"
+            )
+
+    @classmethod
+    def from_flags(cls, model: str, out: Path | str, **flags) -> PruneConfig:
+        """PruneConfig.from_flags("smollm2-135m", "out", sparsity=0.5, nsamples=32, reconstruct=True)."""
+        groups = {}
+        for group, args in GROUPS.items():
+            names = {flag_name(group, f.name): f.name for f in fields(args)}
+            given = {names[flag]: flags.pop(flag) for flag in list(flags) if flag in names}
+            groups[group] = args(out=out, **given) if group == "output" else args(**given)
+        if flags:
+            raise TypeError(f"PruneConfig.from_flags: unknown settings {', '.join(sorted(flags))}")
+        return cls(model=model, **groups)
+
     def as_record(self) -> dict:
-        record = asdict(self)
-        record["out"] = str(self.out)
+        """The settings by their flag names (the run record's "arguments")."""
+        record = {"model": self.model}
+        for group in GROUPS:
+            for name, value in asdict(getattr(self, group)).items():
+                record[flag_name(group, name)] = str(value) if isinstance(value, Path) else value
         return record
 
 

@@ -26,7 +26,7 @@ class Projections:
     """The Linears pruned in every block (all of its nn.Linears; embeddings, norms and lm_head are
     kept), grouped by input site: Linears that read the same tensor share one site, so a statistic
     of their input (Wanda's norms, a Hessian) is computed and held once per site, not once per Linear.
-    The four sites are the same in every family (plan.Geometry.site_widths); how many Linears read
+    The four sites are the same in every family (plan.geometry.Geometry.site_widths); how many Linears read
     each is not."""
 
     sites: dict[str, tuple[str, ...]]  # site -> its Linears (local names), in forward order

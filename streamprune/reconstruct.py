@@ -17,8 +17,8 @@ from .methods.masks import apply_mask
 
 @dataclass(frozen=True)
 class ReconstructSettings:
-    # defaults: the best held-out error within ~17 s a layer on SmolLM2 (32 x 512 tokens, CPU),
-    # among 2-8 epochs, lr 1e-4 to 3e-3, batches of 1-4
+    # defaults: the best held-out error at a bounded cost a layer, among 2-8 epochs, lr 1e-4 to 3e-3
+    # and batches of 1-4 on SmolLM2
     epochs: int = 4  # passes over the calibration samples
     lr: float = 1e-3  # Adam's learning rate
     batch_size: int = 1  # samples per optimizer step

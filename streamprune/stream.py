@@ -243,8 +243,8 @@ def forward_batches(
             if on_output is not None:
                 on_output(x, y)
             if write_back:
-                # straight into the (pinned) buffer, no pageable staging copy: with one, writing back took
-                # ~3 s of a 70B layer's 5.4 on an H200 (RESULTS.md gpu-layer; not yet re-measured without)
+                # straight into the (pinned) buffer: a pageable staging copy would dominate a GPU layer's
+                # time (RESULTS.md: one llama-2-70b layer on a GPU)
                 hidden[start : start + batch_size].copy_(y)
             buffers.release(hidden, slice(start, start + batch_size))
     finally:

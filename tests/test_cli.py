@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -9,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer.main
 from conftest import WIKITEXT, tree_digest
 from typer.testing import CliRunner
 
+import streamprune.cli
 from streamprune.cli import app
 
 FAST = ["--calib", str(WIKITEXT), "--nsamples", "4", "--seqlen", "32", "--quiet"]
@@ -148,6 +151,56 @@ def test_help_explains_pattern():
     result = CliRunner().invoke(app, ["run", "--help"], terminal_width=200)
     text = " ".join(result.output.replace("│", " ").split())  # undo rich's wrapping and box
     assert result.exit_code == 0 and "keep N of every M consecutive input weights" in text
+
+
+def test_every_option_name_is_declared_once():
+    """A flag shared by several commands is one module-level declaration, used by each of them."""
+    declared: dict[str, list[str]] = {}
+    for path in sorted(Path(streamprune.cli.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            func = node.func if isinstance(node, ast.Call) else None
+            if getattr(func, "attr", getattr(func, "id", None)) == "Option":  # typer.Option(...) or Option(...)
+                for arg in node.args:
+                    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                        for name in arg.value.split("/"):
+                            if name.startswith("--"):
+                                declared.setdefault(name, []).append(f"{path.name}:{node.lineno}")
+    assert "--device" in declared and "--no-overlap" in declared
+    twice = {name: places for name, places in declared.items() if len(places) > 1}
+    assert not twice, f"declared more than once: {twice}"
+
+
+PANELS = {"Method", "Calibration and data", "Reconstruction", "Healing", "Memory and devices", "Resume", "Output"}
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "eval", "depth", "heal"])
+def test_help_groups_options_into_panels(command):
+    """Every option of every command sits in one of the same few panels; run shows all but Healing."""
+    options = [p for p in typer.main.get_command(app).commands[command].params if p.param_type_name == "option"]
+    assert {option.rich_help_panel for option in options} <= PANELS
+    result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    shown = {title for title in PANELS if f"─ {title} ─" in result.output}
+    if command == "run":
+        assert shown == PANELS - {"Healing"}, result.output
+    assert {"Memory and devices", "Output"} <= shown, result.output
+
+
+@pytest.mark.parametrize("command", ["", "run", "plan", "eval", "depth", "heal"])
+def test_help_paragraphs_have_no_hard_line_breaks(command):
+    """On a terminal wide enough, each paragraph of a command's description (and each summary in the
+    command list) is one line: the source holds no line breaks inside a paragraph."""
+    result = CliRunner().invoke(app, [*command.split(), "--help"], env={"COLUMNS": "500"})
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.output.splitlines()]
+    usage = next(i for i, line in enumerate(lines) if line.startswith("Usage:"))
+    first_box = next(i for i, line in enumerate(lines) if line.startswith("╭"))
+    description = "\n".join(lines[usage + 1 : first_box]).strip()
+    assert description and all("\n" not in paragraph for paragraph in description.split("\n\n")), description
+    if not command:
+        commands = next(i for i, line in enumerate(lines) if "─ Commands ─" in line)
+        rows = [line for line in lines[commands + 1 :] if line.startswith("│")]
+        assert len(rows) == len(streamprune.cli.app.registered_commands), rows
 
 
 def test_full_disk_is_reported_with_the_command_that_resumes(model, tmp_path, monkeypatch):

@@ -7,14 +7,19 @@ from __future__ import annotations
 import json
 import math
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import WIKITEXT, attention, make_tiny_model, tree_digest
 from reference_wanda import decoder
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
+import streamprune.depth.command as depth_command
+from streamprune.calibration import read_documents, sample_windows
 from streamprune.checkpoint import Checkpoint
 from streamprune.cli import app
 from streamprune.depth import (
@@ -26,8 +31,10 @@ from streamprune.depth import (
     seams,
     shortened_config,
 )
+from streamprune.depth.blocks import Blocks
 from streamprune.errors import UsageError
 from streamprune.families import FAMILIES
+from streamprune.writer import CheckpointWriter
 
 # families whose config changes with depth (qwen2: sliding layers), and the newer layer layouts
 DEPTH_FAMILIES = ("llama", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3", "gemma3-vl", "phi3")
@@ -98,8 +105,6 @@ def test_shortened_config_writes_out_the_attention_kinds_a_config_class_would_de
 
 
 def whole_model(path: Path):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention(path), dtype=torch.float32).eval()
 
 
@@ -180,10 +185,6 @@ def tiny6(tmp_path_factory) -> dict[str, Path]:
 
 def calibration_ids(model: Path, nsamples: int, seqlen: int, seed: int = 1234) -> torch.Tensor:
     """The ids depth() samples: same function, same arguments."""
-    from transformers import AutoTokenizer
-
-    from streamprune.calibration import read_documents, sample_windows
-
     return sample_windows(read_documents(WIKITEXT), AutoTokenizer.from_pretrained(model), nsamples, seqlen, seed)
 
 
@@ -215,8 +216,6 @@ def test_streamed_scores_equal_the_whole_model(tiny6, tmp_path, family, criterio
 
 @pytest.mark.parametrize("family", DEPTH_FAMILIES)
 def test_shortened_checkpoint_is_the_whole_model_without_those_blocks(tiny6, tmp_path, family):
-    from transformers import AutoModelForCausalLM
-
     source = tiny6[family]  # qwen2's sliding layers: layer_types and max_window_layers must follow the blocks
     before = tree_digest(source)
     report = run_depth(source, tmp_path / "out", criterion="bi", remove=2)
@@ -357,9 +356,6 @@ def weights_digest(out: Path) -> dict[str, str]:
 
 
 def test_a_run_stopped_while_writing_reuses_its_scores_and_ends_identical(tiny6, tmp_path, monkeypatch):
-    import streamprune.depth as depth_module
-    from streamprune.writer import CheckpointWriter
-
     reference = run_depth(tiny6["llama"], tmp_path / "reference", criterion="ppl")
     real_write, calls = CheckpointWriter.write, []
 
@@ -378,17 +374,15 @@ def test_a_run_stopped_while_writing_reuses_its_scores_and_ends_identical(tiny6,
     def no_scoring(*args):
         raise AssertionError("the scores should have been reused")
 
-    monkeypatch.setattr(depth_module, "score_blocks", no_scoring)
+    monkeypatch.setattr(depth_command, "score_blocks", no_scoring)  # where score() looks it up
     resumed = run_depth(tiny6["llama"], tmp_path / "out", criterion="ppl")
     assert resumed["removed"] == reference["removed"]
     assert weights_digest(tmp_path / "out") == weights_digest(tmp_path / "reference")
 
 
 def test_scores_only_then_remove_reuses_the_scores(tiny6, tmp_path, monkeypatch):
-    import streamprune.depth as depth_module
-
     scored = run_depth(tiny6["llama"], tmp_path / "out", criterion="bi", scores_only=True, remove=None)
-    monkeypatch.setattr(depth_module, "score_blocks", lambda *a: pytest.fail("the scores should have been reused"))
+    monkeypatch.setattr(depth_command, "score_blocks", lambda *a: pytest.fail("the scores should have been reused"))
     report = run_depth(tiny6["llama"], tmp_path / "out", criterion="bi", remove=2)
     expected = lowest({r["block"]: r["score"] for r in scored["blocks"]}, [1, 2, 3, 4], 2)
     assert report["removed"] == expected
@@ -408,9 +402,7 @@ def test_scores_from_other_settings_are_refused(tiny6, tmp_path):
 
 def count_block_reads(monkeypatch, stop_at: int | None = None) -> list[int]:
     """Count Blocks.tensors calls (one per block read); raise KeyboardInterrupt at call `stop_at`."""
-    import streamprune.depth as depth_module
-
-    real, calls = depth_module.Blocks.tensors, []
+    real, calls = Blocks.tensors, []
 
     def tensors(self, index):
         calls.append(index)
@@ -418,7 +410,7 @@ def count_block_reads(monkeypatch, stop_at: int | None = None) -> list[int]:
             raise KeyboardInterrupt
         return real(self, index)
 
-    monkeypatch.setattr(depth_module.Blocks, "tensors", tensors)
+    monkeypatch.setattr(Blocks, "tensors", tensors)
     return calls
 
 
@@ -475,7 +467,8 @@ def test_without_a_due_save_a_stopped_pass_starts_over(tiny6, tmp_path, monkeypa
 KILLER = """
 import os, signal, sys
 
-import streamprune.depth
+import streamprune.depth.blocks
+import streamprune.depth.healing
 import streamprune.runstate
 
 event, n = sys.argv[1], int(sys.argv[2])
@@ -489,21 +482,21 @@ def count_and_maybe_die():
 
 
 if event == "block":  # before the n-th block read
-    real_tensors = streamprune.depth.Blocks.tensors
+    real_tensors = streamprune.depth.blocks.Blocks.tensors
 
     def tensors(self, index):
         count_and_maybe_die()
         return real_tensors(self, index)
 
-    streamprune.depth.Blocks.tensors = tensors
-elif event == "train":  # before the n-th seam block's training (--reconstruct)
-    real_reconstruct = streamprune.depth.reconstruct_layer
+    streamprune.depth.blocks.Blocks.tensors = tensors
+elif event == "train":  # before the n-th seam block's training (--reconstruct), where heal_seams looks it up
+    real_reconstruct = streamprune.depth.healing.reconstruct_layer
 
     def reconstruct_layer(*args, **kwargs):
         count_and_maybe_die()
         return real_reconstruct(*args, **kwargs)
 
-    streamprune.depth.reconstruct_layer = reconstruct_layer
+    streamprune.depth.healing.reconstruct_layer = reconstruct_layer
 else:  # "save": the n-th save's tensor files are written, depth.json does not name them yet
     real_write_atomic = streamprune.runstate.write_atomic
 
@@ -529,9 +522,6 @@ def test_a_killed_scoring_resumes_from_its_last_save(tiny6, tmp_path, monkeypatc
     the resumed run reads only what the last complete save had not done, and scores the same. With
     the next block read in the background, the 10th read starts while block 9 is computed: the kill
     then costs block 9 too unless its save came first."""
-    import subprocess
-    import sys
-
     model = tiny6["llama"]
     settings = dict(criterion="ppl", max_streams=2, checkpoint_minutes=0)
     reference = run_depth(model, tmp_path / "reference", **settings)
@@ -584,8 +574,6 @@ def tensors_of(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def held_out_error(model_dir: Path, reference, ids: torch.Tensor) -> float:
     """Mean squared difference of the last hidden state from the dense model's, on `ids`."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         ours = model(ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
@@ -625,9 +613,6 @@ def test_a_heal_killed_mid_seam_resumes_to_the_same_bytes(tiny6, tmp_path):
     """SIGKILL as the seam's training begins (the scores were saved before the healing pass): the
     same command reuses the scores, heals again and writes what an uninterrupted run writes, byte
     for byte."""
-    import subprocess
-    import sys
-
     model = tiny6["llama"]
     heal = dict(criterion="bi", remove=2, keep_first=1, keep_last=1, reconstruct=True, reconstruct_nsamples=4,
                 reconstruct_seqlen=32, reconstruct_epochs=2)  # fmt: skip

@@ -89,5 +89,5 @@ def assert_golden(out, source, name: str) -> None:
 @pytest.mark.parametrize("name", ["magnitude-50"])
 def test_output_bytes_equal_main_before_the_refactor(smollm2, tmp_path, name):
     out = tmp_path / name.replace(":", "-")
-    prune(PruneConfig(model=str(smollm2), out=out, **RUNS[name], **CALIB))
+    prune(PruneConfig.from_flags(model=str(smollm2), out=out, **RUNS[name], **CALIB))
     assert_golden(out, smollm2, name)

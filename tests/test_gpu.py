@@ -33,7 +33,7 @@ def test_gpu_memory_limit_is_planned_and_refused_early(tiny_llama, tmp_path):
     assert result.exit_code == 4 and "GPU memory" in result.output and not out.exists(), result.output
     record = run(tiny_llama, tmp_path / "auto", device="cuda", batch_size=None)
     # auto: the most samples per micro-batch (at most 16) that the plan fits in the free GPU memory
-    assert record["arguments"]["batch_size"] >= 1 and record["plan"]["peak_vram_bytes"] > 0
+    assert record["resolved"]["batch_size"] >= 1 and record["plan"]["peak_vram_bytes"] > 0
 
 
 def test_moe_experts_in_ram_prune_as_on_the_gpu(tmp_path):

@@ -69,7 +69,7 @@ def test_streamed_ria_equals_whole_model_reference(tiny_models, tmp_path, family
 @pytest.mark.parametrize("pattern", [None])  # 2:4 on the tiny fixtures above: CI time
 def test_smollm2_ria_equals_whole_model_reference(smollm2, tmp_path, pattern):
     out = tmp_path / "out"
-    config = PruneConfig(model=str(smollm2), out=out, method="ria", pattern=pattern, calib=str(C4), nsamples=8,
+    config = PruneConfig.from_flags(model=str(smollm2), out=out, method="ria", pattern=pattern, calib=str(C4), nsamples=8,
                          seqlen=128, batch_size=1, quiet=True)  # fmt: skip
     prune(config)
     reference = load_full_model(smollm2)

@@ -150,7 +150,7 @@ def test_streamed_wanda_equals_whole_model_moe_reference(moe_models, tmp_path, f
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_streamed_hidden_states_equal_full_moe_model(moe_models, tmp_path, family):
     source, seen = moe_models[family], {}
-    config = PruneConfig(model=str(source), out=tmp_path / "out", calib=str(WIKITEXT), nsamples=6, seqlen=48,
+    config = PruneConfig.from_flags(model=str(source), out=tmp_path / "out", calib=str(WIKITEXT), nsamples=6, seqlen=48,
                          batch_size=4, propagate="dense", quiet=True)  # fmt: skip
     prune(config, observe=lambda index, hidden: seen.__setitem__(index, hidden.clone()))
     expected = layer_outputs(load_full_model(source), saved_ids(tmp_path / "out"))
@@ -231,9 +231,9 @@ def test_depth_removes_moe_blocks_as_blocks(tmp_path, family):
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_the_plan_counts_every_expert_of_a_block(moe_models, family):
-    """plan.Geometry from config.json alone: the block's parameters and pruned weights, and one input
+    """plan.geometry.Geometry from config.json alone: the block's parameters and pruned weights, and one input
     site per statistic streamprune collects, as in the layer transformers builds."""
-    from streamprune.plan import Geometry
+    from streamprune.plan.geometry import Geometry
     from streamprune.stream import open_source
 
     source = open_source(moe_models[family], torch.device("cpu"), "auto")
@@ -274,7 +274,8 @@ def test_a_moe_layer_larger_than_the_gpu_keeps_its_experts_in_ram():
     """Mixtral-8x7B with SparseGPT on 8 GB of GPU memory: its layer (2.7 GiB of weights, 6.6 GiB of
     Hessians) does not fit with its experts on the GPU; auto keeps them in RAM, where the plan now
     counts their weights' compute copies, Hessians and pruning, and the GPU holds one expert."""
-    from streamprune.plan import Geometry, Settings, estimate, fit
+    from streamprune.plan.geometry import Geometry
+    from streamprune.plan.memory import Settings, estimate, fit
     from streamprune.source import fetch_config
 
     limits = ["--device", "rtx4090", "--max-gpu-memory", "8GB", "--max-ram", "64GB", "--write-speed", "1GB", "--json"]
@@ -298,7 +299,7 @@ def test_a_moe_layer_larger_than_the_gpu_keeps_its_experts_in_ram():
     # the RAM takes the Hessians (the weights are the read bf16 tensors themselves)
     assert cpu["ram_by_step"]["prune"] - gpu["ram_by_step"]["prune"] >= hessians
     # several processes: each one's share decides, and the run learns the choice
-    from streamprune.plan import shared
+    from streamprune.plan.memory import shared
 
     wanda = Settings(method="wanda", device="cuda", expert_weights="auto", stored_bytes=2, compute_bytes=2)
     each, problems = shared(geometry, wanda, 2, None, 2 * 10**9)
@@ -320,7 +321,7 @@ def test_experts_in_ram_and_reconstruct_are_refused_together(moe_models, tmp_pat
 def test_the_time_probe_routes_tokens_to_every_expert(moe_models, family):
     """The plan's probe layer: constant weights would route every token to the same top-k experts
     (equal logits), and time only those; its router is random, so the probe runs them all."""
-    from streamprune.plan import probe_tensors
+    from streamprune.plan.probes import probe_tensors
     from streamprune.stream import open_source
 
     runner = open_source(moe_models[family], torch.device("cpu"), "auto").runner

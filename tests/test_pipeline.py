@@ -39,7 +39,7 @@ def saved_ids(out: Path) -> torch.Tensor:
 def run(model_dir: Path, out: Path, **kwargs) -> dict:
     options = dict(calib=str(WIKITEXT), nsamples=8, seqlen=48, batch_size=3, quiet=True)
     options.update(kwargs)
-    return prune(PruneConfig(model=str(model_dir), out=out, **options))
+    return prune(PruneConfig.from_flags(model=str(model_dir), out=out, **options))
 
 
 def mask_agreement(pruned: dict, reference_model) -> float:
@@ -83,7 +83,7 @@ def test_streamed_hidden_states_equal_full_model(tiny_models, tmp_path, family):
     the proof that masks (causal and sliding), rotary embeddings (scaled too) and attention match."""
     source = tiny_models.get(family) or make_tiny_model(tmp_path / family, family)
     seen = {}
-    config = PruneConfig(
+    config = PruneConfig.from_flags(
         model=str(source),
         out=tmp_path / "out",
         calib=str(WIKITEXT),

@@ -18,7 +18,10 @@ from streamprune import buffers
 from streamprune.background import Worker
 from streamprune.cli import app
 from streamprune.methods import METHODS
-from streamprune.plan import Geometry, Settings, estimate, fit, largest_batch
+from streamprune.plan.geometry import Geometry
+from streamprune.plan.memory import Settings, estimate, fit, largest_batch
+from streamprune.plan.probes import disk_write_bytes_per_second, probe_shape
+from streamprune.plan.report import seconds
 from streamprune.source import ALIAS_CONFIGS
 
 GB = 10**9
@@ -256,8 +259,6 @@ def test_the_run_takes_exactly_the_steps_the_plan_estimates(tiny_llama, tmp_path
 
 
 def test_disk_write_probe_and_cpu_io_in_sequence(tmp_path):
-    from streamprune.plan import disk_write_bytes_per_second, seconds
-
     rate = disk_write_bytes_per_second(tmp_path)
     assert rate is not None and rate > 1e6 and list(tmp_path.iterdir()) == []  # probed, and nothing left
     assert disk_write_bytes_per_second(tmp_path / "missing") is None
@@ -279,7 +280,7 @@ def test_plan_on_this_cpu_adds_its_probed_writes_to_compute(tiny_llama, tmp_path
     monkeypatch.chdir(tiny_llama)  # inside the source: never written, the probe goes to the temp directory
     before = tree_digest(tiny_llama)
     seen = []
-    monkeypatch.setattr("streamprune.plan.disk_write_bytes_per_second", lambda directory: seen.append(directory))
+    monkeypatch.setattr("streamprune.plan.commands.disk_write_bytes_per_second", lambda directory: seen.append(directory))
     assert CliRunner().invoke(app, ["plan", ".", "--device", "cpu", "--nsamples", "4", "--seqlen", "32"]).exit_code == 0
     assert tree_digest(tiny_llama) == before and seen and tiny_llama.resolve() not in [seen[0], *seen[0].parents]
     named = CliRunner().invoke(app, ["plan", "llama-70b", "--device", "rtx4090", "--json"])
@@ -288,8 +289,6 @@ def test_plan_on_this_cpu_adds_its_probed_writes_to_compute(tiny_llama, tmp_path
 
 
 def test_probe_forwards_the_runs_micro_batch_on_a_gpu_and_128_tokens_on_a_cpu():
-    from streamprune.plan import probe_shape
-
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert probe_shape(cpu, (16, 2048)) == probe_shape(cpu, None) == probe_shape(cuda, None) == (1, 128)
     assert probe_shape(cuda, (1, 2048)) == (1, 2048)

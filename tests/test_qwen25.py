@@ -23,7 +23,7 @@ CALIB = dict(calib=str(C4), nsamples=4, seqlen=128, batch_size=1, quiet=True)
 def pruned(qwen25, tmp_path_factory):
     before = tree_digest(qwen25)
     out = tmp_path_factory.mktemp("qwen25") / "out"
-    record = prune(PruneConfig(model=str(qwen25), out=out, pattern="2:4", **CALIB))
+    record = prune(PruneConfig.from_flags(model=str(qwen25), out=out, pattern="2:4", **CALIB))
     assert record["source"]["num_hidden_layers"] == 24
     assert tree_digest(qwen25) == before
     return out

@@ -67,7 +67,7 @@ def test_the_8bit_optimizer_plans_a_quarter_of_the_moments():
     """A 70B layer's 856M Linear weights: Adam's float32 moments take 6.4 GiB; 8-bit ones 1.6 GiB."""
     from test_plan import LLAMA2_70B
 
-    from streamprune.plan import Settings, estimate
+    from streamprune.plan.memory import Settings, estimate
     from streamprune.reconstruct import ReconstructSettings
 
     def vram(optimizer):

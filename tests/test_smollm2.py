@@ -22,7 +22,7 @@ def test_smollm2_wanda_equals_whole_model_reference(smollm2, tmp_path, pattern):
     before = tree_digest(smollm2)
     out = tmp_path / "out"
     golden = "wanda-2:4" if pattern else "wanda-50"  # test_golden's run: Wanda, 2:4 or 50%
-    record = prune(PruneConfig(model=str(smollm2), out=out, **RUNS[golden], **CALIB))
+    record = prune(PruneConfig.from_flags(model=str(smollm2), out=out, **RUNS[golden], **CALIB))
     assert record["source"]["num_hidden_layers"] == 30
     assert_golden(out, smollm2, golden)  # and its bytes are main's before the refactor (test_golden)
     pruned = load_state(out)
@@ -51,7 +51,7 @@ def test_smollm2_wanda_equals_whole_model_reference(smollm2, tmp_path, pattern):
 def test_smollm2_streamed_hidden_states_equal_full_model(smollm2, tmp_path):
     seen = {}
     prune(
-        PruneConfig(model=str(smollm2), out=tmp_path / "out", propagate="dense", **{**CALIB, "batch_size": 3}),
+        PruneConfig.from_flags(model=str(smollm2), out=tmp_path / "out", propagate="dense", **{**CALIB, "batch_size": 3}),
         observe=lambda index, hidden: seen.__setitem__(index, hidden.clone()),
     )
     expected = layer_outputs(load_full_model(smollm2), saved_ids(tmp_path / "out"))
@@ -64,7 +64,7 @@ def test_smollm2_pruned_checkpoint_loads_and_generates(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "out"
-    prune(PruneConfig(model=str(smollm2), out=out, sparsity=0.2, **CALIB))
+    prune(PruneConfig.from_flags(model=str(smollm2), out=out, sparsity=0.2, **CALIB))
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids

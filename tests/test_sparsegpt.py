@@ -139,7 +139,7 @@ def test_micro_batches_change_only_the_rounding(tiny_models, tmp_path):
 @pytest.mark.smollm2
 def test_smollm2_sparsegpt_equals_whole_model_reference(smollm2, tmp_path):
     out = tmp_path / "out"
-    prune(PruneConfig(model=str(smollm2), out=out, method="sparsegpt", calib=str(C4), nsamples=8, seqlen=128,
+    prune(PruneConfig.from_flags(model=str(smollm2), out=out, method="sparsegpt", calib=str(C4), nsamples=8, seqlen=128,
                       batch_size=1, quiet=True))  # fmt: skip
     reference = sparsegpt_reference(load_full_model(smollm2), saved_ids(out), 0.5)
     pruned = load_state(out)

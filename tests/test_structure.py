@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "streamprune"
 MAX_FUNCTION_LINES = 80
-DECLARATIVE = {("cli.py", name) for name in ("run", "plan_command", "eval_command", "depth")}
+DECLARATIVE = {("run.py", "run"), ("plan.py", "plan_command")}
 
 
 def module_name(path: Path) -> str:
@@ -33,7 +33,9 @@ def imports_of(path: Path) -> set[str]:
                 continue
             for alias in node.names:  # `from . import buffers` imports a module, not a name
                 candidate = f"{base}.{alias.name}"
-                found.add(candidate if (PACKAGE.parent / (candidate.replace(".", "/") + ".py")).exists() else base)
+                path_of = PACKAGE.parent / candidate.replace(".", "/")
+                is_module = path_of.with_suffix(".py").exists() or (path_of / "__init__.py").exists()
+                found.add(candidate if is_module else base)
     return found - {name}
 
 
@@ -83,3 +85,44 @@ def test_the_method_registry_is_the_only_place_a_method_is_named():
                 if "method" in names and any(isinstance(s, ast.Constant) for s in sides):
                     offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders, offenders
+
+
+MAX_FILE_LINES = 600
+MAX_CLASS_LINES = 250
+
+
+def test_no_file_or_class_out_of_proportion():
+    """A file holds one idea and a class one job: past these sizes, they hold several."""
+    large = []
+    for path in PACKAGE.rglob("*.py"):
+        source = path.read_text()
+        if source.count("\n") > MAX_FILE_LINES:
+            large.append(f"{path.relative_to(PACKAGE)} ({source.count(chr(10))} lines)")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                large.append(f"{path.relative_to(PACKAGE)}:{node.lineno} class {node.name}")
+    assert not large, "out of proportion: " + ", ".join(large)
+
+
+def test_the_run_settings_are_never_written_after_construction(tmp_path):
+    """PruneConfig and its groups are frozen: what a run decides for itself is returned by its setup
+    steps, not written back into the user's settings."""
+    import dataclasses
+
+    import pytest
+
+    from streamprune.config import GROUPS, PruneConfig
+
+    config = PruneConfig.from_flags("m", tmp_path / "out", nsamples=4, reconstruct=True, reconstruct_lr=0.5)
+    assert config.calibration.nsamples == 4 and config.reconstruction.lr == 0.5
+    for group in ("model", *GROUPS):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(config, group, None)
+    for group in GROUPS:
+        field = dataclasses.fields(getattr(config, group))[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(getattr(config, group), field, None)
+    # the record names each setting by its flag
+    assert config.as_record()["reconstruct_lr"] == 0.5 and config.as_record()["out"] == str(tmp_path / "out")
+    with pytest.raises(TypeError, match="nsample"):
+        PruneConfig.from_flags("m", tmp_path, nsample=4)

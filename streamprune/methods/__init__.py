@@ -6,7 +6,7 @@ To add a method:
    for a method that needs the weights alone), and `prune(weight, statistic, target) -> Pruned`
    (a mask, and new weights if the survivors change). Keep the math in small pure functions.
 2. If it has settings that change the output, return them from `settings()` (resume checks them);
-   if they are flags, name them in `options` (and add the flag to config.py and cli.py); if `prune`
+   if they are flags, name them in `options` (and add the flag to config.py and cli/options.py); if `prune`
    needs more scratch than a score matrix or real compute, override `prune_scratch_bytes` and
    `prune_flops` (the plan).
 3. Add it to METHODS below. `run --method`, `plan --method`, --help and resume then know it.

@@ -35,7 +35,7 @@ class Hessian(Statistic):
         self.samples += batch
         inputs = math.sqrt(2 / self.samples) * x.reshape(-1, x.shape[-1]).t().float()  # [in, tokens]
         if inputs.device == self.H.device:
-            self.H.addmm_(inputs, inputs.t())  # in place: no [in, in] product beside H (3 GiB at a 70B down_proj)
+            self.H.addmm_(inputs, inputs.t())  # in place: no [in, in] product beside H
         else:  # an expert's H kept in RAM: the product computed where x is, then moved
             self.H += inputs.matmul(inputs.t()).to(self.device)
 
@@ -160,8 +160,8 @@ class SparseGPT(Method):
         # the one it replaces (the statistic's H, counted as held); on a GPU cuSOLVER's
         # cholesky_inverse makes two (its result, set to the identity, and a working copy of the
         # factor). Once it is done, W in float32, the block's W1, Q1, Err1 and scores, its sort
-        # (values + int64 indices) and the mask. The larger of the two, not their sum: a 7B
-        # down_proj's inverse measured +468 MiB on a CPU (its H is 462), its prune +413.
+        # (values + int64 indices) and the mask. The larger of the two, not their sum: the inverse is
+        # freed before the prune starts (RESULTS.md: SparseGPT's peak memory, measured and planned).
         block = rows * min(self.blocksize, cols)
         inverse = cols * cols * 4 * (2 if on_gpu else 1)
         return max(inverse, rows * cols * 4 + 4 * block * 4 + block * (4 + 8) + rows * cols)
