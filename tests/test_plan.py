@@ -6,16 +6,18 @@ lost write."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
-from conftest import WIKITEXT, tree_digest
+from conftest import MOE_FAMILIES, TINY_FAMILIES, WIKITEXT, make_tiny_model, tree_digest
 from test_resume import digest
 from typer.testing import CliRunner
 
 from streamprune import buffers
 from streamprune.background import Worker
+from streamprune.checkpoint import Checkpoint
 from streamprune.cli import app
 from streamprune.methods import METHODS
 from streamprune.plan.geometry import Geometry
@@ -295,3 +297,13 @@ def test_probe_forwards_the_runs_micro_batch_on_a_gpu_and_128_tokens_on_a_cpu():
     assert probe_shape(cuda, (16, 2048)) == (4, 2048)  # 8192 tokens at most
     assert probe_shape(cuda, (3, 512)) == (3, 512)
     assert probe_shape(cuda, (2, 32768)) == (1, 8192)
+
+
+@pytest.mark.parametrize("family", (*TINY_FAMILIES, *MOE_FAMILIES))
+def test_the_plan_counts_every_parameter_of_the_checkpoint(tiny_models, tmp_path, family):
+    """Every tensor the run reads and writes is in the plan, norms too (Gemma 2 and 3 have four a
+    block, Qwen 3, OLMo 2 and Gemma 3 q/k norms beside them)."""
+    source = tiny_models.get(family) or make_tiny_model(tmp_path / family, family)
+    geometry = Geometry.from_config(json.loads((source / "config.json").read_text()))
+    stored = sum(math.prod(info.shape) for info in Checkpoint(source).tensors.values())
+    assert geometry.layers * geometry.layer_params + geometry.outside_params == stored

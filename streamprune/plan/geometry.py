@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from transformers import AutoConfig
 
 from ..families import FAMILIES, num_experts, text_config
@@ -30,6 +31,9 @@ class Geometry:
     experts: int = 0
     experts_per_token: int = 0
     shared_intermediate: int = 0
+    # the weights of a block's norms: two RMSNorms in Llama, four in Gemma 2, and q/k norms beside
+    # them in Qwen 3, OLMo 2 and Gemma 3 (kept, not pruned, but read, held and written)
+    norm_params: int = 0
 
     @classmethod
     def from_config(cls, config: dict) -> Geometry:
@@ -55,6 +59,7 @@ class Geometry:
             experts=experts,
             experts_per_token=config.get("num_experts_per_tok") or 0 if experts else 0,
             shared_intermediate=config.get("shared_expert_intermediate_size") or 0 if experts else 0,
+            norm_params=layer_norm_params(config),
         )
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -100,12 +105,27 @@ class Geometry:
     def layer_params(self) -> int:
         bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
         routers = self.experts * self.hidden + (self.hidden if self.shared_intermediate else 0)  # + the shared gate
-        return self.linear_params + bias + routers + 2 * self.hidden  # + the two RMSNorm weights
+        return self.linear_params + bias + routers + self.norm_params
 
     @property
     def outside_params(self) -> int:
         """Embedding, final norm, (untied) lm_head, and what a vision-language checkpoint copies."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden + self.copied_params
+
+
+def layer_norm_params(config: dict) -> int:
+    """The parameters of one decoder block's norms, counted on transformers' own layer built on the
+    meta device from config.json (no memory): each family has the norms it has. Two hidden-sized
+    RMSNorms where the family is unknown."""
+    family = FAMILIES.get(config.get("model_type"))
+    if family is None:
+        return 2 * config["hidden_size"]
+    fields = {key: value for key, value in config.items() if key != "model_type"}
+    layer_class = family.classes()[0]
+    with torch.device("meta"):
+        layer = layer_class(AutoConfig.for_model(config["model_type"], **fields), 0)
+    norms = [module for module in layer.modules() if "Norm" in type(module).__name__]
+    return sum(parameter.numel() for norm in norms for parameter in norm.parameters(recurse=False))
 
 
 def vision_params(config: dict) -> int:
