@@ -7,6 +7,7 @@ are the layers' densities. Pure math here; the streamed pass that measures the r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -49,10 +50,10 @@ def check_owl(target: float | None, pattern: str | None, m: float, lam: float) -
             "--allocation owl varies the sparsity from layer to layer, which an N:M pattern fixes; "
             "use --sparsity with it, or --allocation uniform with --pattern"
         )
-    if m <= 0:
-        raise UsageError(f"--owl-m {m} must be positive: an outlier scores above M x its layer's mean, e.g. 5")
-    if not 0 <= lam:
-        raise UsageError(f"--owl-lambda {lam} is negative; the paper uses 0.08")
+    if not (math.isfinite(m) and m > 0):
+        raise UsageError(f"--owl-m {m} must be a positive number: an outlier scores above M x its layer's mean, e.g. 5")
+    if not (math.isfinite(lam) and lam >= 0):
+        raise UsageError(f"--owl-lambda {lam} must be a number of 0 or more; the paper uses 0.08")
     if not (0 < target - 2 * lam and target + 2 * lam < 1):
         raise UsageError(
             f"--sparsity {target} with --owl-lambda {lam}: layer sparsities may reach {target - 2 * lam:.2f} to "

@@ -5,6 +5,7 @@ back here: the run's setup returns it (pipeline/setup.py)."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
@@ -90,6 +91,7 @@ class CalibrationArgs:
 
     def __post_init__(self):
         check_positive(self, "nsamples", "seqlen", "batch_size")
+        check_seed(self.seed)
         check_choice("--propagate", self.propagate, PROPAGATE)
 
 
@@ -107,8 +109,8 @@ class ReconstructionArgs:
     def __post_init__(self):
         for name in ("epochs", "lr", "batch_size"):
             value = getattr(self, name)
-            if value <= 0:
-                raise UsageError(f"--reconstruct-{name.replace('_', '-')} must be positive, got {value}")
+            if not (math.isfinite(value) and value > 0):
+                raise UsageError(f"--reconstruct-{name.replace('_', '-')} must be a positive number, got {value}")
         check_choice("--reconstruct-optimizer", self.optimizer, OPTIMIZERS)
 
     def settings(self) -> ReconstructSettings | None:
@@ -306,8 +308,15 @@ def check_choice(flag: str, value: str, choices) -> None:
 
 
 def check_positive(settings, *names: str) -> None:
-    """Each named field of `settings` positive or None; the error names the flag."""
+    """Each named field of `settings` a positive finite number or None; the error names the flag (NaN
+    compares false with everything, so `value <= 0` alone would let it through)."""
     for name in names:
         value = getattr(settings, name)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+def check_seed(seed: int) -> None:
+    """A seed is a non-negative integer: Python's generator would take -1 as 1, silently."""
+    if seed < 0:
+        raise UsageError(f"--seed {seed} is negative; a seed is 0 or more, e.g. --seed 0")

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from . import buffers
 from .calibration import calibration_path, file_sha256, sample_calibration
-from .config import check_choice, check_positive, parse_device, parse_shard_size
+from .config import check_choice, check_positive, check_seed, parse_device, parse_shard_size
 from .errors import UsageError
 from .families import TEXT_ONLY
 from .methods.masks import apply_mask, pack_bits, unpack_bits
@@ -93,6 +93,7 @@ class HealConfig:
         self.out = Path(self.out)
         check_positive(self, "steps", "batch_size", "seqlen", "lr", "lora_rank", "lora_alpha", "checkpoint_every",
                        "eval_seqlen")  # fmt: skip
+        check_seed(self.seed)
         check_choice("--base", self.base, BASES)
         check_choice("--optimizer", self.optimizer, OPTIMIZERS)
         self.torch_device = parse_device(self.device)

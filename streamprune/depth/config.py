@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import check_choice, check_dtype, check_positive, parse_device, parse_shard_size
+from ..config import check_choice, check_dtype, check_positive, check_seed, parse_device, parse_shard_size
 from ..errors import UsageError
 from ..reconstruct import OPTIMIZERS
 
@@ -56,6 +56,7 @@ class DepthConfig:
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise UsageError(f"--ratio {self.ratio} is outside (0, 1): it is the fraction of blocks removed, e.g. 0.2")
         check_positive(self, "remove", "nsamples", "seqlen", "batch_size", "max_streams")
+        check_seed(self.seed)
         check_positive(self, "reconstruct_epochs", "reconstruct_lr", "reconstruct_batch_size", "reconstruct_nsamples",
                        "reconstruct_seqlen")  # fmt: skip
         check_choice("--reconstruct-optimizer", self.reconstruct_optimizer, OPTIMIZERS)
@@ -80,6 +81,11 @@ def removal_count(num_layers: int, remove: int | None, ratio: float | None, keep
     count = remove if remove is not None else round(ratio * num_layers)
     if count < 1:
         raise UsageError(f"--ratio {ratio} of {num_layers} blocks rounds to 0 blocks; use a larger --ratio or --remove")
+    if count >= num_layers:
+        asked = f"--remove {count}" if remove is not None else f"--ratio {ratio} ({count} blocks)"
+        raise UsageError(
+            f"{asked} would remove all {num_layers} blocks and leave no model; remove {num_layers - 1} or fewer"
+        )
     if count > removable:
         raise UsageError(
             f"cannot remove {count} of {num_layers} blocks: blocks 0-{keep_first - 1} and the last {keep_last} are "

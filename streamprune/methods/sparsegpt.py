@@ -133,8 +133,9 @@ class SparseGPT(Method):
     options = ("percdamp", "blocksize")
 
     def __init__(self, percdamp: float = PERCDAMP, blocksize: int = BLOCKSIZE):
-        if not 0 <= percdamp:
-            raise UsageError(f"--percdamp {percdamp} is negative; it is a fraction of H's mean diagonal, e.g. 0.01")
+        if not (math.isfinite(percdamp) and percdamp >= 0):
+            raise UsageError(f"--percdamp {percdamp} is not a number of 0 or more; it is a fraction of H's mean "
+                             "diagonal, e.g. 0.01")
         if blocksize < 1:
             raise UsageError(f"--blocksize {blocksize} must be a positive number of columns, e.g. 128")
         self.percdamp, self.blocksize = percdamp, blocksize

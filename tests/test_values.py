@@ -1,0 +1,41 @@
+"""Every value checked before work: NaN, infinite, zero or negative numbers, and a removal that
+would leave no model, are refused by the real CLI with exit 2 and a message naming the command's own
+flag, before anything is read or written (the source unchanged, no --out)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tree_digest
+from typer.testing import CliRunner
+
+from streamprune.cli import app
+from streamprune.errors import EXIT_USAGE
+
+CASES = [
+    ("run", ["--reconstruct", "--reconstruct-lr", "nan"], "--reconstruct-lr"),
+    ("run", ["--reconstruct", "--reconstruct-lr", "inf"], "--reconstruct-lr"),
+    ("run", ["--checkpoint-minutes", "nan"], "--checkpoint-minutes"),
+    ("run", ["--seed", "-1"], "--seed"),
+    ("run", ["--method", "sparsegpt", "--percdamp", "inf"], "--percdamp"),
+    ("run", ["--allocation", "owl", "--owl-m", "nan"], "--owl-m"),
+    ("run", ["--allocation", "owl", "--owl-lambda", "nan"], "--owl-lambda"),
+    ("depth", ["--remove", "1", "--reconstruct", "--reconstruct-lr", "nan"], "--reconstruct-lr"),
+    ("depth", ["--remove", "1", "--seed", "-2"], "--seed"),
+    ("depth", ["--remove", "4", "--keep-first", "0", "--keep-last", "0"], "--remove 4"),
+    ("depth", ["--ratio", "0.99", "--keep-first", "0", "--keep-last", "0"], "--ratio 0.99"),
+    ("heal", ["--lr", "nan"], "--lr"),
+    ("heal", ["--lr", "inf"], "--lr"),
+    ("heal", ["--lora-alpha", "nan"], "--lora-alpha"),
+    ("heal", ["--seed", "-1"], "--seed"),
+]
+
+
+@pytest.mark.parametrize("command,flags,named", CASES, ids=[" ".join([c, *f]) for c, f, _ in CASES])
+def test_a_bad_value_is_refused_before_any_work(tiny_llama, tmp_path, command, flags, named):
+    before = tree_digest(tiny_llama)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [command, str(tiny_llama), "--out", str(out), *flags])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert named in result.output and "Traceback" not in result.output, result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert tree_digest(tiny_llama) == before
