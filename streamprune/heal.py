@@ -49,6 +49,7 @@ from .outdir import (
     check_output_dir,
     copy_support_files,
     prepare_output_dir,
+    support_bytes,
     write_json,
 )
 from .reconstruct import OPTIMIZERS, make_optimizer
@@ -424,7 +425,8 @@ def write_merged(config: HealConfig, source: Source, model, keep: dict) -> tuple
     info = source.checkpoint.tensors
     names = list(info)
     writer = CheckpointWriter(config.out, [(n, info[n].dtype, info[n].shape) for n in names], config.max_shard_bytes)
-    check_free_space(config.out, {"output checkpoint": writer.total_bytes})
+    check_free_space(config.out, {"output checkpoint": writer.total_bytes,
+                                  "config and tokenizer files": support_bytes(source.directory)})
     try:
         with torch.no_grad():
             for name in tqdm(names, desc="merging", unit="tensor", disable=config.quiet):
@@ -435,11 +437,11 @@ def write_merged(config: HealConfig, source: Source, model, keep: dict) -> tuple
                     merged = (tensor.to(torch.float32) + delta).to(tensor.dtype)
                     tensor = apply_mask(merged, tensor == 0)  # the source's zeros, +0.0
                 writer.write(name, tensor)
+        copy_support_files(source.directory, config.out)  # before the index, written last
         writer.finish()
     except BaseException:
         writer.abort()
         raise
-    copy_support_files(source.directory, config.out)
     return writer.files, writer.total_bytes
 
 

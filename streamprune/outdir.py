@@ -170,17 +170,30 @@ def prepare_output_dir(out: Path, force: bool) -> None:
         shutil.rmtree(out / STATE_DIR, ignore_errors=True)
 
 
-def copy_support_files(source_dir: Path, out: Path) -> None:
-    """config.json, generation_config.json, tokenizer files and the like, byte for byte."""
-    for path in sorted(source_dir.iterdir()):
-        if (
+def support_files(source_dir: Path) -> list[Path]:
+    """config.json, generation_config.json, tokenizer files and the like: what is copied beside the weights."""
+    return [
+        path
+        for path in sorted(source_dir.iterdir())
+        if not (
             path.name in (RECORD_FILE, CALIBRATION_FILE)
             or path.name.endswith(_WEIGHT_SUFFIXES)
             or path.name == INDEX_FILE
             or path.name.startswith(".")
             or not path.is_file()
-        ):
-            continue
+        )
+    ]
+
+
+def support_bytes(source_dir: Path) -> int:
+    """Room the support files take (counted in every up-front space check)."""
+    return sum(path.stat().st_size for path in support_files(source_dir))
+
+
+def copy_support_files(source_dir: Path, out: Path) -> None:
+    """The support files, byte for byte. Callers copy them before the index, which is written last:
+    a disk that fills here leaves no output that looks finished."""
+    for path in support_files(source_dir):
         write_atomic(out / path.name, path.read_bytes())
 
 

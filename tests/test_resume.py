@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, WIKITEXT, make_tiny_model, tree_digest
 
+from streamprune.outdir import support_bytes
 from streamprune.runstate import STATE_DIR
+from streamprune.sizes import format_size
 
 # 4 layers of 148 KB in 100 KB shards: layers straddle shards, and shards straddle layers; a resume
 # point after every layer (the default would save fewer where OWL or --reconstruct write more)
@@ -346,10 +348,14 @@ def test_insufficient_disk_is_refused_before_any_work(model, tmp_path, monkeypat
     result = invoke(model, out)
     assert result.exit_code == 4, result.output
     # tensors: 4 layers x 147,968 B + embedding and head 131,072 B each + norm 256 B = 834.25 KiB,
-    # plus the headers of the 100 KB shards; activations: two 4 x 32 x 64 float32 buffers
+    # plus the headers of the 100 KB shards; activations: two 4 x 32 x 64 float32 buffers; the
+    # files copied beside the weights, as they are in the source
+    support = support_bytes(model)
     text = " ".join(result.output.split())
-    assert "not enough disk space: this run needs 902.40 KiB more in" in text, text
-    assert "(output checkpoint 838.40 KiB, activation checkpoints 64.00 KiB), but only 292.97 KiB is free" in text
+    assert f"config and tokenizer files {format_size(support)}" in text, text
+    assert f"this run needs {format_size(838.40 * 1024 + 64 * 1024 + support)} more in" in text, text
+    assert "(output checkpoint 838.40 KiB, activation checkpoints 64.00 KiB, config" in text
+    assert "but only 292.97 KiB is free" in text
     assert not out.exists()
 
 

@@ -84,6 +84,8 @@ def depth(
         on_interrupt="interrupted; no loadable checkpoint was left in --out. The scoring's last save (every "
         f"--checkpoint-minutes) and finished block scores are reused: run again to go on: {resume_command()}",
         on_gpu_oom=f"Lower --batch-size (now {batch_size}) or use --device cpu.",
+        on_disk_full="No loadable checkpoint was left in --out; the block scores are kept. Free some space, then "
+        f"run the same command again: {resume_command()}",
     ):
         check_one_process("depth")
         config = DepthConfig(

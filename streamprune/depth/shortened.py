@@ -6,7 +6,7 @@ from __future__ import annotations
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from ..outdir import copy_support_files, write_json
+from ..outdir import copy_support_files, support_bytes, write_json
 from ..runstate import check_free_space
 from ..stream import Source, check_weights_finite
 from ..writer import CheckpointWriter
@@ -46,16 +46,18 @@ def write_shortened(config: DepthConfig, source: Source, kept: list[int], healed
     writer = CheckpointWriter(
         config.out, [(to, info[src].dtype, info[src].shape) for src, to in renamed], config.max_shard_bytes
     )
-    check_free_space(config.out, {"output checkpoint": writer.total_bytes})
+    support = {"config and tokenizer files": support_bytes(source.directory)}
+    check_free_space(config.out, {"output checkpoint": writer.total_bytes, **support})
     try:
         for source_name, out_name in tqdm(renamed, desc="writing", unit="tensor", disable=config.quiet):
             tensor = healed[source_name] if source_name in healed else source.checkpoint.read(source_name)
             check_weights_finite(tensor, source_name)
             writer.write(out_name, tensor)
+        # beside the weights before the index (written last): a full disk leaves nothing that looks finished
+        copy_support_files(source.directory, config.out)
+        write_json(config.out / "config.json", shortened_config(source.checkpoint.config, kept))
         writer.finish()
     except BaseException:
         writer.abort()
         raise
-    copy_support_files(source.directory, config.out)
-    write_json(config.out / "config.json", shortened_config(source.checkpoint.config, kept))
     return writer.files, writer.total_bytes

@@ -57,13 +57,14 @@ def prune(config: PruneConfig, observe: Observer | None = None) -> dict | None:
 
 
 def finish(ctx: RunContext, loop: LayerLoop) -> dict | None:
-    """Config and tokenizer (after the index the writer wrote last), then the record; then the state
-    goes."""
+    """Config and tokenizer, then the index, then the record: a disk that fills before the record leaves
+    no output that looks finished, and the state (removed last) resumes it."""
     peak_rss_bytes = peak_rss_bytes_by_process(ctx)
     if not ctx.job.peers.leader:
         return None
     out = ctx.job.out
     copy_support_files(ctx.job.source.directory, out)
+    ctx.writer.finish()
     seconds = loop.resume.earlier_seconds + time.perf_counter() - loop.resume.started
     record = run_record(ctx, loop.step_rss, seconds, peak_rss_bytes)
     write_json(out / RECORD_FILE, record)

@@ -60,17 +60,16 @@ class LayerLoop:
                 self.dense_hidden = buffers.activation_buffer(shape, self.source.dtype, self.ctx.resolved.offload_dir)
 
     def run(self) -> None:
-        """Background threads: `reads` fetches layer i+1's tensors while layer i computes; `saves`
-        writes layer i's pruned tensors and its resume point while layer i+1 is read and its
-        statistics are collected (which only read the buffer). The buffer is next written by the
-        pruned forward, after `saves` is waited on."""
+        """Every layer from where the state stands (the index is the finish's, after the files copied
+        beside the weights). Background threads: `reads` fetches layer i+1's tensors while layer i
+        computes; `saves` writes layer i's pruned tensors and its resume point while layer i+1 is read
+        and its statistics are collected (which only read the buffer). The buffer is next written by
+        the pruned forward, after `saves` is waited on."""
         writer = self.ctx.writer
         reader = LayerReader(self.source, self.ctx.config.resources.overlap, pin=self.job.device.type == "cuda")
         try:
             with StopOnInterrupt() as stop:
                 self.layers(reader, stop)
-            if writer is not None:
-                writer.finish()
         except BaseException as err:
             lost = self.saves.close()
             if lost is not None and lost is not err:

@@ -27,6 +27,7 @@ from ..outdir import (
     check_output_dir,
     prepare_output_dir,
     same_disk,
+    support_bytes,
 )
 from ..plan import memory as plan
 from ..plan.geometry import Geometry
@@ -247,7 +248,8 @@ def disk_needed(job: Job, state: RunState, writer: CheckpointWriter, calibration
     if state.writer is not None:
         written = sum(seal["bytes"] for seal in state.writer["sealed"].values())
         written += (state.writer["partial"] or {}).get("bytes", 0)
-    needed = {"output checkpoint": writer.total_bytes - written, "activation checkpoints": 0}
+    needed = {"output checkpoint": writer.total_bytes - written, "activation checkpoints": 0,
+              "config and tokenizer files": support_bytes(job.source.directory)}
     if calibration is not None and state.next_layer < job.source.num_layers - 1:
         buffer_bytes = calibration["input_ids"].numel() * job.source.runner.config.hidden_size
         # and the dense stream's, with --reconstruct
