@@ -176,6 +176,7 @@ def heal(config: HealConfig) -> dict:
         losses, start = [], 0
         if state is not None:
             start, losses = restore(state, adapters, optimizer)
+        check_heal_disk(config, source, adapters)  # before the training, not after it
         losses = train(peft_model, adapters, optimizer, ids, config, start, losses, identity)
         files, written = write_merged(config, source, model, keep)
         peft_model.save_pretrained(config.out / ADAPTER_DIR)
@@ -419,14 +420,43 @@ def restore(state: dict, adapters: dict, optimizer) -> tuple[int, list]:
 # -- output ------------------------------------------------------------------------------------------------
 
 
+# what one adapter weight takes on disk at most: its value in the adapter file and in the training
+# state, and Adam's two float32 moments (adam8bit's are smaller)
+ADAPTER_DISK_BYTES = 4 + 4 + 8
+
+
+def merged_writer(config: HealConfig, source: Source) -> CheckpointWriter:
+    info = source.checkpoint.tensors
+    return CheckpointWriter(config.out, [(n, info[n].dtype, info[n].shape) for n in info], config.max_shard_bytes)
+
+
+def merged_bytes_needed(config: HealConfig, source: Source, writer: CheckpointWriter) -> dict[str, int]:
+    """The merged checkpoint and the files beside it, less what an interrupted attempt left that the
+    write replaces: its partial shard is overwritten, and a complete one is replaced when its new copy
+    is complete (so the largest shard is needed twice at most)."""
+    partial = sum(p.stat().st_size for p in config.out.glob(".model-*.safetensors.partial") if p.is_file())
+    complete = sum((config.out / f).stat().st_size for f in writer.files if (config.out / f).is_file())
+    largest = max(8 + len(shard.header()) + shard.data_bytes for shard in writer.shards)
+    left = partial + max(0, complete - largest)
+    return {"output checkpoint": max(0, writer.total_bytes - left),
+            "config and tokenizer files": support_bytes(source.directory)}  # fmt: skip
+
+
+def check_heal_disk(config: HealConfig, source: Source, adapters: dict) -> None:
+    """Room for everything heal writes, checked before it trains: the merged checkpoint, the files
+    beside it, the adapters and their training state (a new state file is complete before the old
+    one goes)."""
+    adapter_weights = sum(p.numel() for p in adapters.values())
+    needed = merged_bytes_needed(config, source, merged_writer(config, source))
+    check_free_space(config.out, {**needed, "adapters and training state": adapter_weights * ADAPTER_DISK_BYTES})
+
+
 def write_merged(config: HealConfig, source: Source, model, keep: dict) -> tuple[list[str], int]:
     """Every source tensor in its own dtype and name, the projections with their masked delta
     added to the source's own weight (not to the quantized base the adapters trained beside)."""
-    info = source.checkpoint.tensors
-    names = list(info)
-    writer = CheckpointWriter(config.out, [(n, info[n].dtype, info[n].shape) for n in names], config.max_shard_bytes)
-    check_free_space(config.out, {"output checkpoint": writer.total_bytes,
-                                  "config and tokenizer files": support_bytes(source.directory)})
+    names = list(source.checkpoint.tensors)
+    writer = merged_writer(config, source)
+    check_free_space(config.out, merged_bytes_needed(config, source, writer))
     try:
         with torch.no_grad():
             for name in tqdm(names, desc="merging", unit="tensor", disable=config.quiet):

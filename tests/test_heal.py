@@ -200,3 +200,40 @@ def test_the_plan_says_whether_healing_fits_and_points_70b_to_block_reconstructi
     assert fp32.exit_code == 4 and "--base nf4" in json.loads(fp32.output)["problems"][0]
     bad = runner.invoke(app, ["plan", "qwen3-8b", "--heal", "--base", "nf3"])
     assert bad.exit_code == 2 and "--base" in bad.output
+
+
+def test_a_heal_short_of_disk_is_refused_before_it_trains(pruned, tmp_path, monkeypatch):
+    """The whole output (merged checkpoint, the files beside it, adapters and their training state)
+    is checked before the first step, not after the training."""
+    import shutil
+
+    import streamprune.heal
+
+    _, model = pruned
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=50_000))
+    trained = []
+    monkeypatch.setattr(streamprune.heal, "train", lambda *args: trained.append(1))
+    with pytest.raises(Exception, match="not enough disk space.*adapters and training state") as refused:
+        heal(HealConfig(model=str(model), out=tmp_path / "out", **TRAIN))
+    assert refused.value.exit_code == 4 and not trained
+
+
+def test_a_resumed_heal_counts_what_its_last_attempt_already_wrote(pruned, tmp_path):
+    """A heal stopped by a full disk while merging left shards behind: the next attempt replaces
+    them, so they count as room (its partial shard whole; complete ones but the largest)."""
+    from streamprune.heal import merged_bytes_needed, merged_writer
+
+    source, out = open_source(str(pruned[1]), torch.device("cpu"), "auto"), tmp_path / "out"
+    out.mkdir()
+    config = HealConfig(model=str(pruned[1]), out=out, max_shard_size="100KB", **TRAIN)
+    writer = merged_writer(config, source)
+    assert len(writer.files) >= 3
+    fresh = merged_bytes_needed(config, source, writer)["output checkpoint"]
+    assert fresh == writer.total_bytes
+    (out / writer.files[0]).write_bytes(b"x" * 90_000)
+    (out / writer.files[1]).write_bytes(b"x" * 80_000)
+    (out / f".{writer.files[2]}.partial").write_bytes(b"x" * 1_000)
+    largest = max(8 + len(shard.header()) + shard.data_bytes for shard in writer.shards)
+    expected = writer.total_bytes - 1_000 - max(0, 170_000 - largest)
+    assert merged_bytes_needed(config, source, writer)["output checkpoint"] == expected < fresh
