@@ -316,6 +316,24 @@ def check_positive(settings, *names: str) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
 
 
+def check_eval_text(path: Path | str | None, seqlen: int, ppl_flag: str, seqlen_flag: str) -> None:
+    """A perplexity evaluation asked beside another command (run's, heal's --eval-ppl), checked before
+    that command's work: the file holds text, and a window scores at least one token given another."""
+    if path is None:
+        return
+    if not Path(path).is_file():
+        raise UsageError(f"{ppl_flag} {path}: no such file; pass a text file such as wiki.test.raw")
+    with open(path, "rb") as text:
+        while block := text.read(1 << 20):
+            if block.strip():
+                break
+        else:
+            raise UsageError(f"{ppl_flag} {path} holds no text; pass a text file such as wiki.test.raw")
+    if seqlen < 2:
+        raise UsageError(f"{seqlen_flag} {seqlen}: a window scores each token given those before it, so it needs "
+                         f"at least 2 tokens; e.g. {seqlen_flag} 2048")  # fmt: skip
+
+
 def check_seed(seed: int) -> None:
     """A seed is a non-negative integer: Python's generator would take -1 as 1, silently."""
     if seed < 0:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from . import buffers
 from .calibration import calibration_path, file_sha256, sample_calibration
-from .config import check_choice, check_positive, check_seed, parse_device, parse_shard_size
+from .config import check_choice, check_eval_text, check_positive, check_seed, parse_device, parse_shard_size
 from .errors import UsageError
 from .families import TEXT_ONLY
 from .methods.masks import apply_mask, pack_bits, unpack_bits
@@ -100,8 +100,7 @@ class HealConfig:
         self.torch_device = parse_device(self.device)
         self.max_shard_bytes = parse_shard_size(self.max_shard_size)
         self.base = resolve_base(self.base, self.torch_device.type)
-        if self.eval_ppl is not None and not Path(self.eval_ppl).is_file():
-            raise UsageError(f"--eval-ppl {self.eval_ppl} is not a file; give a text file, e.g. wiki.test.raw")
+        check_eval_text(self.eval_ppl, self.eval_seqlen, "--eval-ppl", "--eval-seqlen")
 
     @property
     def compute_dtype(self) -> torch.dtype:

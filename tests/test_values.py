@@ -5,7 +5,7 @@ flag, before anything is read or written (the source unchanged, no --out)."""
 from __future__ import annotations
 
 import pytest
-from conftest import tree_digest
+from conftest import WIKITEXT, tree_digest
 from typer.testing import CliRunner
 
 from streamprune.cli import app
@@ -27,15 +27,25 @@ CASES = [
     ("heal", ["--lr", "inf"], "--lr"),
     ("heal", ["--lora-alpha", "nan"], "--lora-alpha"),
     ("heal", ["--seed", "-1"], "--seed"),
+    ("run", ["--eval-ppl", "{text}", "--eval-seqlen", "1"], "--eval-seqlen"),
+    ("run", ["--eval-ppl", "{text}", "--eval-seqlen", "0"], "--eval-seqlen"),
+    ("run", ["--eval-ppl", "{empty}"], "--eval-ppl"),
+    ("heal", ["--eval-ppl", "{text}", "--eval-seqlen", "1"], "--eval-seqlen"),
+    ("heal", ["--eval-ppl", "{empty}"], "--eval-ppl"),
 ]
 
 
 @pytest.mark.parametrize("command,flags,named", CASES, ids=[" ".join([c, *f]) for c, f, _ in CASES])
 def test_a_bad_value_is_refused_before_any_work(tiny_llama, tmp_path, command, flags, named):
-    before = tree_digest(tiny_llama)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "empty.txt").write_text(" \n\n")
+    (inputs / "text.txt").write_text(WIKITEXT.read_text()[:2000])
+    flags = [flag.format(empty=inputs / "empty.txt", text=inputs / "text.txt") for flag in flags]
+    before, given = tree_digest(tiny_llama), tree_digest(inputs)
     out = tmp_path / "out"
     result = CliRunner().invoke(app, [command, str(tiny_llama), "--out", str(out), *flags])
     assert result.exit_code == EXIT_USAGE, result.output
     assert named in result.output and "Traceback" not in result.output, result.output
-    assert not out.exists() and list(tmp_path.iterdir()) == []
-    assert tree_digest(tiny_llama) == before
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
+    assert tree_digest(tiny_llama) == before and tree_digest(inputs) == given

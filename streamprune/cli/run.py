@@ -6,8 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import PruneConfig
-from ..errors import UsageError
+from ..config import PruneConfig, check_eval_text
 from ..evaluate import EvalConfig, evaluate, results_table
 from ..outdir import RECORD_FILE, write_json
 from ..pipeline import prune
@@ -149,8 +148,7 @@ def run(
             force=force,
             quiet=quiet,
         )
-        if eval_ppl is not None and not eval_ppl.is_file():  # found out now, not after hours of pruning
-            raise UsageError(f"--eval-ppl {eval_ppl}: no such file; pass a text file such as wiki.test.raw")
+        check_eval_text(eval_ppl, eval_seqlen, "--eval-ppl", "--eval-seqlen")  # now, not after hours of pruning
         record = prune(config)
         if record is None:
             return  # one of several processes (torchrun): the leader reports
