@@ -110,7 +110,7 @@ class ReconstructionArgs:
         for name in ("epochs", "lr", "batch_size"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise UsageError(f"--reconstruct-{name.replace('_', '-')} must be a positive number, got {value}")
+                raise UsageError(f"--reconstruct-{name.replace('_', '-')} must be positive, got {value}")
         check_choice("--reconstruct-optimizer", self.optimizer, OPTIMIZERS)
 
     def settings(self) -> ReconstructSettings | None:
@@ -313,7 +313,7 @@ def check_positive(settings, *names: str) -> None:
     for name in names:
         value = getattr(settings, name)
         if value is not None and not (math.isfinite(value) and value > 0):
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 def check_eval_text(path: Path | str | None, seqlen: int, ppl_flag: str, seqlen_flag: str) -> None:
