@@ -55,6 +55,9 @@ FLAGS = {
     "keep_first": "--keep-first",
     "keep_last": "--keep-last",
     "iterative": "--iterative",
+    "ratio": "--ratio",
+    "attention_share": "--attention-share",
+    "command": "the command",
 }
 
 

@@ -186,7 +186,7 @@ def test_help_groups_options_into_panels(command):
     assert {"Memory and devices", "Output"} <= shown, result.output
 
 
-@pytest.mark.parametrize("command", ["", "run", "plan", "eval", "depth", "heal"])
+@pytest.mark.parametrize("command", ["", "run", "plan", "eval", "depth", "width", "heal"])
 def test_help_paragraphs_have_no_hard_line_breaks(command):
     """On a terminal wide enough, each paragraph of a command's description (and each summary in the
     command list) is one line: the source holds no line breaks inside a paragraph."""

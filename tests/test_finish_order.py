@@ -20,6 +20,8 @@ from streamprune.outdir import INDEX_FILE, RECORD_FILE
 COMMANDS = {
     "run": ["--calib", str(WIKITEXT), "--nsamples", "4", "--seqlen", "32", "--quiet"],
     "depth": ["--criterion", "magnitude", "--remove", "1", "--keep-first", "0", "--keep-last", "0", "--quiet"],
+    "width": ["--criterion", "flap", "--ratio", "0.2", "--calib", str(WIKITEXT), "--nsamples", "4", "--seqlen", "32",
+              "--quiet"],
 }
 
 

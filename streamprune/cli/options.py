@@ -66,10 +66,16 @@ Sequential = Annotated[bool, typer.Option("--sequential", rich_help_panel=METHOD
 Remove = Annotated[Optional[int], typer.Option("--remove", rich_help_panel=METHOD, help=
     "Number of decoder blocks to remove.")]
 Ratio = Annotated[Optional[float], typer.Option("--ratio", rich_help_panel=METHOD, help=
-    "Fraction of all blocks to remove (rounded), instead of --remove.")]
+    "Fraction to remove: depth, of all blocks (rounded, instead of --remove); width, of the decoder blocks' "
+    "parameters.")]
 Criterion = Annotated[str, typer.Option("--criterion", rich_help_panel=METHOD, help=
-    "Block score, the lowest removed: ppl (calibration perplexity with the block skipped), taylor "
-    "(sum |W * dL/dW|), magnitude (sum |W|, no data) or bi (1 - cos(block input, output)).")]
+    "Score, the lowest removed: for depth's blocks ppl (calibration perplexity with the block skipped), taylor "
+    "(sum |W * dL/dW|), magnitude (sum |W|, no data) or bi (1 - cos(block input, output)); for width's heads and "
+    "channels flap (input variance x squared weight column norm), wanda-sp (|W| x ||X||) or magnitude (|W|, no data).")]
+AttentionShare = Annotated[Optional[float], typer.Option("--attention-share", rich_help_panel=METHOD, help=
+    "width: the part of the removed parameters taken as whole attention heads (key-value groups), the rest as MLP "
+    "channels; default: attention's share of the block's parameters, which removes the same fraction of both, as "
+    "FLAP does.")]
 KeepFirst = Annotated[int, typer.Option("--keep-first", rich_help_panel=METHOD, help=
     "Never remove the first N blocks.")]
 KeepLast = Annotated[int, typer.Option("--keep-last", rich_help_panel=METHOD, help="Never remove the last N blocks.")]
@@ -82,7 +88,7 @@ Calib = Annotated[str, typer.Option("--calib", rich_help_panel=DATA, help=
     "paper's C4 shard from the hub.")]
 Nsamples = Annotated[int, typer.Option("--nsamples", rich_help_panel=DATA, help="Number of calibration sequences.")]
 SEQLEN = typer.Option("--seqlen", rich_help_panel=DATA, help=
-    "Tokens per sequence: the calibration (run, plan, depth), training (heal) or perplexity (eval) window.")
+    "Tokens per sequence: the calibration (run, plan, depth, width), training (heal) or perplexity (eval) window.")
 Seed = Annotated[int, typer.Option("--seed", rich_help_panel=DATA, help=
     "Seed for choosing the calibration or training windows (heal: and the adapters' initial values).")]
 Propagate = Annotated[str, typer.Option("--propagate", rich_help_panel=DATA, help=
