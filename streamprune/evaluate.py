@@ -204,6 +204,23 @@ def activation_buffer(tokens: int, width: int, dtype: torch.dtype, offload_dir: 
 @torch.no_grad()
 def stream_logprobs(source: Source, sequences: list[Sequence], config: EvalConfig) -> list[torch.Tensor]:
     """Log-probabilities (float32, CPU) of each sequence's scored tokens."""
+    hidden, offsets = stream_hidden(source, sequences, config)
+    head = load_head(source)
+    results = []
+    for i, sequence in enumerate(sequences):
+        start = offsets[i] + sequence.target_start - 1  # the position that predicts the first target
+        targets = torch.tensor(sequence.tokens[sequence.target_start :], dtype=torch.int64)
+        results.append(token_logprobs(hidden[start : start + len(targets)], targets, head))
+        buffers.release(hidden, slice(start, start + len(targets)))
+    return results
+
+
+@torch.no_grad()
+def stream_hidden(source: Source, sequences: list[Sequence], config) -> tuple[torch.Tensor, list[int]]:
+    """Every sequence's inputs through all decoder layers, each layer read once: the last layer's
+    outputs as one flat buffer [tokens, hidden], and where each sequence starts in it (offsets[i]).
+    `config` is anything with EvalConfig's offload_dir, batch_tokens, overlap and quiet (the
+    harness backend passes its own)."""
     lengths = [len(s.inputs) for s in sequences]
     offsets = [0]
     for length in lengths:
@@ -226,15 +243,7 @@ def stream_logprobs(source: Source, sequences: list[Sequence], config: EvalConfi
             del layer
             bar.update()
     bar.close()
-
-    head = load_head(source)
-    results = []
-    for i, sequence in enumerate(sequences):
-        start = offsets[i] + sequence.target_start - 1  # the position that predicts the first target
-        targets = torch.tensor(sequence.tokens[sequence.target_start :], dtype=torch.int64)
-        results.append(token_logprobs(hidden[start : start + len(targets)], targets, head))
-        buffers.release(hidden, slice(start, start + len(targets)))
-    return results
+    return hidden, offsets
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:

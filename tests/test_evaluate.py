@@ -183,7 +183,7 @@ def test_cli_eval_prints_a_table_and_writes_json(tiny_llama, tmp_path):
     [
         ([], "nothing to evaluate"),
         (["--tasks", "mmlu", "--data-dir", "x"], "unknown task 'mmlu'"),
-        (["--tasks", "piqa"], "--tasks needs --data-dir"),
+        (["--tasks", "piqa", "--data-dir", "x", "--num-fewshot", "1"], "apply to lm-evaluation-harness tasks"),
         (["--ppl", "/nonexistent.txt"], "cannot read it"),
         (["--tasks", "piqa", "--data-dir", "/nonexistent"], "not found; --data-dir must hold"),
         (["--ppl", str(WIKITEXT), "--limit", "0"], "--limit must be positive"),

@@ -99,11 +99,17 @@ Ppl = Annotated[Optional[Path], typer.Option("--ppl", rich_help_panel=DATA, help
     "Text file for perplexity (e.g. WikiText-2's wiki.test.raw), tokenized whole and cut into windows of --seqlen "
     "tokens.")]
 Tasks = Annotated[Optional[str], typer.Option("--tasks", rich_help_panel=DATA, help=
-    "Comma-separated zero-shot tasks: arc_easy, arc_challenge, piqa, boolq, winogrande, hellaswag, openbookqa.")]
+    "Comma-separated tasks. With --data-dir: the built-in offline ones (arc_easy, arc_challenge, piqa, boolq, "
+    "winogrande, hellaswag, openbookqa); without it: any lm-evaluation-harness task, run through the streamed "
+    "backend (needs lm-eval, the eval extra of streamprune).")]
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", rich_help_panel=DATA, help=
-    "Directory of the task files (zeroshot layout).")]
+    "Directory of the task files (zeroshot layout); given, --tasks are the built-in offline tasks.")]
 Limit = Annotated[Optional[int], typer.Option("--limit", rich_help_panel=DATA, help=
     "At most N examples per task and N perplexity windows.")]
+IncludePath = Annotated[Optional[Path], typer.Option("--include-path", rich_help_panel=DATA, help=
+    "lm-evaluation-harness tasks: a directory of task YAMLs of one's own, added to the harness's tasks.")]
+NumFewshot = Annotated[Optional[int], typer.Option("--num-fewshot", rich_help_panel=DATA, help=
+    "lm-evaluation-harness tasks: examples shown before each question (default: each task's own).")]
 
 # Reconstruction
 Reconstruct = Annotated[bool, typer.Option("--reconstruct", rich_help_panel=RECONSTRUCTION, help=
