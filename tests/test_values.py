@@ -49,3 +49,20 @@ def test_a_bad_value_is_refused_before_any_work(tiny_llama, tmp_path, command, f
     assert named in result.output and "Traceback" not in result.output, result.output
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
     assert tree_digest(tiny_llama) == before and tree_digest(inputs) == given
+
+
+@pytest.mark.parametrize("target", ["config.json", "model-00001-of-00002.safetensors", "new.json", "ppl", "data"])
+def test_eval_never_writes_into_its_source_or_over_its_inputs(tiny_llama, tmp_path, target):
+    """eval --output naming a file of the model it reads, or its --ppl text, or a file inside its
+    --data-dir, is refused before anything is read (exit 2, the flag named, every file unchanged)."""
+    text, data = tmp_path / "text.txt", tmp_path / "zeroshot"
+    text.write_text(WIKITEXT.read_text()[:2000])
+    data.mkdir()
+    output = {"ppl": text, "data": data / "results.json"}.get(target, tiny_llama / target)
+    before, given = tree_digest(tiny_llama), tree_digest(tmp_path)
+    args = ["eval", str(tiny_llama), "--ppl", str(text), "--data-dir", str(data), "--tasks", "piqa",
+            "--output", str(output)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "--output" in result.output and "Traceback" not in result.output, result.output
+    assert tree_digest(tiny_llama) == before and tree_digest(tmp_path) == given

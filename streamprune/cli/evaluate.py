@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import UsageError
 from ..evaluate import EvalConfig, evaluate, results_table, write_results
-from ..outdir import check_destination
+from ..outdir import check_destination, check_not_source
 from .app import app
 from .common import check_one_process, user_errors
 from .options import (
@@ -84,9 +85,7 @@ def eval_command(
                 quiet=quiet,
             )
         if output is not None:  # found out now, not after the evaluation
-            if output.is_dir():
-                raise UsageError(f"--output {output} is a directory; name a file, e.g. --output {output}/results.json")
-            check_destination(output.expanduser().parent, "--output")
+            check_output(output, model, {"--ppl": ppl, "--data-dir": data_dir, "--include-path": include_path})
         results = evaluate(config) if config is not None else {}
         table = results_table(results) if results else ""
         if harness_tasks:
@@ -124,3 +123,23 @@ def harness_path(tasks: list[str], data_dir, include_path, num_fewshot) -> list[
             "offline tasks (arc_easy, arc_challenge, piqa, boolq, winogrande, hellaswag, openbookqa)"
         )
     return tasks
+
+
+def check_output(output: Path, model: str, inputs: dict[str, Path | None]) -> None:
+    """--output names a new or replaceable file outside the source and outside every input: eval never
+    writes into the model it reads nor over its text."""
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a directory; name a file, e.g. --output {output}/results.json")
+    if Path(model).expanduser().is_dir():
+        check_not_source(output.expanduser(), Path(model).expanduser(), "--output")
+    written = output.expanduser().resolve()
+    for flag, given in inputs.items():
+        if given is None:
+            continue
+        read = given.expanduser().resolve()
+        if written == read or read in written.parents:
+            raise UsageError(
+                f"--output {output} would write over {flag} {given}, which this command reads; name another file, "
+                "e.g. --output results.json"
+            )
+    check_destination(output.expanduser().parent, "--output")
