@@ -202,15 +202,16 @@ def activation_buffer(tokens: int, width: int, dtype: torch.dtype, offload_dir: 
 
 
 @torch.no_grad()
-def stream_logprobs(source: Source, sequences: list[Sequence], config: EvalConfig) -> list[torch.Tensor]:
-    """Log-probabilities (float32, CPU) of each sequence's scored tokens."""
+def stream_logprobs(source: Source, sequences: list[Sequence], config, score=token_logprobs) -> list:
+    """`score(hidden, targets, head)` of each sequence's scored tokens: by default their
+    log-probabilities (float32, CPU). `config`: EvalConfig, or anything with stream_hidden's fields."""
     hidden, offsets = stream_hidden(source, sequences, config)
     head = load_head(source)
     results = []
     for i, sequence in enumerate(sequences):
         start = offsets[i] + sequence.target_start - 1  # the position that predicts the first target
         targets = torch.tensor(sequence.tokens[sequence.target_start :], dtype=torch.int64)
-        results.append(token_logprobs(hidden[start : start + len(targets)], targets, head))
+        results.append(score(hidden[start : start + len(targets)], targets, head))
         buffers.release(hidden, slice(start, start + len(targets)))
     return results
 

@@ -21,11 +21,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import resolve_max_length
 from tqdm import tqdm
 
-from . import buffers
 from .config import check_choice, check_dtype, check_positive, parse_device
 from .errors import BadInputError, ResourceError, UsageError
-from .evaluate import Sequence, stream_hidden
-from .stream import _HEAD_CHUNK_BYTES, Head, load_head, open_source
+from .evaluate import Sequence, stream_logprobs
+from .stream import _HEAD_CHUNK_BYTES, Head, open_source
 
 DEFAULT_MAX_LENGTH = 2048  # HFLM._DEFAULT_MAX_LENGTH: when neither the config nor the tokenizer says
 
@@ -175,17 +174,7 @@ class StreamedLM(TemplateLM):
 @torch.no_grad()
 def streamed_answers(source, sequences: list[Sequence], settings: StreamSettings) -> list[tuple[float, bool]]:
     """(sum of the scored tokens' log-probabilities, whether each is the argmax) per sequence."""
-    if not sequences:
-        return []
-    hidden, offsets = stream_hidden(source, sequences, settings)
-    head = load_head(source)
-    answers = []
-    for i, sequence in enumerate(sequences):
-        start = offsets[i] + sequence.target_start - 1  # the position that predicts the first target
-        targets = torch.tensor(sequence.tokens[sequence.target_start :], dtype=torch.int64)
-        answers.append(scored(hidden[start : start + len(targets)], targets, head))
-        buffers.release(hidden, slice(start, start + len(targets)))
-    return answers
+    return stream_logprobs(source, sequences, settings, score=scored) if sequences else []
 
 
 def scored(hidden: torch.Tensor, targets: torch.Tensor, head: Head) -> tuple[float, bool]:

@@ -57,7 +57,7 @@ def load_task(name: str, data_dir: Path, limit: int | None = None) -> list[Examp
     except FileNotFoundError as err:
         raise BadInputError(
             f"task {name}: {err.filename} not found; --data-dir must hold the zeroshot layout "
-            "(arc/, piqa/, boolq/, winogrande/, hellaswag/, openbookqa/), e.g. ../shared/data/zeroshot"
+            "(arc/, piqa/, boolq/, winogrande/, hellaswag/, openbookqa/, their files as streamprune/tasks.py lists them)"
         ) from err
     except OSError as err:  # a directory where the file should be, no permission, ...
         raise BadInputError(f"task {name}: cannot read {err.filename}: {err.strerror}") from err
