@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,19 +27,41 @@ C4_SHARD = "en/c4-train.00000-of-01024.json.gz"  # the shard the Wanda paper cal
 _TOKENIZE_BATCH = 256  # documents per tokenizer call while counting tokens
 
 
-def calibration_path(calib: str) -> Path:
+@dataclass(frozen=True)
+class DataFlags:
+    """The flags a command's data errors name: run, depth and width draw --nsamples windows of --seqlen
+    tokens from --calib; depth's seam healing --reconstruct-nsamples of --reconstruct-seqlen; heal
+    trains on --steps x --batch-size windows of --data."""
+
+    text: str = "--calib"
+    count: str = "--nsamples"
+    seqlen: str = "--seqlen"
+    windows_per_count: int = 1  # heal: --batch-size windows a step
+    count_suffix: str = ""  # heal: " x --batch-size 4"
+
+    def asking(self, windows: int) -> str:
+        """The flags that ask for `windows` windows, e.g. "--nsamples 128" or "--steps 50 x --batch-size 4"."""
+        return f"{self.count} {windows // self.windows_per_count}{self.count_suffix}"
+
+
+CALIBRATION_FLAGS = DataFlags()
+
+
+def calibration_path(calib: str, flags: DataFlags = CALIBRATION_FLAGS) -> Path:
     """--calib: the C4 shard (downloaded) or a local file."""
-    path = fetch_c4() if calib == "c4" else Path(calib).expanduser()
+    path = fetch_c4(flags) if calib == "c4" else Path(calib).expanduser()
     if not path.is_file():
-        raise BadInputError(f"--calib {calib}: no such file; pass a .txt, .jsonl or .jsonl.gz file, or c4")
+        raise BadInputError(f"{flags.text} {calib}: no such file; pass a .txt, .jsonl or .jsonl.gz file, or c4")
     try:
         path.open("rb").close()
     except OSError as err:
-        raise BadInputError(f"--calib {calib}: cannot be read ({err.strerror}); pass a file you can read") from err
+        raise BadInputError(f"{flags.text} {calib}: cannot be read ({err.strerror}); pass a file you can read") from err
     return path
 
 
-def sample_calibration(settings, path: Path, sha256: str, source_dir: Path, seqlen: int) -> dict:
+def sample_calibration(
+    settings, path: Path, sha256: str, source_dir: Path, seqlen: int, flags: DataFlags = CALIBRATION_FLAGS
+) -> dict:
     """The calibration record of a run: `settings.nsamples` windows of `seqlen` token ids
     (`input_ids`, [nsamples, seqlen]) drawn with `settings.seed` from `path`, tokenized by the
     source's own tokenizer, and where they came from."""
@@ -48,8 +71,8 @@ def sample_calibration(settings, path: Path, sha256: str, source_dir: Path, seql
         tokenizer = AutoTokenizer.from_pretrained(source_dir)
     except Exception as err:
         raise BadInputError(f"cannot load the tokenizer from {source_dir}: {err}") from err
-    documents = read_documents(path)
-    input_ids = sample_windows(documents, tokenizer, settings.nsamples, seqlen, settings.seed)
+    documents = read_documents(path, flags)
+    input_ids = sample_windows(documents, tokenizer, settings.nsamples, seqlen, settings.seed, flags)
     return {
         "source": settings.calib if settings.calib == "c4" else str(path),
         "file": str(path),
@@ -83,7 +106,7 @@ def load_saved_calibration(out: Path, nsamples: int, seqlen: int) -> dict:
     return calibration
 
 
-def fetch_c4() -> Path:
+def fetch_c4(flags: DataFlags = CALIBRATION_FLAGS) -> Path:
     """The C4 shard the Wanda paper uses, from the hub (cached by huggingface_hub)."""
     from huggingface_hub import hf_hub_download
 
@@ -92,12 +115,12 @@ def fetch_c4() -> Path:
     except Exception as err:  # network, auth and offline errors all end the same way for the user
         raise ResourceError(
             f"cannot download the C4 calibration shard ({C4_REPO}/{C4_SHARD}) from the Hugging Face hub: "
-            f"{hub_failure(err)}. Offline, pass local text instead: --calib PATH "
+            f"{hub_failure(err)}. Offline, pass local text instead: {flags.text} PATH "
             '(.txt, .jsonl or .jsonl.gz with a "text" field, e.g. a C4 .json.gz shard).'
         ) from err
 
 
-def read_documents(path: Path) -> list[str]:
+def read_documents(path: Path, flags: DataFlags = CALIBRATION_FLAGS) -> list[str]:
     """A .txt file is one document; .jsonl / .jsonl.gz / .json.gz have one {"text": ...} per line."""
     name = path.name.lower()
     try:
@@ -116,20 +139,22 @@ def read_documents(path: Path) -> list[str]:
                     documents.append(record["text"])
             return documents
     except json.JSONDecodeError as err:
-        raise BadInputError(f"calibration data {path}, line {number}: not JSON ({err.msg})") from err
+        raise BadInputError(f"{flags.text} {path}, line {number}: not JSON ({err.msg})") from err
     except UnicodeDecodeError as err:
-        raise BadInputError(f"calibration data {path} is not UTF-8 text ({err.reason})") from err
+        raise BadInputError(f"{flags.text} {path} is not UTF-8 text ({err.reason})") from err
     except (OSError, EOFError, zlib.error) as err:  # a truncated or corrupt gzip body, a read error
         reason = "it ends early (truncated?)" if isinstance(err, EOFError) else str(err)
         raise BadInputError(
-            f"cannot read calibration data {path}: {reason}. Check the file (e.g. gzip -t), or pass another --calib"
+            f"cannot read {flags.text} {path}: {reason}. Check the file (e.g. gzip -t), or pass another {flags.text}"
         ) from err
     raise BadInputError(
-        f"calibration file {path} has an unknown extension; use .txt, .jsonl, .jsonl.gz or .json.gz, or --calib c4"
+        f"{flags.text} {path} has an unknown extension; use .txt, .jsonl, .jsonl.gz or .json.gz, or {flags.text} c4"
     )
 
 
-def sample_windows(documents: list[str], tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def sample_windows(
+    documents: list[str], tokenizer, nsamples: int, seqlen: int, seed: int, flags: DataFlags = CALIBRATION_FLAGS
+) -> torch.Tensor:
     """[nsamples, seqlen] token ids, drawn as the reference draws them.
 
     Refuses (BadInputError, with the numbers and what would fit) when the documents longer than
@@ -153,7 +178,7 @@ def sample_windows(documents: list[str], tokenizer, nsamples: int, seqlen: int, 
         tokenize(list(range(start, min(start + _TOKENIZE_BATCH, len(documents)))))
     usable = sum(lengths[i] for i in long_ids)
     if usable < needed:
-        raise BadInputError(_too_short_message(list(lengths.values()), nsamples, seqlen))
+        raise BadInputError(_too_short_message(list(lengths.values()), nsamples, seqlen, flags))
 
     # 2. the reference's random draws; documents not yet tokenized are tokenized when drawn
     rng = random.Random(seed)
@@ -173,25 +198,25 @@ def sample_windows(documents: list[str], tokenizer, nsamples: int, seqlen: int, 
     return torch.tensor(windows, dtype=torch.int64)
 
 
-def _too_short_message(lengths: list[int], nsamples: int, seqlen: int) -> str:
+def _too_short_message(lengths: list[int], nsamples: int, seqlen: int, flags: DataFlags) -> str:
     usable = sum(n for n in lengths if n > seqlen)
     message = (
-        f"calibration text too short: {len(lengths)} documents hold {sum(lengths):,} tokens, of which "
-        f"{usable:,} are in documents longer than --seqlen {seqlen}; --nsamples {nsamples} x --seqlen "
-        f"{seqlen} needs {nsamples * seqlen:,}."
+        f"{flags.text} text too short: {len(lengths)} documents hold {sum(lengths):,} tokens, of which "
+        f"{usable:,} are in documents longer than {flags.seqlen} {seqlen}; {flags.asking(nsamples)} x "
+        f"{flags.seqlen} {seqlen} needs {nsamples * seqlen:,}."
     )
     fits = []
-    if usable // seqlen >= 1:
-        fits.append(f"--nsamples {usable // seqlen} --seqlen {seqlen}")
+    if usable // seqlen >= flags.windows_per_count:
+        fits.append(f"{flags.asking(usable // seqlen)} {flags.seqlen} {seqlen}")
     shorter = seqlen // 2
     while shorter >= 16:
         if sum(n for n in lengths if n > shorter) >= nsamples * shorter:
-            fits.append(f"--nsamples {nsamples} --seqlen {shorter}")
+            fits.append(f"{flags.asking(nsamples)} {flags.seqlen} {shorter}")
             break
         shorter //= 2
     if fits:
-        return message + " This text would fit " + " or ".join(fits) + "; or pass more text with --calib."
-    return message + " Pass more text with --calib."
+        return message + " This text would fit " + " or ".join(fits) + f"; or pass more text with {flags.text}."
+    return message + f" Pass more text with {flags.text}."
 
 
 def file_sha256(path: Path) -> str:

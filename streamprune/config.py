@@ -329,6 +329,11 @@ def check_eval_text(path: Path | str | None, seqlen: int, ppl_flag: str, seqlen_
                 break
         else:
             raise UsageError(f"{ppl_flag} {path} holds no text; pass a text file such as wiki.test.raw")
+    check_window(seqlen, seqlen_flag)
+
+
+def check_window(seqlen: int, seqlen_flag: str) -> None:
+    """A perplexity window scores each token given those before it: at least 2 tokens."""
     if seqlen < 2:
         raise UsageError(f"{seqlen_flag} {seqlen}: a window scores each token given those before it, so it needs "
                          f"at least 2 tokens; e.g. {seqlen_flag} 2048")  # fmt: skip

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import buffers
 from .buffers import available_ram_bytes
-from .config import check_choice, check_dtype, check_positive, parse_device
+from .config import check_choice, check_dtype, check_positive, check_window, parse_device
 from .errors import BadInputError, ResourceError, UsageError
 from .outdir import check_destination, check_not_source, write_json
 from .sizes import format_size
@@ -52,6 +52,7 @@ class EvalConfig:
         if self.tasks and self.data_dir is None:
             raise UsageError("--tasks needs --data-dir, the directory holding the task files (zeroshot layout)")
         check_positive(self, "seqlen", "batch_tokens", "limit")
+        check_window(self.seqlen, "--seqlen")
         check_choice("--expert-weights", self.expert_weights, ("gpu", "cpu"))
         check_dtype(self.dtype)
         self.torch_device = parse_device(self.device)
@@ -90,13 +91,37 @@ def pair_sequence(tokenizer, context: str, continuation: str, max_length: int) -
 
 def ppl_windows(tokenizer, text: str, seqlen: int, limit: int | None) -> list[Sequence]:
     """Non-overlapping windows of `seqlen` tokens of the whole text (the Wanda/SparseGPT convention)."""
-    ids = tokenizer(text, return_attention_mask=False, verbose=False).input_ids
+    ids = leading_ids(tokenizer, text, None if limit is None else limit * seqlen)
     count = len(ids) // seqlen
     if count == 0:
         raise BadInputError(f"the perplexity text has {len(ids)} tokens, fewer than one window of {seqlen}")
     if limit is not None:
         count = min(count, limit)
     return [Sequence(ids[i * seqlen : (i + 1) * seqlen], 1) for i in range(count)]
+
+
+_CHARS_PER_TOKEN = 8  # generous: English runs 3-5 characters a token; a short guess only costs a retry
+
+
+def leading_ids(tokenizer, text: str, needed: int | None) -> list[int]:
+    """The token ids of `text`, or at least its first `needed` (all of them where the text is
+    shorter). A tokenizer's memory grows with its input (a 30 MB line took gigabytes), so with a
+    limit only a prefix is tokenized: the cut can change the tokens just before it, so a prefix is
+    trusted once doubling it leaves its first `needed` ids as they were."""
+    def encode(part: str) -> list[int]:
+        return tokenizer(part, return_attention_mask=False, verbose=False).input_ids
+
+    if needed is None:
+        return encode(text)
+    chars = max(needed * _CHARS_PER_TOKEN, 4096)
+    ids = encode(text[:chars])
+    while chars < len(text):
+        chars *= 2
+        longer = encode(text[:chars])
+        if len(ids) > needed and ids[:needed] == longer[:needed]:
+            return longer[:needed]
+        ids = longer
+    return ids
 
 
 def evaluate(config: EvalConfig) -> dict:

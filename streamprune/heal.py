@@ -24,6 +24,7 @@ import math
 import re
 import resource
 import shutil
+import sys
 import time
 import types
 import warnings
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import buffers
-from .calibration import calibration_path, file_sha256, sample_calibration
+from .calibration import DataFlags, calibration_path, file_sha256, sample_calibration
 from .config import check_choice, check_eval_text, check_positive, check_seed, parse_device, parse_shard_size
 from .errors import UsageError
 from .families import TEXT_ONLY
@@ -106,6 +107,11 @@ class HealConfig:
     def compute_dtype(self) -> torch.dtype:
         return compute_dtype(self.base, self.torch_device.type)
 
+    @property
+    def data_flags(self) -> DataFlags:
+        return DataFlags(text="--data", count="--steps", windows_per_count=self.batch_size,
+                         count_suffix=f" x --batch-size {self.batch_size}")  # fmt: skip
+
     def identity(self, source: Source, data_sha256: str) -> dict:
         """What shapes the result: a saved state made with other values cannot be resumed."""
         keys = ("data", "steps", "batch_size", "seqlen", "lr", "lora_rank", "lora_alpha", "base", "optimizer", "seed",
@@ -156,7 +162,7 @@ def heal(config: HealConfig) -> dict:
         if state is None or config.force:
             check_output_dir(config.out, config.force)
         check_destination(config.out, "--out")
-        data_path = calibration_path(config.data)
+        data_path = calibration_path(config.data, config.data_flags)
         data_sha256 = file_sha256(data_path)
         identity = config.identity(source, data_sha256)
         if state is not None and not config.force:
@@ -170,6 +176,10 @@ def heal(config: HealConfig) -> dict:
             shutil.rmtree(config.out / HEAL_STATE_DIR, ignore_errors=True)
             shutil.rmtree(config.out / ADAPTER_DIR, ignore_errors=True)
         model, keep = load_base(source, config)
+        source_zeros = zero_weights(model, keep)
+        if source_zeros == 0 and not config.quiet:
+            print(f"{source.directory} has no zero weights in its projections: healing it as a dense model "
+                  "(every weight trains; prune it first with streamprune run to keep a sparsity)", file=sys.stderr)  # fmt: skip
         peft_model, adapters = add_adapters(model, keep, config)
         optimizer = make_optimizer(config.optimizer, adapters.values(), config.lr)
         losses, start = [], 0
@@ -180,6 +190,7 @@ def heal(config: HealConfig) -> dict:
         files, written = write_merged(config, source, model, keep)
         peft_model.save_pretrained(config.out / ADAPTER_DIR)
         record = heal_record(config, source, losses, start, files, written, started)
+        record["source_zero_weights"] = source_zeros
         if config.eval_ppl is not None:
             record["evaluation"] = evaluate_output(config)
         write_json(config.out / RECORD_FILE, record)
@@ -191,7 +202,7 @@ def training_ids(config: HealConfig, source: Source, path: Path, sha256: str) ->
     """steps x batch_size windows of seqlen tokens of --data, [steps * batch_size, seqlen]."""
     seqlen = source.capped_seqlen(config.seqlen)
     settings = SimpleNamespace(calib=config.data, nsamples=config.steps * config.batch_size, seed=config.seed)
-    ids = sample_calibration(settings, path, sha256, source.directory, seqlen)["input_ids"]
+    ids = sample_calibration(settings, path, sha256, source.directory, seqlen, config.data_flags)["input_ids"]
     source.check_token_ids(ids)
     return ids
 
@@ -288,6 +299,15 @@ def frozen_linear(weight: torch.Tensor, base: str, compute: torch.dtype, device:
         linear = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False, device="meta")
         linear.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
     return linear.to(device)  # quantizes
+
+
+def zero_weights(model: torch.nn.Module, keep: dict[str, torch.Tensor]) -> int:
+    """How many weights of the target Linears are zero in the source (their keep bits unset)."""
+    zeros = 0
+    for name, packed in keep.items():
+        cols = model.get_submodule(name).in_features
+        zeros += packed.shape[0] * cols - int(unpack_bits(packed, cols).sum())
+    return zeros
 
 
 def add_adapters(model: torch.nn.Module, keep: dict[str, torch.Tensor], config: HealConfig) -> tuple:
@@ -504,12 +524,18 @@ def evaluate_output(config: HealConfig) -> dict:
                                device=config.device, quiet=config.quiet))  # fmt: skip
 
 
+def kept_zeros(record: dict) -> str:
+    if record.get("source_zero_weights") == 0:
+        return "merged; the source had no zeros, so it was healed as a dense model"
+    return "merged, every pruned weight still zero"
+
+
 def summary(record: dict) -> str:
     lines = [
         f"healed {record['source']} with LoRA (rank {record['arguments']['lora_rank']}, base "
         f"{record['arguments']['base']}) for {record['arguments']['steps']} steps in {record['total_seconds']:.0f} s "
         f"on {record['device']}: loss {record['first_loss']:.3f} -> {record['last_loss']:.3f}",
-        f"wrote {record['arguments']['out']} (merged, every pruned weight still zero) and its adapter in "
+        f"wrote {record['arguments']['out']} ({kept_zeros(record)}) and its adapter in "
         f"{ADAPTER_DIR}/; record: {RECORD_FILE}",
     ]
     if "evaluation" in record:

@@ -87,7 +87,7 @@ def test_calibration_too_short(model, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("a few words only, repeated. " * 20)
     result = invoke(model, "--out", tmp_path / "out", "--calib", short, "--nsamples", "64", "--seqlen", "64")
-    expect_refusal(result, 3, "calibration text too short", "needs 4,096", "would fit", out=tmp_path / "out")
+    expect_refusal(result, 3, "--calib text too short", "needs 4,096", "would fit", out=tmp_path / "out")
 
 
 def test_calibration_file_missing(model, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from conftest import DATA, TINY_FAMILIES, WIKITEXT, attention
 from typer.testing import CliRunner
 
 from streamprune.cli import app
-from streamprune.evaluate import EvalConfig, Sequence, encode_pair, evaluate, pair_sequence, ppl_windows
+from streamprune.evaluate import EvalConfig, Sequence, encode_pair, evaluate, leading_ids, pair_sequence, ppl_windows
 from streamprune.tasks import TASKS, load_task
 
 ZEROSHOT = DATA / "zeroshot"
@@ -71,6 +73,38 @@ def test_ppl_windows_are_non_overlapping_and_limited(tiny_llama):
     assert len(windows) == len(ids) // 3
     assert [w.tokens for w in windows] == [ids[i * 3 : i * 3 + 3] for i in range(len(windows))]
     assert len(ppl_windows(tokenizer, "one two three four five six seven eight nine ten", 3, 1)) == 1
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "smollm2"])
+def test_a_limited_text_is_tokenized_as_the_whole_text_begins(request, model):
+    """With --limit only a prefix is tokenized; its ids are the whole text's first ids, wherever the
+    cut falls (one line, or lines)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(model))
+    text = WIKITEXT.read_text()[:400_000]
+    for body in (text, text.replace("\n", " ")):
+        whole = tokenizer(body, return_attention_mask=False, verbose=False).input_ids
+        for needed in (1, 517, 4096, 30_000, len(whole) + 5):
+            assert leading_ids(tokenizer, body, needed)[:needed] == whole[:needed]
+
+
+def test_a_long_line_with_a_limit_is_read_in_little_memory(tiny_llama, tmp_path):
+    """A 30 MB --ppl file of one line, --limit 2: the tokenizer sees only a prefix (it took gigabytes
+    on the whole line); the peak RSS of the whole eval stays under 1.5 GB."""
+    line = WIKITEXT.read_text().replace("\n", " ")
+    text = tmp_path / "line.txt"
+    text.write_text((line * (30_000_000 // len(line) + 1))[:30_000_000])
+    probe = (
+        "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
+    )
+    args = [sys.executable, "-c", probe, sys.executable, "-m", "streamprune", "eval", str(tiny_llama),
+            "--ppl", str(text), "--limit", "2", "--seqlen", "128", "--quiet"]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "perplexity" in done.stdout and "2 windows x 128 tokens" in done.stdout
+    assert int(done.stdout.split()[-1]) * 1024 < 1.5e9
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

@@ -69,6 +69,17 @@ def trained_looking(adapters: dict) -> None:
                 parameter.normal_(0, 0.05)
 
 
+def test_a_model_without_zeros_is_healed_as_dense_and_says_so(pruned, tmp_path):
+    dense, _ = pruned
+    args = [sys.executable, "-m", "streamprune", "heal", str(dense), "--out", str(tmp_path / "out"), "--data", str(C4),
+            "--steps", "2", "--batch-size", "1", "--seqlen", "64"]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "no zero weights" in done.stderr and "healing it as a dense model" in done.stderr
+    assert "healed as a dense model" in done.stdout
+    assert json.loads((tmp_path / "out" / "streamprune.json").read_text())["source_zero_weights"] == 0
+
+
 def test_the_model_written_is_the_model_trained(pruned, tmp_path):
     """fp32 base: the in-memory model with its masked adapters and the merged checkpoint give the
     same logits, and each merged projection is exactly source + keep x (B A) x scaling."""

@@ -202,7 +202,7 @@ def not_utf8(path: Path) -> None:
     "breaker, phrase",
     [
         (truncated_gzip, "ends early"),
-        (corrupt_gzip_body, "calibration data"),
+        (corrupt_gzip_body, "--calib"),
         (not_gzip, "Not a gzipped file"),
         (not_json, "line 2: not JSON"),
         (not_utf8, "not UTF-8"),

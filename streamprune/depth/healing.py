@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..calibration import file_sha256, sample_calibration
+from ..calibration import DataFlags, file_sha256, sample_calibration
 from ..reconstruct import ReconstructSettings, reconstruct_layer, trainable
 from ..stream import Source, check_activations_finite
 from .blocks import Blocks
@@ -31,7 +31,8 @@ def healing_ids(config: DepthConfig, source: Source, calib_path: Path) -> torch.
     """The calibration windows the seams train on, [reconstruct_nsamples, reconstruct_seqlen]."""
     seqlen = source.capped_seqlen(config.reconstruct_seqlen)
     settings = SimpleNamespace(calib=config.calib, nsamples=config.reconstruct_nsamples, seed=config.seed)
-    calibration = sample_calibration(settings, calib_path, file_sha256(calib_path), source.directory, seqlen)
+    flags = DataFlags(count="--reconstruct-nsamples", seqlen="--reconstruct-seqlen")
+    calibration = sample_calibration(settings, calib_path, file_sha256(calib_path), source.directory, seqlen, flags)
     source.check_token_ids(calibration["input_ids"])
     return calibration["input_ids"]
 
