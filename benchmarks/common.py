@@ -11,9 +11,34 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-C4 = DATA / "c4" / "c4_validation_2k.jsonl.gz"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+DATA_VARIABLE = "STREAMPRUNE_DATA"
+
+
+def data_dir() -> Path:
+    """The data folder (STREAMPRUNE_DATA): wikitext2/, c4/, zeroshot/. Unset or not a directory, the
+    benchmark ends saying so."""
+    value = os.environ.get(DATA_VARIABLE, "").strip()
+    if not value:
+        sys.exit(
+            f"{DATA_VARIABLE} is not set: export {DATA_VARIABLE}=the data folder "
+            "(the one holding wikitext2/wiki.test.raw, c4/c4_validation_2k.jsonl.gz and zeroshot/)"
+        )
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        sys.exit(f"{DATA_VARIABLE}={value} is not a directory: point it at the data folder (wikitext2/, c4/, zeroshot/)")
+    return folder.resolve()
+
+
+def __getattr__(name: str) -> Path:
+    """DATA (the data folder) and C4 (its calibration documents), read from STREAMPRUNE_DATA only when
+    a benchmark asks for them: `from common import C4` in a script that needs the data, while one
+    that needs none (plots.py) runs without the variable."""
+    if name == "DATA":
+        return data_dir()
+    if name == "C4":
+        return data_dir() / "c4" / "c4_validation_2k.jsonl.gz"
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def conditions() -> str:
@@ -108,7 +133,7 @@ def perplexity(model: Path, work: Path, ppl_windows: int, *options: str) -> floa
     (with `options`, e.g. --device cuda)."""
     ppl_json = work / "ppl.json"
     streamprune(
-        "eval", str(model), "--ppl", str(DATA / "wikitext2" / "wiki.test.raw"), "--seqlen", "512",
+        "eval", str(model), "--ppl", str(data_dir() / "wikitext2" / "wiki.test.raw"), "--seqlen", "512",
         "--limit", str(ppl_windows), "--output", str(ppl_json), "--quiet", *options,
     )  # fmt: skip
     return json.loads(ppl_json.read_text())["perplexity"]["ppl"]
@@ -121,7 +146,7 @@ def evaluate(model: Path, work: Path, ppl_windows: int, limit: int) -> tuple[flo
     tasks_json = work / "tasks.json"
     ppl = perplexity(model, work, ppl_windows)
     streamprune(
-        "eval", str(model), "--tasks", ",".join(TASKS), "--data-dir", str(DATA / "zeroshot"),
+        "eval", str(model), "--tasks", ",".join(TASKS), "--data-dir", str(data_dir() / "zeroshot"),
         "--seqlen", "512", "--limit", str(limit), "--output", str(tasks_json), "--quiet",
     )  # fmt: skip
     return ppl, json.loads(tasks_json.read_text())

@@ -3,8 +3,8 @@
     python benchmarks/depth.py [--limit 50] [--ppl-windows 40]     # about 40 minutes on 2 CPU cores
 
 Scoring: `streamprune depth --remove 6` with the paper's defaults (10 x 128 calibration tokens, seed
-1234, blocks 0-3 and the last two protected), calibration text: the C4 documents in ../shared/data
-(the paper used BookCorpus, which is not available here). Perplexity: WikiText-2 test, 512-token
+1234, blocks 0-3 and the last two protected), calibration text: the C4 documents in the data folder
+(STREAMPRUNE_DATA; the paper used BookCorpus, which is not available here). Perplexity: WikiText-2 test, 512-token
 windows, the first --ppl-windows. Zero-shot: the seven tasks, the first --limit examples each.
 Generation: transformers' greedy generate, batch 1, a 16-token prompt, exactly 128 new tokens, CPU;
 every model loaded, then --rounds (7) interleaved timed runs of each after a warm-up; the median, as

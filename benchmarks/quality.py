@@ -16,8 +16,8 @@ Variants: dense | magnitude 50% | Wanda 50% | Wanda 2:4 | Wanda 4:8 | magnitude 
 RIA 2:4. With --variants, the table of those rows goes to its own section ("quality-added"), under
 the same conditions as the main table, so that a new method gets its rows without re-measuring
 the others (whose outputs the golden test keeps byte-identical). Calibration:
-128 x 512 tokens of the C4 documents in ../shared/data, seed 0. Perplexity: WikiText-2 test
-(wiki.test.raw) at seqlen 512, the first --ppl-windows windows. Zero-shot: the seven tasks, the
+128 x 512 tokens of the C4 documents in the data folder (STREAMPRUNE_DATA), seed 0. Perplexity:
+WikiText-2 test (wiki.test.raw) at seqlen 512, the first --ppl-windows windows. Zero-shot: the seven tasks, the
 first --limit examples of each (the full sets take days on a CPU). Every number comes from
 `streamprune run` and `streamprune eval` run here; the table goes to benchmarks/RESULTS.md.
 """
