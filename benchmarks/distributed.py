@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "models"))  # the real test models' builders
 from common import C4, ROOT, conditions, write_section  # noqa: E402
 from smollm2 import build  # noqa: E402
 

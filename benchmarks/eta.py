@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "models"))  # the real test models' builders
 from common import C4, conditions, streamprune, write_section  # noqa: E402
 from memory import synthetic_model  # noqa: E402
 from smollm2 import build  # noqa: E402

@@ -24,7 +24,7 @@ for part in "${parts[@]}"; do
         "$python" benchmarks/gpu_layer.py --model llama-2-70b --methods wanda,sparsegpt --section gpu-layer || status=1
         "$python" benchmarks/gpu_layer.py --model mixtral-8x7b --methods wanda --section gpu-layer-moe || status=1 ;;
     smollm2)
-        "$python" benchmarks/smollm2.py ${SMOLLM2_WHEEL:+--wheel "$SMOLLM2_WHEEL"} || { status=1; continue; }
+        "$python" tests/models/smollm2.py ${SMOLLM2_WHEEL:+--wheel "$SMOLLM2_WHEEL"} || { status=1; continue; }
         "$python" benchmarks/perplexity.py --device cuda --section smollm2 \
             --variants "dense,Wanda 50%,SparseGPT 50%,Wanda 2:4,SparseGPT 2:4,SparseGPT 2:4 + reconstruct" || status=1 ;;
     *)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "models"))  # the real test models' builders
 from common import conditions, write_section  # noqa: E402
 
 from streamprune.families import LayerRunner, family_of  # noqa: E402

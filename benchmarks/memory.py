@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "models"))  # the real test models' builders
 from common import C4, DATA, conditions, dir_bytes, max_rss_bytes, write_section  # noqa: E402
 from smollm2 import DEFAULT_CACHE, build  # noqa: E402
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .data import C4_FILE, local_copy
 from .errors import BadInputError, ResourceError
 from .source import hub_failure, hub_reachable
 
@@ -49,7 +50,10 @@ CALIBRATION_FLAGS = DataFlags()
 
 def calibration_path(calib: str, flags: DataFlags = CALIBRATION_FLAGS) -> Path:
     """--calib: the C4 shard (downloaded) or a local file."""
-    path = fetch_c4(flags) if calib == "c4" else Path(calib).expanduser()
+    if calib == "c4":
+        path = local_copy(C4_FILE) or fetch_c4(flags)  # the data folder's copy (STREAMPRUNE_DATA) first
+    else:
+        path = Path(calib).expanduser()
     if not path.is_file():
         raise BadInputError(f"{flags.text} {calib}: no such file; pass a .txt, .jsonl or .jsonl.gz file, or c4")
     try:

@@ -321,6 +321,9 @@ def check_eval_text(path: Path | str | None, seqlen: int, ppl_flag: str, seqlen_
     that command's work: the file holds text, and a window scores at least one token given another."""
     if path is None:
         return
+    if str(path) == "wikitext2":  # the standard text, found when the evaluation runs (data.ppl_text)
+        check_window(seqlen, seqlen_flag)
+        return
     if not Path(path).is_file():
         raise UsageError(f"{ppl_flag} {path}: no such file; pass a text file such as wiki.test.raw")
     with open(path, "rb") as text:

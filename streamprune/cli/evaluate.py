@@ -119,7 +119,7 @@ def harness_path(tasks: list[str], data_dir, include_path, num_fewshot) -> list[
     if importlib.util.find_spec("lm_eval") is None:
         raise UsageError(
             "--tasks without --data-dir runs lm-evaluation-harness tasks, and lm-eval is not installed: "
-            "pip install 'streamprune[eval]'; or add --data-dir DIR (e.g. ../shared/data/zeroshot) for the built-in "
+            "pip install 'streamprune[eval]'; or add --data-dir DIR (a data folder, see docs/data.md) for the built-in "
             "offline tasks (arc_easy, arc_challenge, piqa, boolq, winogrande, hellaswag, openbookqa)"
         )
     return tasks

