@@ -242,7 +242,11 @@ def load_base(source: Source, config: HealConfig) -> tuple[torch.nn.Module, dict
         check_weights_finite(tensor, name)
         if module_name in targets and kind == "weight":
             keep[module_name] = pack_bits(tensor != 0).to(device)
-            set_module(model, module_name, frozen_linear(tensor, config.base, compute, device))
+            bias = model.get_submodule(module_name).bias  # Qwen2's q/k/v, width's compensation: loaded already
+            linear = frozen_linear(tensor, config.base, compute, device)
+            if bias is not None:  # still on meta where it comes after the weight: set below, as any tensor
+                linear.bias = torch.nn.Parameter(bias, requires_grad=False)
+            set_module(model, module_name, linear)
         elif name in expected:
             set_tensor(model, name, tensor.to(device, compute))
     rotary = type(model.model.rotary_emb)  # its inverse frequencies are computed, not stored
@@ -344,7 +348,8 @@ def masked_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base + delta: a masked delta cannot take LoRA's low-rank shortcut x A^T B^T anyway."""
     delta = masked_delta(self)
     weight = base_weight(self.base_layer).to(delta.dtype) + delta  # [out, in]
-    return F.linear(x.to(weight.dtype), weight).to(x.dtype)
+    bias = self.base_layer.bias  # [out] or None: Qwen2's q/k/v, width's compensation
+    return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).to(x.dtype)
 
 
 def base_weight(linear: torch.nn.Module) -> torch.Tensor:
@@ -481,7 +486,7 @@ def write_merged(config: HealConfig, source: Source, model, keep: dict) -> tuple
             for name in tqdm(names, desc="merging", unit="tensor", disable=config.quiet):
                 tensor = source.checkpoint.read(name)
                 module_name = name.rpartition(".")[0]
-                if module_name in keep:
+                if module_name in keep and name.endswith(".weight"):  # a projection's bias is written as it is
                     delta = masked_delta(model.get_submodule(module_name)).to("cpu", torch.float32)
                     merged = (tensor.to(torch.float32) + delta).to(tensor.dtype)
                     tensor = apply_mask(merged, tensor == 0)  # the source's zeros, +0.0

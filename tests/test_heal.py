@@ -106,6 +106,39 @@ def test_the_model_written_is_the_model_trained(pruned, tmp_path):
     assert masked_delta(lora)[weight == 0].abs().sum() == 0 and delta[weight == 0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "width"])
+def test_projections_with_a_bias_train_and_merge_with_it(tiny_models, tmp_path, kind):
+    """Qwen2's q/k/v and a width-pruned model's compensation carry biases: before training the model
+    in memory is the source (its biases in use), and the merged checkpoint is the model trained."""
+    from typer.testing import CliRunner
+
+    from streamprune.cli import app
+
+    model = tiny_models["qwen2"]
+    if kind == "width":
+        model = tmp_path / "narrow"
+        args = ["width", str(tiny_models["llama"]), "--out", str(model), "--ratio", "0.2", "--criterion", "flap",
+                "--calib", str(C4), "--nsamples", "4", "--seqlen", "32", "--quiet"]  # fmt: skip
+        assert CliRunner().invoke(app, args).exit_code == 0
+    assert any(name.endswith("proj.bias") for name in load_state(model))
+    config = HealConfig(model=str(model), out=tmp_path / "out", base="fp32", **TRAIN)
+    source = open_source(str(model), torch.device("cpu"), "float32")
+    base, keep = load_base(source, config)
+    peft_model, adapters = add_adapters(base, keep, config)
+    peft_model.eval()
+    ids = torch.randint(0, 512, (2, 40))
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, reference(input_ids=ids).logits)
+        trained_looking(adapters)
+        expected = peft_model(input_ids=ids).logits
+    (tmp_path / "out").mkdir()
+    write_merged(config, source, base, keep)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("base", ["nf4", "int8"])
 def test_quantized_base_forward_equals_the_dequantized_base(pruned, tmp_path, base):
     """The QLoRA model's logits equal those of the plain model whose projections are the
