@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import socket
@@ -177,13 +178,18 @@ def first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-OFFLINE = "no connection to the hub from this machine, and it is not in the local cache"
+def hub_reachable() -> bool:
+    """Whether the hub answers at all, found out in seconds: offline, huggingface_hub retries each
+    request for half a minute before it gives up. Without the hub, downloads use the local cache.
+
+    Every download asks this first, so it is also where huggingface_hub's requests get a time limit
+    where they have none (see `_fill_timeouts`)."""
+    _limit_hub_requests()
+    return _hub_answers()
 
 
 @functools.cache
-def hub_reachable() -> bool:
-    """Whether the hub answers at all, found out in seconds: offline, huggingface_hub retries each
-    request for half a minute before it gives up. Without the hub, downloads use the local cache."""
+def _hub_answers() -> bool:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
@@ -198,30 +204,116 @@ def hub_reachable() -> bool:
     return True
 
 
+def _fill_timeouts(request) -> None:
+    """A request hook: what huggingface_hub sends without a time limit (a repo's info and file
+    listing: `timeout=None`) gets the limit of its per-file metadata requests, HF_HUB_ETAG_TIMEOUT
+    (10 s by default). Without one, a hub (or proxy) that accepts the connection and never answers
+    hangs `run` for ever; with it the command says so and exits 4."""
+    from huggingface_hub import constants
+
+    timeout = dict(request.extensions.get("timeout") or {})
+    if all(timeout.get(kind) is not None for kind in ("connect", "read", "write", "pool")):
+        return
+    limit = float(constants.HF_HUB_ETAG_TIMEOUT)
+    request.extensions["timeout"] = {kind: limit if timeout.get(kind) is None else timeout[kind]
+                                     for kind in ("connect", "read", "write", "pool")}  # fmt: skip
+
+
+def _limit_hub_requests() -> None:
+    """Add `_fill_timeouts` to huggingface_hub's shared HTTP client (made again after a fork, hence
+    checked before every download)."""
+    from huggingface_hub import get_session
+
+    session = get_session()
+    hooks = session.event_hooks
+    if _fill_timeouts not in hooks.get("request", []):
+        session.event_hooks = {**hooks, "request": [*hooks.get("request", []), _fill_timeouts]}
+
+
+def _causes(err: BaseException):
+    """`err` and what it was raised from, nearest first (huggingface_hub wraps the cause of a
+    failure in errors of its own: a timeout in 'cannot find the files in the local cache')."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _class_names(err: BaseException) -> set[str]:
+    # httpx (huggingface_hub 1.x) or httpx2 (2.x): the same exception names in either
+    return {cls.__name__ for cls in type(err).__mro__}
+
+
+def _diagnose(err: Exception) -> tuple[str, str]:
+    """(kind, reason): why a download failed, in words the user can act on, and what kind of
+    failure it is: 'offline' (no hub, and not in the cache), 'network' (the hub failed mid-way:
+    running again can work; exit 4), 'disk' (the cache's disk is full; exit 4) or 'input' (no such
+    repo, revision or file; exit 3).
+    huggingface_hub's own messages run to many lines, and say '404 Client Error.' for a missing file."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    cache = constants.HF_HUB_CACHE
+    if constants.HF_HUB_OFFLINE:
+        missing = f"it is not (wholly) in the hub cache ({cache})"
+        return "offline", f"HF_HUB_OFFLINE is set, and {missing}; unset HF_HUB_OFFLINE to download it"
+    if not hub_reachable():
+        where = f"no connection to the hub ({constants.ENDPOINT}) from this machine"
+        return "offline", f"{where}, and it is not in the hub cache ({cache})"
+    again = f"run the same command again (the files already downloaded stay in the hub cache, {cache})"
+    for cause in _causes(err):
+        names = _class_names(cause)
+        if isinstance(cause, GatedRepoError):
+            return "input", "the repo is gated: ask for access on its page on the hub, then log in (hf auth login)"
+        if isinstance(cause, RepositoryNotFoundError):
+            return "input", "the hub has no such repo (check the id; a private or gated one needs hf auth login)"
+        if isinstance(cause, RevisionNotFoundError):
+            return "input", "the hub has no such revision of the repo"
+        if isinstance(cause, HfHubHTTPError) and cause.response is not None:
+            status, url = cause.response.status_code, str(cause.response.url)
+            name = urllib.parse.unquote(url.split("/resolve/", 1)[1].split("/", 1)[-1]) if "/resolve/" in url else url
+            said = f"the hub answered {status} {cause.response.reason_phrase} for {name.split('?')[0]}"
+            if "EntryNotFoundError" in names or status == 404:
+                return "input", said
+            if status >= 500 or status in (408, 429):
+                return "network", f"{said}; {again}"
+            login = "; log in (hf auth login) with a token that may read it" if status in (401, 403) else ""
+            return "input", said + login
+        if "TimeoutException" in names:
+            return "network", f"the hub stopped answering ({type(cause).__name__}: {first_line(cause)}); {again}"
+        if names & {"RemoteProtocolError", "NetworkError", "ProtocolError"}:
+            return "network", f"the connection broke off mid-download ({first_line(cause)}); {again}"
+        if isinstance(cause, OSError) and str(cause).startswith("Consistency check failed"):
+            return "network", f"a file arrived incomplete ({first_line(cause)}); {again}"
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return "disk", f"the disk of the hub cache ({cache}) is full; free space, or set HF_HOME to a bigger disk"
+    return "input", first_line(err)
+
+
 def hub_failure(err: Exception) -> str:
-    """Why a download failed, in a line: offline, huggingface_hub's own words mean nothing to the user."""
-    return OFFLINE if not hub_reachable() else first_line(err)
+    """Why a download failed, in a line the user can act on."""
+    return _diagnose(err)[1]
 
 
 def download(repo_id: str, asked: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=not hub_reachable()))
-    except Exception as err:  # offline, unknown repo, gated repo: each ends the same way for the user
-        offline = not hub_reachable() or isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled))
-        reason = hub_failure(err)
+    except Exception as err:  # offline, unknown repo, a cut download: each ends the same way for the user
+        kind, reason = _diagnose(err)
         where = f"{asked} (hub id {repo_id})" if asked != repo_id else repo_id
-        if offline:
+        if kind == "offline":
             raise ResourceError(
-                f"cannot download {where}: the Hugging Face hub is not reachable ({reason}). "
-                f"Download it on a machine with network access (huggingface-cli download {repo_id}) "
-                f"and pass its local directory in place of {asked}."
+                f"cannot download {where}: the Hugging Face hub is not reachable ({reason}). Download it where "
+                f"the hub is reachable (hf download {repo_id} --local-dir DIR), then pass its local directory in "
+                f"place of {asked}."
             ) from err
-        raise BadInputError(
-            f"cannot download {where} from the Hugging Face hub: {reason}. Check the id (and `hf auth login` "
-            "for gated models such as Llama), or pass a local directory."
+        error = BadInputError if kind == "input" else ResourceError
+        raise error(
+            f"cannot download {where} from the Hugging Face hub: {reason}. "
+            f"Or pass a local directory in place of {asked}."
         ) from err
 
 
@@ -253,8 +345,9 @@ def download_file(repo_id: str, filename: str, asked: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, filename, local_files_only=not hub_reachable()))
     except Exception as err:
-        reason = hub_failure(err)
-        raise ResourceError(
-            f"cannot download {filename} of {asked} (hub id {repo_id}): {reason}. Without network, pass a local "
+        kind, reason = _diagnose(err)
+        error = BadInputError if kind == "input" else ResourceError
+        raise error(
+            f"cannot download {filename} of {asked} (hub id {repo_id}): {reason}. Or pass a local "
             f"directory or its config.json: streamprune plan /path/to/model ..."
         ) from err
