@@ -72,13 +72,17 @@ class Sequence:
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """The harness's _encode_pair: trailing spaces move to the continuation, and the continuation's
-    tokens are those of context+continuation beyond the context's."""
+    """The harness's _encode_pair with the hf backend's tok_encode: trailing spaces move to the
+    continuation, both texts get the tokenizer's default special tokens (BOS for Gemma and Llama,
+    tasks.hf_encode), and the continuation's tokens are those of context+continuation beyond the
+    context's (so a BOS belongs to the context)."""
+    from .tasks import hf_encode
+
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
-    context_ids = tokenizer(context, add_special_tokens=False).input_ids
+    whole = hf_encode(tokenizer, context + continuation)
+    context_ids = hf_encode(tokenizer, context)
     return context_ids, whole[len(context_ids) :]
 
 
@@ -226,8 +230,12 @@ def activation_buffer(tokens: int, width: int, dtype: torch.dtype, offload_dir: 
 @torch.no_grad()
 def stream_logprobs(source: Source, sequences: list[Sequence], config, score=token_logprobs) -> list:
     """`score(hidden, targets, head)` of each sequence's scored tokens: by default their
-    log-probabilities (float32, CPU). `config`: EvalConfig, or anything with stream_hidden's fields."""
+    log-probabilities (float32, CPU). `config`: EvalConfig, or anything with stream_hidden's fields.
+    The head's work has a bar of its own, after the layers' (stream.head_bar)."""
+    from .stream import head_bar
+
     hidden, offsets = stream_hidden(source, sequences, config)
+    bar = head_bar(sum(len(s.tokens) - s.target_start for s in sequences), config.quiet)
     head = load_head(source)
     results = []
     for i, sequence in enumerate(sequences):
@@ -235,6 +243,8 @@ def stream_logprobs(source: Source, sequences: list[Sequence], config, score=tok
         targets = torch.tensor(sequence.tokens[sequence.target_start :], dtype=torch.int64)
         results.append(score(hidden[start : start + len(targets)], targets, head))
         buffers.release(hidden, slice(start, start + len(targets)))
+        bar.update(len(targets))
+    bar.close()
     return results
 
 
@@ -252,10 +262,10 @@ def stream_hidden(source: Source, sequences: list[Sequence], config) -> tuple[to
     source.check_token_ids(flat_ids)
     width = source.runner.config.hidden_size
     hidden = activation_buffer(len(flat_ids), width, source.dtype, config.offload_dir)  # [tokens, hidden]
+    # shown from the embedding on: filling a buffer of millions of tokens takes a while too
+    bar = tqdm(desc="evaluating", unit="layer", total=source.num_layers, disable=config.quiet, dynamic_ncols=True)
     source.embed(flat_ids.unsqueeze(0), out=hidden.unsqueeze(0))
     batches = length_batches(lengths, config.batch_tokens)
-
-    bar = tqdm(desc="evaluating", unit="layer", total=source.num_layers, disable=config.quiet, dynamic_ncols=True)
     with LayerReader(source, config.overlap) as reader:
         for index, stored in reader.layers(list(range(source.num_layers))):
             source.check_layer_finite(index, stored)

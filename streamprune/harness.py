@@ -25,6 +25,7 @@ from .config import check_choice, check_dtype, check_positive, parse_device
 from .errors import BadInputError, ResourceError, UsageError
 from .evaluate import Sequence, stream_logprobs
 from .stream import _HEAD_CHUNK_BYTES, Head, open_source
+from .tasks import hf_encode, prefix_token
 
 DEFAULT_MAX_LENGTH = 2048  # HFLM._DEFAULT_MAX_LENGTH: when neither the config nor the tokenizer says
 
@@ -89,11 +90,7 @@ class StreamedLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        if self.custom_prefix_token_id is not None:
-            return self.custom_prefix_token_id
-        if self.tokenizer.bos_token_id is not None:
-            return self.tokenizer.bos_token_id
-        return self.tokenizer.eos_token_id
+        return prefix_token(self.tokenizer, self.custom_prefix_token_id)
 
     @property
     def max_length(self) -> int:
@@ -107,12 +104,10 @@ class StreamedLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kwargs):
         """HFLM.tok_encode: the flag given, else add_bos_token, else the tokenizer's own default;
-        never a second BOS on a string that already starts with it."""
-        flag = add_special_tokens if add_special_tokens is not None else self.add_bos_token
-        special = {} if flag is None else {"add_special_tokens": flag}
-        if add_special_tokens is None and string.startswith(self.tokenizer.decode(self.prefix_token_id)):
-            special["add_special_tokens"] = False
-        encoding = self.tokenizer.encode(string, **special)
+        never a second BOS on a string that already starts with it (tasks.hf_encode, which the
+        built-in tasks use too)."""
+        bos, prefix = self.add_bos_token, self.custom_prefix_token_id
+        encoding = hf_encode(self.tokenizer, string, add_special_tokens, bos, prefix)
         return encoding[-left_truncate_len:] if left_truncate_len else encoding
 
     # -- scoring ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import buffers
 from .background import Worker
@@ -321,6 +322,13 @@ def load_head(source: Source) -> Head:
     norm.weight = torch.nn.Parameter(norm_weight.to(runner.device, source.dtype), requires_grad=False)
     softcap = getattr(runner.config, "final_logit_softcapping", None)
     return Head(norm.to(runner.device), head.to(runner.device, source.dtype), softcap)
+
+
+def head_bar(tokens: int, quiet: bool, desc: str = "final norm + LM head") -> tqdm:
+    """A progress bar over the `tokens` the head scores, opened before the head is read: after the
+    layers' bar is done, a 262k-row head (Gemma 3) over every perplexity token takes minutes, and
+    a bar that stops at 100% with nothing after it looks like a hang."""
+    return tqdm(desc=desc, total=tokens, unit="token", unit_scale=True, disable=quiet, dynamic_ncols=True)
 
 
 def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Head) -> torch.Tensor:

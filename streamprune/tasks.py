@@ -12,6 +12,11 @@ the choice (`acc_norm`). Prompts follow the harness's task definitions (lm_eval/
   hellaswag                "{ctx}" + " {ending}", both through the harness's preprocess()
   openbookqa               "{question_stem}" + " {choice}"
 
+Tokens: as the harness's `hf` backend makes them (hf_encode), BOS included where the tokenizer adds
+one by default: lm-eval 0.4.13 has no per-family rule of its own (its add_bos_token defaults to None,
+the tokenizer's default; the Gemma special case of earlier releases is gone), and Gemma's tokenizers
+prepend <bos>, without which Gemma scores near chance.
+
 Differences, all forced by the local files (../shared/data/zeroshot/README): HellaSwag's `ctx`
 arrives already joined as "{activity_label}: {ctx_a} {ctx_b}" without the harness's
 capitalisation of ctx_b; OpenBookQA's choices are parsed from the TSV's "(A) ... (B) ..." column.
@@ -36,6 +41,29 @@ class Example:
     pairs: list[tuple[str, str]]  # (context, continuation) per choice
     gold: int
     choice_bytes: list[int] | None  # len(choice.encode()) per choice, for acc_norm; None: acc only
+
+
+def prefix_token(tokenizer, custom: int | None = None) -> int:
+    """HFLM.prefix_token_id: the token an empty context is replaced by, and whose text at the start
+    of a string means "already has its BOS": `custom`, else BOS, else EOS."""
+    if custom is not None:
+        return custom
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def hf_encode(tokenizer, text: str, add_special_tokens: bool | None = None, add_bos_token: bool | None = None,
+              prefix_token_id: int | None = None) -> list[int]:  # fmt: skip
+    """The token ids of `text` as lm-evaluation-harness 0.4.13's `hf` backend makes them
+    (HFLM.tok_encode): `add_special_tokens` if given, else `add_bos_token` (HFLM's model_arg,
+    default None), else the tokenizer's own default, which prepends BOS where the tokenizer is made
+    to (Gemma's, Llama's; not SmolLM2's or Qwen's). A text that already starts with the prefix
+    token's text gets no second one. Every zero-shot score goes through this, built-in and harness
+    alike, so that the two paths and `--model hf` see the same tokens."""
+    flag = add_special_tokens if add_special_tokens is not None else add_bos_token
+    special = {} if flag is None else {"add_special_tokens": flag}
+    if add_special_tokens is None and text.startswith(tokenizer.decode(prefix_token(tokenizer, prefix_token_id))):
+        special["add_special_tokens"] = False
+    return tokenizer.encode(text, **special)
 
 
 def load_task(name: str, data_dir: Path, limit: int | None = None) -> list[Example]:

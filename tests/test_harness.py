@@ -251,3 +251,56 @@ def test_streamprune_imports_without_lm_eval():
     """The eval extra is optional: the package and its CLI import with lm_eval unimportable."""
     code = "import sys; sys.modules['lm_eval'] = None; import streamprune, streamprune.cli, streamprune.evaluate"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- BOS: models whose tokenizer prepends it (Gemma) are scored with it, on every path -------------------
+
+
+@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+def gemma_with_bos(request, tiny_models, tmp_path_factory) -> Path:
+    """A tiny Gemma whose tokenizer prepends its BOS by default, as Gemma's own do (the fixtures'
+    tokenizer adds none, which would hide the difference)."""
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("bos") / request.param
+    shutil.copytree(tiny_models[request.param], directory)
+    AutoTokenizer.from_pretrained(directory, add_bos_token=True).save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert tokenizer("Question:").input_ids[0] == tokenizer.bos_token_id
+    return directory
+
+
+def test_gemma_with_bos_equals_hf_on_seven_tasks(gemma_with_bos, task_requests):
+    """The streamed backend encodes as hf does (BOS before every context): equal within 1e-3."""
+    assert_equivalent(gemma_with_bos, task_requests, documents=2)
+
+
+def test_built_in_tasks_score_gemma_as_hf_does(gemma_with_bos):
+    """The built-in tasks (tasks.py, evaluate.pair_sequence) put the BOS where hf does: every
+    sequence starts with it, and each choice's log-likelihood equals hf's on the same text."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    from streamprune.evaluate import pair_sequence, stream_logprobs
+    from streamprune.harness import StreamSettings
+    from streamprune.stream import open_source
+    from streamprune.tasks import TASKS as BUILT_IN
+    from streamprune.tasks import load_task
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma_with_bos)
+    source = open_source(str(gemma_with_bos), torch.device("cpu"), "float32")
+    max_length = source.capped_seqlen(2048)  # as eval caps --seqlen; hf's max_length is the same 256
+    pairs = [pair for task in BUILT_IN for example in load_task(task, ZEROSHOT, 2) for pair in example.pairs]
+    sequences = [pair_sequence(tokenizer, context, continuation, max_length) for context, continuation in pairs]
+    whole = [s for s in sequences if len(s.tokens) <= max_length]  # not left-truncated (boolq's long passages are)
+    assert len(whole) >= 40 and all(s.tokens[0] == tokenizer.bos_token_id for s in whole)
+    found = [float(lp.double().sum()) for lp in stream_logprobs(source, sequences, StreamSettings(quiet=True))]
+    hf = HFLM(pretrained=str(gemma_with_bos), dtype="float32", device="cpu", batch_size=8)
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    expected = [ll for ll, _ in hf.loglikelihood(requests, disable_tqdm=True)]
+    assert len(found) == len(expected) == len(pairs)
+    worst = max(abs(a - b) for a, b in zip(found, expected))
+    print(f"largest |log-likelihood difference| of {len(pairs)} built-in requests: {worst:.2e}")
+    assert worst < 1e-3

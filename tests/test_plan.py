@@ -307,3 +307,71 @@ def test_the_plan_counts_every_parameter_of_the_checkpoint(tiny_models, tmp_path
     geometry = Geometry.from_config(json.loads((source / "config.json").read_text()))
     stored = sum(math.prod(info.shape) for info in Checkpoint(source).tensors.values())
     assert geometry.layers * geometry.layer_params + geometry.outside_params == stored
+
+
+# -- the plan of a streamed eval (plan --tasks / --ppl) ---------------------------------------------------
+
+WANDA_TASKS = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+
+
+def test_eval_plan_grows_with_its_tokens_and_includes_the_head():
+    from streamprune.plan.evaluation import EvalSettings, eval_estimate, eval_seconds, eval_workload
+
+    settings = EvalSettings(device="cuda")
+    small, full = (eval_workload(WANDA_TASKS, limit, None, 2048) for limit in (50, None))
+    assert 0 < small.tokens < full.tokens and 0 < small.scored < full.scored
+    plans = [eval_estimate(LLAMA2_70B, work, settings) for work in (small, full)]
+    for work, plan in zip((small, full), plans):
+        assert plan["buffer_bytes"] == work.tokens * 8192 * 2  # eval's buffer: [all tokens, hidden] in float16
+        assert plan["head_flops"] == 2 * 32000 * 8192 * work.scored  # the LM head over every scored token
+        assert plan["flops"] == plan["layer_flops"] + plan["head_flops"]
+        times = eval_seconds(plan, {"forward": 66e12}, 2e9, 1e9, overlap=True)
+        assert times["head"] >= plan["head_flops"] / 66e12 > 0
+        assert times["total"] >= times["layers"] + times["head"]
+        assert all(plan[key] > 0 for key in ("peak_ram_bytes", "peak_vram_bytes", "bytes_read", "layer_flops"))
+    assert plans[1]["peak_ram_bytes"] - plans[0]["peak_ram_bytes"] >= plans[1]["buffer_bytes"] - plans[0]["buffer_bytes"]
+    # the GPU holds a layer and a micro-batch, or the head: not the tokens
+    assert plans[0]["peak_vram_bytes"] == plans[1]["peak_vram_bytes"] < 24 * GB
+    assert plans[1]["peak_vram_bytes"] > LLAMA2_70B.layer_params * 2
+
+
+def test_eval_plan_per_layer_costs_are_the_run_plans():
+    """Eval's forward of W windows of 2048 inputs costs what a run's forward of W samples of 2048
+    does (Wanda forwards each layer twice), and reads the same layers."""
+    from streamprune.plan.evaluation import PPL_BYTES_PER_TOKEN, EvalSettings, eval_estimate, eval_workload
+
+    windows = 16
+    work = eval_workload([], None, int(windows * 2049 * PPL_BYTES_PER_TOKEN), 2049)  # inputs: 2048 a window
+    assert (work.sequences, work.tokens) == (windows, windows * 2048)
+    plan = eval_estimate(LLAMA2_70B, work, EvalSettings(device="cuda"))
+    run = estimate(LLAMA2_70B, Settings(device="cuda", nsamples=windows, seqlen=2048))
+    assert plan["layer_flops"] == run["forward_flops"] / 2
+    assert plan["layer_bytes"] == run["layer_bytes"]
+    assert plan["bytes_read"] == run["checkpoint_bytes"]  # every tensor once: embedding, layers, norm, untied head
+
+
+def test_eval_plan_puts_a_buffer_too_large_for_the_ram_in_a_file():
+    from streamprune.plan.evaluation import EvalSettings, eval_workload, fit_eval
+
+    work = eval_workload(WANDA_TASKS, None, None, 2048)
+    roomy, _ = fit_eval(LLAMA2_70B, work, EvalSettings(device="cuda"), 256 * GB, 24 * GB, "auto")
+    assert roomy["offload"] == "cpu" and roomy["offloaded_buffer_bytes_moved"] == 0
+    tight, problems = fit_eval(LLAMA2_70B, work, EvalSettings(device="cuda"), 32 * GB, 24 * GB, "auto")
+    assert tight["offload"] == "disk" and not problems
+    assert tight["offloaded_buffer_bytes_moved"] == 2 * 80 * tight["buffer_bytes"]
+    assert tight["peak_ram_bytes"] < roomy["peak_ram_bytes"] - tight["buffer_bytes"] / 2
+    _, problems = fit_eval(LLAMA2_70B, work, EvalSettings(device="cuda"), 32 * GB, 24 * GB, "cpu")
+    assert problems and "--offload-dir" in problems[0]
+
+
+def test_plan_command_plans_the_wanda_papers_seven_tasks_for_70b_on_a_24gb_gpu():
+    args = ["plan", "llama-70b", "--device", "rtx4090", "--tasks", ",".join(WANDA_TASKS), "--max-ram", "64GB"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "final norm and LM head" in result.output and "--offload-dir DIR" in result.output
+    assert "BOS" in result.output and "then the head" in result.output  # the assumption and the head's time, stated
+    numbers = json.loads(CliRunner().invoke(app, [*args, "--json"]).output)
+    assert numbers["fits"] and numbers["peak_vram_bytes"] < 24 * GB and numbers["peak_ram_bytes"] < 64 * GB
+    assert set(numbers["parts"]) == set(WANDA_TASKS) and numbers["seconds"]["head"] > 0
+    unknown = CliRunner().invoke(app, ["plan", "llama-70b", "--tasks", "mmlu", "--device", "rtx4090"])
+    assert unknown.exit_code == 2 and "plan knows the sizes of" in unknown.output

@@ -23,6 +23,7 @@ from ..heal import BASES
 from ..methods import METHODS, Target, method_named
 from ..reconstruct import OPTIMIZERS, ReconstructSettings
 from ..plan.commands import plan_heal, plan_model
+from ..plan.evaluation import plan_eval
 from .app import app
 from .common import user_errors
 from .options import (
@@ -30,6 +31,7 @@ from .options import (
     AsJson,
     BATCH_SIZE,
     Base,
+    BatchTokens,
     Blocksize,
     CHECKPOINT_EVERY,
     Device,
@@ -37,6 +39,7 @@ from .options import (
     ExpertWeights,
     GradientCheckpointing,
     Heal,
+    Limit,
     LoraRank,
     MaxGpuMemory,
     MaxRam,
@@ -48,6 +51,7 @@ from .options import (
     Overlap,
     Pattern,
     Percdamp,
+    Ppl,
     Processes,
     ReadSpeed,
     Reconstruct,
@@ -58,6 +62,7 @@ from .options import (
     Sequential,
     Sparsity,
     Steps,
+    Tasks,
     WriteSpeed,
 )
 
@@ -74,6 +79,9 @@ def plan_command(
     sequential: Sequential = False,
     nsamples: Nsamples = 128,
     seqlen: Annotated[Optional[int], SEQLEN] = None,
+    tasks: Tasks = None,
+    ppl: Ppl = None,
+    limit: Limit = None,
     reconstruct: Reconstruct = False,
     reconstruct_epochs: ReconstructEpochs = 4,
     reconstruct_batch_size: ReconstructBatchSize = 1,
@@ -86,6 +94,7 @@ def plan_command(
     device: Device = "auto",
     dtype: Dtype = "auto",
     batch_size: Annotated[Optional[int], BATCH_SIZE] = None,
+    batch_tokens: BatchTokens = 8192,
     offload: Offload = "auto",
     expert_weights: ExpertWeights = "auto",
     max_ram: MaxRam = None,
@@ -102,8 +111,13 @@ def plan_command(
 
     Peak RAM and GPU memory, disk, bytes read and written, FLOPs and a time estimate; if it does not fit, which flag would make it fit. MODEL may also be a config.json (only config.json is fetched). With --heal, the same for `streamprune heal`; --seqlen and --batch-size then default to heal's (512 and 4), else to run's (2048 and 1).
 
-    Examples: streamprune plan llama-70b --sparsity 0.5 --device rtx4090 --max-ram 32GB; streamprune plan qwen3-8b --heal --device rtx4090
+    With --tasks (the seven built-in ones, or rte) and/or --ppl FILE, the same for a streamed `streamprune eval` of them, the final norm and LM head included: its activation buffer holds every token of every task, and whether it needs --offload-dir.
+
+    Examples: streamprune plan llama-70b --sparsity 0.5 --device rtx4090 --max-ram 32GB; streamprune plan qwen3-8b --heal --device rtx4090; streamprune plan llama-70b --device rtx4090 --tasks boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa
     """
+    if tasks or ppl is not None:
+        return plan_eval_command(model, tasks, ppl, limit, seqlen or 2048, dtype, device, batch_tokens, offload,
+                                 max_ram, max_gpu_memory, overlap, read_speed, write_speed, as_json)  # fmt: skip
     if heal:
         return plan_heal_command(model, device, base, lora_rank, batch_size or 4, seqlen or 512, steps, optimizer,
                                  gradient_checkpointing, max_ram, max_gpu_memory, as_json)  # fmt: skip
@@ -169,6 +183,25 @@ def plan_heal_command(model, device, base, lora_rank, batch_size, seqlen, steps,
             model, device=device, base=base, rank=lora_rank, batch_size=batch_size, seqlen=seqlen, steps=steps,
             optimizer=optimizer, checkpointing=checkpointing, max_ram=parse_limit("--max-ram", max_ram),
             max_gpu_memory=parse_limit("--max-gpu-memory", max_gpu_memory),
+        )  # fmt: skip
+    typer.echo(json.dumps(numbers, indent=2) if as_json else text)
+    if not numbers["fits"]:
+        raise typer.Exit(EXIT_RESOURCES)
+
+
+def plan_eval_command(model, tasks, ppl, limit, seqlen, dtype, device, batch_tokens, offload, max_ram, max_gpu_memory,
+                      overlap, read_speed, write_speed, as_json) -> None:  # fmt: skip
+    with user_errors(on_interrupt="interrupted", on_gpu_oom="Use --device cpu."):
+        check_choice("--offload", offload, OFFLOAD)
+        counts = SimpleNamespace(seqlen=seqlen, batch_tokens=batch_tokens, limit=limit)
+        check_positive(counts, "seqlen", "batch_tokens", "limit")
+        names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+        text, numbers = plan_eval(
+            model, names, ppl=None if ppl is None else str(ppl), limit=limit, seqlen=seqlen, dtype=dtype,
+            device=device, batch_tokens=batch_tokens, offload=offload, max_ram=parse_limit("--max-ram", max_ram),
+            max_gpu_memory=parse_limit("--max-gpu-memory", max_gpu_memory), overlap=overlap,
+            read_bytes_per_second=parse_limit("--read-speed", read_speed),
+            write_bytes_per_second=write_speed and parse_limit("--write-speed", write_speed),
         )  # fmt: skip
     typer.echo(json.dumps(numbers, indent=2) if as_json else text)
     if not numbers["fits"]:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
-from ..stream import LayerReader, Source, check_weights_finite, forward_batches
+from ..stream import LayerReader, Source, check_weights_finite, forward_batches, head_bar
 
 
 class Blocks:
@@ -36,6 +36,10 @@ class Blocks:
                 yield position, index, stored
                 bar.update()
         bar.close()
+
+    def head_bar(self, tokens: int, desc: str) -> tqdm:
+        """A bar over the tokens the LM head scores after a pass's last block (stream.head_bar)."""
+        return head_bar(tokens, self.quiet, desc)
 
     def build(self, index: int, stored: dict[str, torch.Tensor]) -> torch.nn.Module:
         return self.runner.build(index, stored)

@@ -21,11 +21,14 @@ def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[float, int
     return float((1 - cos).double().sum()), cos.numel()
 
 
-def mean_nll(hidden: torch.Tensor, input_ids: torch.Tensor, head) -> float:
-    """Mean next-token loss over all samples: hidden [n, seqlen, h] predicts input_ids [n, seqlen]."""
+def mean_nll(hidden: torch.Tensor, input_ids: torch.Tensor, head, bar=None) -> float:
+    """Mean next-token loss over all samples: hidden [n, seqlen, h] predicts input_ids [n, seqlen].
+    `bar` (a tqdm) counts the scored tokens."""
     total = 0.0
     for sample, ids in zip(hidden, input_ids):
         total -= float(token_logprobs(sample[:-1], ids[1:], head).double().sum())
+        if bar is not None:
+            bar.update(len(ids) - 1)
     return total / (input_ids.shape[0] * (input_ids.shape[1] - 1))
 
 
@@ -105,8 +108,11 @@ def ppl_scores(
             tensors = {"main": main, **{f"stream-{i}": stream for i, stream in streams.items()}}
             saves.after_block("ppl", position + 1, data, tensors)
         del main
+        # the head over every skip stream's tokens: minutes for a large vocabulary, so a bar of its own
+        bar = blocks.head_bar(len(streams) * input_ids[:, 1:].numel(), f"ppl pass {passes}: LM head")
         for skipped, stream in streams.items():
-            scores[skipped] = math.exp(mean_nll(stream, input_ids, head))
+            scores[skipped] = math.exp(mean_nll(stream, input_ids, head, bar))
+        bar.close()
         del streams
         first, position = first + streams_per_pass, 0
         data = {"first": first, "passes": passes, "streams_per_pass": streams_per_pass, "scores": scores}

@@ -61,14 +61,17 @@ def head_gradient(blocks: Blocks, hidden: torch.Tensor, input_ids: torch.Tensor)
     """dL/dh of the last block's output [n, seqlen, hidden]; L = sum of token losses / tokens, so
     samples add up."""
     device = blocks.runner.device
-    head = load_head(blocks.source)
     tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    bar = blocks.head_bar(tokens, "taylor: LM head gradient")
+    head = load_head(blocks.source)
     grad = torch.zeros_like(hidden)
     for k in range(hidden.shape[0]):
         h = hidden[k, :-1].to(device).requires_grad_(True)
         loss = -token_logprobs(h, input_ids[k, 1:], head).sum() / tokens
         loss.backward()
         grad[k, :-1] = h.grad.to("cpu", grad.dtype)
+        bar.update(input_ids.shape[1] - 1)
+    bar.close()
     return grad
 
 

@@ -9,6 +9,8 @@ One idea a file:
   data sheet (GPU_PEAK_TFLOPS, assumed_rates, local_rates);
 - report.py: the time a plan takes at those rates (seconds), and its lines for the user (report);
 - commands.py: what `streamprune plan` runs (plan_device, plan_model) and `plan --heal` (plan_heal).
+- evaluation.py: `plan --tasks/--ppl`, a streamed `streamprune eval` (plan_eval: its buffer of every task's
+  tokens, the layers and the final norm and LM head, TASK_SIZES).
 
 Import from those files: the run path needs geometry, memory and report only; `streamprune plan` the rest.
 """
