@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .data import C4_FILE, local_copy
+from .data import C4_FILE, DATA_ENV, local_copy
 from .errors import BadInputError, ResourceError
 from .source import hub_failure, hub_reachable
 
@@ -120,7 +120,8 @@ def fetch_c4(flags: DataFlags = CALIBRATION_FLAGS) -> Path:
         raise ResourceError(
             f"cannot download the C4 calibration shard ({C4_REPO}/{C4_SHARD}) from the Hugging Face hub: "
             f"{hub_failure(err)}. Offline, pass local text instead: {flags.text} PATH "
-            '(.txt, .jsonl or .jsonl.gz with a "text" field, e.g. a C4 .json.gz shard).'
+            '(.txt, .jsonl or .jsonl.gz with a "text" field, e.g. a C4 .json.gz shard), or set '
+            f"{DATA_ENV} to a folder holding {C4_FILE} (streamprune fetch-data DIR --c4 makes one)."
         ) from err
 
 

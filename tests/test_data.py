@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import DATA, WIKITEXT
+from conftest import C4, DATA, WIKITEXT
 from typer.testing import CliRunner
 
 from streamprune.cli import app
@@ -67,3 +67,18 @@ def test_a_data_folder_that_is_not_there_is_named(tiny_llama, tmp_path, monkeypa
     monkeypatch.setenv("STREAMPRUNE_DATA", str(tmp_path / "no"))
     result = CliRunner().invoke(app, ["eval", str(tiny_llama), "--ppl", "wikitext2", "--quiet"])
     assert result.exit_code == 2 and "STREAMPRUNE_DATA=" in result.output and "fetch-data" in result.output
+
+
+def test_calib_c4_reads_the_data_folders_shard_first_and_offline_names_the_setting(tmp_path, monkeypatch):
+    from streamprune.calibration import calibration_path
+    from streamprune.data import C4_FILE
+    from streamprune.errors import ResourceError
+
+    monkeypatch.setattr("streamprune.calibration.hub_reachable", lambda: False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+    (tmp_path / "data" / "c4").mkdir(parents=True)
+    monkeypatch.setenv("STREAMPRUNE_DATA", str(tmp_path / "data"))
+    with pytest.raises(ResourceError, match=f"STREAMPRUNE_DATA to a folder holding {C4_FILE}"):
+        calibration_path("c4")
+    (tmp_path / "data" / C4_FILE).write_bytes(C4.read_bytes())
+    assert calibration_path("c4") == tmp_path / "data" / C4_FILE
