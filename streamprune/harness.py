@@ -208,8 +208,9 @@ def run_tasks(lm: StreamedLM, tasks: list[str], include_path: str | None, num_fe
     except ConnectionError as err:  # datasets' own, when the hub cannot be reached or HF_DATASETS_OFFLINE=1
         raise ResourceError(
             f"lm-evaluation-harness could not fetch the data of {', '.join(tasks)} ({err}): its tasks read their "
-            "datasets from the Hugging Face hub. Offline, --tasks needs --data-dir DIR for the built-in tasks (e.g. "
-            "--data-dir ../shared/data/zeroshot), or --include-path DIR with task YAMLs over local files"
+            "datasets from the Hugging Face hub. Offline, warm its cache first where the hub is reachable "
+            "(streamprune fetch-data DIR --tasks NAMES), or give --data-dir DIR for the built-in tasks (a data folder, "
+            "docs/data.md), or --include-path DIR with task YAMLs over local files"
         ) from err
     keys = ("results", "groups", "group_subtasks", "n-shot", "n-samples", "versions", "higher_is_better")
     return {key: output[key] for key in keys if key in output}

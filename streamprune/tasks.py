@@ -17,7 +17,7 @@ one by default: lm-eval 0.4.13 has no per-family rule of its own (its add_bos_to
 the tokenizer's default; the Gemma special case of earlier releases is gone), and Gemma's tokenizers
 prepend <bos>, without which Gemma scores near chance.
 
-Differences, all forced by the local files (../shared/data/zeroshot/README): HellaSwag's `ctx`
+Differences, all forced by the local files (docs/data.md lists them): HellaSwag's `ctx`
 arrives already joined as "{activity_label}: {ctx_a} {ctx_b}" without the harness's
 capitalisation of ctx_b; OpenBookQA's choices are parsed from the TSV's "(A) ... (B) ..." column.
 """

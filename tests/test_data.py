@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import C4, DATA, WIKITEXT
@@ -47,12 +46,12 @@ def test_wikitext2_by_name_is_the_data_folders_copy(tiny_llama, tmp_path, monkey
     assert name["ppl"] == file["ppl"] and name["file"] == str(DATA / "wikitext2" / "wiki.test.raw")
 
 
-def test_offline_with_a_cold_cache_says_what_to_set_within_seconds(tiny_llama, tmp_path, monkeypatch):
+def test_offline_with_a_cold_cache_says_what_to_set(tiny_llama, tmp_path, monkeypatch):
     env = {**os.environ, "STREAMPRUNE_DATA": "", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    started = time.monotonic()
+    # no hang: the message comes as soon as the program is up (test_hub.py times it against 10 s from
+    # there; a whole process's start alone takes seconds on a busy machine)
     done = subprocess.run([sys.executable, "-m", "streamprune", "eval", str(tiny_llama), "--ppl", "wikitext2"],
                           capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
-    assert time.monotonic() - started < 10
     assert done.returncode == EXIT_RESOURCES, done.stderr
     assert "STREAMPRUNE_DATA" in done.stderr and "Traceback" not in done.stderr
     # fetch-data, offline: the same message, and nothing half-made in the folder

@@ -12,6 +12,7 @@ message in under 10 s), and `eval --ppl wikitext2` from the hub scoring what the
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -77,9 +78,10 @@ def hub(tiny) -> HubServer:
         server.add(Repo(MODEL, {**checkpoint, **EXTRAS}))
         server.add(Repo(C4_REPO, {C4_SHARD: C4.read_bytes(), "en/c4-validation.00000-of-00008.json.gz": b"\x1f\x8b",
                                   "README.md": b"# c4\n"}, repo_type="dataset"))  # fmt: skip
-        wikitext = {WIKITEXT_TEST: parquet(wikitext_rows()), "README.md": b"# wikitext\n",
-                    "wikitext-2-raw-v1/train-00000-of-00001.parquet": parquet(["not used\n"])}  # fmt: skip
-        server.add(Repo(WIKITEXT_REPO, wikitext, repo_type="dataset", sha=WIKITEXT_SHA))
+        if importlib.util.find_spec("pyarrow") is not None:  # the eval extra's; without it that test is skipped
+            wikitext = {WIKITEXT_TEST: parquet(wikitext_rows()), "README.md": b"# wikitext\n",
+                        "wikitext-2-raw-v1/train-00000-of-00001.parquet": parquet(["not used\n"])}  # fmt: skip
+            server.add(Repo(WIKITEXT_REPO, wikitext, repo_type="dataset", sha=WIKITEXT_SHA))
         yield server
 
 
@@ -235,6 +237,7 @@ def test_a_hub_that_never_answers_ends_in_a_message_not_a_hang(hub, tmp_path):
 
 
 def test_eval_ppl_wikitext2_from_the_hub_equals_the_local_file(hub, tiny, tmp_path):
+    pytest.importorskip("pyarrow", reason="--ppl wikitext2 reads the hub's parquet file: pip install -e '.[eval]'")
     hub_json, local_json = tmp_path / "hub.json", tmp_path / "local.json"
     result, _ = streamprune(hub.endpoint, tmp_path, "eval", MODEL, "--ppl", "wikitext2", "--seqlen", "32",
                             "--limit", "4", "--output", str(hub_json))  # fmt: skip
