@@ -275,7 +275,7 @@ def test_gemma_with_bos_equals_hf_on_seven_tasks(gemma_with_bos, task_requests):
     assert_equivalent(gemma_with_bos, task_requests, documents=2)
 
 
-def test_built_in_tasks_score_gemma_as_hf_does(gemma_with_bos):
+def test_built_in_tasks_score_gemma_as_hf_does(harness, gemma_with_bos):
     """The built-in tasks (tasks.py, evaluate.pair_sequence) put the BOS where hf does: every
     sequence starts with it, and each choice's log-likelihood equals hf's on the same text."""
     import torch
