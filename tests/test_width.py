@@ -192,6 +192,24 @@ def test_the_scores_on_numbers():
                                torch.tensor([2.0, 2.0], dtype=torch.float64))  # fmt: skip
 
 
+def test_a_width_pruned_model_prunes_and_reconstructs_as_any_dense_one(tiny_llama, tmp_path):
+    """The output is an ordinary dense checkpoint: `run --reconstruct` takes it (its narrower MLP,
+    fewer heads and compensation biases) and writes a model that loads and generates, half zeros."""
+    narrow, pruned = tmp_path / "narrow", tmp_path / "pruned"
+    runner = CliRunner()
+    width = runner.invoke(app, ["width", str(tiny_llama), "--out", str(narrow), "--ratio", "0.2", *WIDTH_ARGS])
+    assert width.exit_code == 0, width.output
+    args = ["run", str(narrow), "--out", str(pruned), "--sparsity", "0.5", "--reconstruct", "--reconstruct-epochs", "1",
+            "--calib", str(WIKITEXT), "--nsamples", "4", "--seqlen", "32", "--quiet"]  # fmt: skip
+    run = runner.invoke(app, args)
+    assert run.exit_code == 0, run.output
+    check_loads_and_generates(pruned, tiny_llama)
+    state, narrowed = load_state(pruned), load_state(narrow)
+    down = next(name for name in state if name.endswith("mlp.down_proj.weight"))
+    assert state[down].shape == narrowed[down].shape and (state[down] == 0).float().mean() == pytest.approx(0.5, abs=0.02)
+    assert all(torch.equal(state[n], narrowed[n]) for n in state if n.endswith("proj.bias"))
+
+
 # -- kill -9 anywhere, then resume: the same bytes --------------------------------------------------
 
 WIDTH_ARGS = ["--calib", str(WIKITEXT), "--nsamples", "4", "--seqlen", "32", "--batch-size", "1",
