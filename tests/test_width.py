@@ -210,6 +210,18 @@ def test_a_width_pruned_model_prunes_and_reconstructs_as_any_dense_one(tiny_llam
     assert all(torch.equal(state[n], narrowed[n]) for n in state if n.endswith("proj.bias"))
 
 
+def test_a_run_that_cannot_fit_the_ram_is_refused_before_it_writes(tiny_llama, tmp_path):
+    """The plan's estimate of the peaks, checked first: 2M x 256 calibration tokens of a 64-wide model
+    need more RAM than any test machine has (126 GiB); refused with the flags to lower, exit 4."""
+    out = tmp_path / "out"
+    args = ["width", str(tiny_llama), "--out", str(out), "--ratio", "0.2", "--calib", str(WIKITEXT),
+            "--nsamples", "2000000", "--seqlen", "256", "--quiet"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 4, result.output
+    assert "of RAM" in result.output and "lower --nsamples (now 2000000)" in result.output
+    assert not out.exists()
+
+
 # -- kill -9 anywhere, then resume: the same bytes --------------------------------------------------
 
 WIDTH_ARGS = ["--calib", str(WIKITEXT), "--nsamples", "4", "--seqlen", "32", "--batch-size", "1",

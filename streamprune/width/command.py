@@ -22,7 +22,7 @@ from ..calibration import (
     load_saved_calibration,
     sample_calibration,
 )
-from ..errors import UsageError
+from ..errors import ResourceError, UsageError
 from ..families import LayerRunner, text_config
 from ..outdir import (
     RECORD_FILE,
@@ -36,7 +36,10 @@ from ..outdir import (
     write_json,
 )
 from ..pipeline.resume import IN_FLOAT32, StopOnInterrupt, resume_point
+from ..plan import memory
+from ..plan.geometry import Geometry as PlanGeometry
 from ..runstate import RunState, check_free_space, saved_state, source_fingerprint
+from ..sizes import format_size
 from ..stream import LayerReader, Source, check_activations_finite, check_weights_finite, open_source
 from ..writer import CheckpointWriter, write_atomic
 from .config import WidthConfig
@@ -94,7 +97,35 @@ def plan_width(config: WidthConfig, source: Source) -> WidthPlan:
     runner = LayerRunner(new_config, family, source.runner.device, source.dtype)
     calib_path = calibration_path(config.calib) if config.criterion in CALIBRATED else None
     seqlen = source.capped_seqlen(config.seqlen)
+    check_memory(config, source, seqlen)
     return WidthPlan(geometry, cut, share, can, new_config, runner, shapes(runner.skeleton(0)), seqlen, calib_path)
+
+
+def check_memory(config: WidthConfig, source: Source, seqlen: int) -> None:
+    """Refused before anything is written where the peaks do not fit this machine. width holds what
+    a Wanda run holds (one layer, the [nsamples, seqlen, hidden] stream in RAM, per-channel
+    statistics of each Linear's input), so the run plan's Wanda estimate is its estimate."""
+    calibrated = config.criterion in CALIBRATED
+    first = f"{source.names.layer(0)}{source.family.projections.names[0]}.weight"
+    settings = memory.Settings(
+        method="wanda" if calibrated else "magnitude", nsamples=config.nsamples, seqlen=seqlen,
+        batch_size=config.batch_size, stored_bytes=source.checkpoint.tensors[first].torch_dtype.itemsize,
+        compute_bytes=source.dtype.itemsize, device=source.runner.device.type, offload="cpu", overlap=config.overlap,
+        runtime_bytes=memory.current_rss_bytes(),
+    )  # fmt: skip
+    max_ram, max_vram = memory.default_limits(settings.runtime_bytes, source.runner.device)
+    needs = memory.estimate(PlanGeometry.from_config(source.checkpoint.config), settings)
+    short = []
+    if max_ram is not None and needs["peak_ram_bytes"] > max_ram:
+        short.append(f"about {format_size(needs['peak_ram_bytes'])} of RAM, more than the {format_size(max_ram)} "
+                     "available")  # fmt: skip
+    if max_vram is not None and (needs["peak_vram_bytes"] or 0) > max_vram:
+        short.append(f"about {format_size(needs['peak_vram_bytes'])} of GPU memory, more than {format_size(max_vram)}")
+    if short:
+        raise ResourceError(
+            f"this width run would need {' and '.join(short)}: lower --nsamples (now {config.nsamples}) or --seqlen "
+            f"(now {seqlen}){', or --batch-size' if max_vram is not None else ''}. Nothing was written."
+        )
 
 
 def identity(config: WidthConfig, source: Source, plan: WidthPlan) -> dict:
