@@ -101,7 +101,8 @@ Ppl = Annotated[Optional[Path], typer.Option("--ppl", rich_help_panel=DATA, help
 Tasks = Annotated[Optional[str], typer.Option("--tasks", rich_help_panel=DATA, help=
     "Comma-separated tasks. With --data-dir: the built-in offline ones (arc_easy, arc_challenge, piqa, boolq, "
     "winogrande, hellaswag, openbookqa); without it: any lm-evaluation-harness task, run through the streamed "
-    "backend (needs lm-eval, the eval extra of streamprune).")]
+    "backend (needs lm-eval, the eval extra of streamprune). plan: the tasks of the eval to plan; fetch-data: the "
+    "harness tasks whose datasets to cache.")]
 C4 = Annotated[bool, typer.Option("--c4", rich_help_panel=DATA, help=
     "Also copy the C4 calibration shard (about 300 MB) that --calib c4 reads.")]
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", rich_help_panel=DATA, help=
