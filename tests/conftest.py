@@ -52,8 +52,9 @@ NO_DATA = ("needs the real text: set STREAMPRUNE_DATA to a data folder (docs/dat
 
 def missing_data(module) -> list[str]:
     """The data files a test module reads (by the names it imports from here, and those of the test
-    modules it takes helpers from) that are not there."""
-    modules = {module} | {sys.modules.get(getattr(value, "__module__", "")) for value in vars(module).values()}
+    modules it takes helpers from: not this one's, whose fixtures skip by themselves) that are not there."""
+    helpers = {sys.modules.get(getattr(value, "__module__", "")) for value in vars(module).values()}
+    modules = {module} | {m for m in helpers if m is not None and m.__name__ != "conftest"}
     names = {name for m in modules if m is not None and Path(getattr(m, "__file__", "") or "").parent == ROOT / "tests"
              for name in DATA_FILES if name in vars(m)}  # fmt: skip
     return sorted(str(DATA_FILES[name]) for name in names if not DATA_FILES[name].exists())
