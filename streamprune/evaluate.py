@@ -24,8 +24,16 @@ from .data import ppl_text, zeroshot_folder
 from .errors import BadInputError, ResourceError, UsageError
 from .outdir import check_destination, check_not_source, write_json
 from .sizes import format_size
-from .stream import LayerReader, Source, check_activations_finite, load_head, open_source, token_logprobs
-from .tasks import TASKS, load_task
+from .stream import (
+    LayerReader,
+    Source,
+    check_activations_finite,
+    head_bar,
+    load_head,
+    open_source,
+    token_logprobs,
+)
+from .tasks import TASKS, hf_encode, load_task
 
 
 @dataclass
@@ -76,8 +84,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     continuation, both texts get the tokenizer's default special tokens (BOS for Gemma and Llama,
     tasks.hf_encode), and the continuation's tokens are those of context+continuation beyond the
     context's (so a BOS belongs to the context)."""
-    from .tasks import hf_encode
-
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -232,8 +238,6 @@ def stream_logprobs(source: Source, sequences: list[Sequence], config, score=tok
     """`score(hidden, targets, head)` of each sequence's scored tokens: by default their
     log-probabilities (float32, CPU). `config`: EvalConfig, or anything with stream_hidden's fields.
     The head's work has a bar of its own, after the layers' (stream.head_bar)."""
-    from .stream import head_bar
-
     hidden, offsets = stream_hidden(source, sequences, config)
     bar = head_bar(sum(len(s.tokens) - s.target_start for s in sequences), config.quiet)
     head = load_head(source)
