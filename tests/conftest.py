@@ -34,10 +34,13 @@ def find_data() -> Path | None:
     if not (cached / WIKITEXT2_FILE).is_file() and hub_reachable():
         from streamprune.prefetch import fetch_data
 
-        try:
-            fetch_data(cached)
-        except Exception as err:  # the tests that need it say so; the others run
-            print(f"could not fetch WikiText-2 into {cached}: {err}", file=sys.stderr)
+        cached.mkdir(parents=True, exist_ok=True)
+        with open(cached / ".fetch.lock", "w") as lock:  # every test process starts here: one fetches
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fetch_data(cached)
+            except Exception as err:  # the tests that need it say so; the others run
+                print(f"could not fetch WikiText-2 into {cached}: {err}", file=sys.stderr)
     return cached
 
 
