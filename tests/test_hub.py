@@ -251,3 +251,21 @@ def test_eval_ppl_wikitext2_from_the_hub_equals_the_local_file(hub, tiny, tmp_pa
     from_hub, local = (json.loads(path.read_text())["perplexity"] for path in (hub_json, local_json))
     assert from_hub["windows"] == local["windows"] == 4
     assert from_hub["ppl"] == local["ppl"]
+
+
+def test_fetch_data_fills_a_data_folder_that_then_serves_offline(hub, tiny, tmp_path):
+    """fetch-data DIR --c4 against the hub: wiki.test.raw as the official file, the C4 shard as served;
+    then, offline and with an empty cache, eval --ppl wikitext2 and --calib c4 read that folder."""
+    pytest.importorskip("pyarrow", reason="fetch-data reads the hub's parquet file: pip install -e '.[eval]'")
+    folder = tmp_path / "data"
+    result, _ = streamprune(hub.endpoint, tmp_path / "hf", "fetch-data", str(folder), "--c4")
+    assert result.returncode == 0, result.stderr
+    assert (folder / "wikitext2" / "wiki.test.raw").read_bytes() == WIKITEXT.read_bytes()
+    assert (folder / "c4" / "c4-train.00000-of-01024.json.gz").read_bytes() == C4.read_bytes()
+    offline = {"HF_HUB_OFFLINE": "1", "STREAMPRUNE_DATA": str(folder)}
+    evaluated, _ = streamprune(hub.endpoint, tmp_path / "empty", "eval", str(tiny), "--ppl", "wikitext2",
+                               "--seqlen", "32", "--limit", "2", **offline)  # fmt: skip
+    assert evaluated.returncode == 0 and str(folder / "wikitext2" / "wiki.test.raw") in evaluated.stdout
+    pruned, _ = streamprune(hub.endpoint, tmp_path / "empty", "run", str(tiny), "--out", str(tmp_path / "out"),
+                            "--calib", "c4", *RUN, **offline)  # fmt: skip
+    assert pruned.returncode == 0, pruned.stderr
