@@ -18,13 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .data import C4_FILE, DATA_ENV, local_copy
-from .errors import BadInputError, ResourceError
-from .source import hub_failure, hub_reachable
+from .data import C4_FILE, DATA_ENV, HubFile, download, local_copy
+from .errors import BadInputError
 
 CALIBRATION_FILE = "streamprune_calibration.json"  # beside a run's output: the exact token ids it used
-C4_REPO = "allenai/c4"
-C4_SHARD = "en/c4-train.00000-of-01024.json.gz"  # the shard the Wanda paper calibrates on
+C4_HUB = HubFile("allenai/c4", "en/c4-train.00000-of-01024.json.gz")  # the shard the Wanda paper calibrates on
 _TOKENIZE_BATCH = 256  # documents per tokenizer call while counting tokens
 
 
@@ -112,17 +110,10 @@ def load_saved_calibration(out: Path, nsamples: int, seqlen: int) -> dict:
 
 def fetch_c4(flags: DataFlags = CALIBRATION_FLAGS) -> Path:
     """The C4 shard the Wanda paper uses, from the hub (cached by huggingface_hub)."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(C4_REPO, C4_SHARD, repo_type="dataset", local_files_only=not hub_reachable()))
-    except Exception as err:  # network, auth and offline errors all end the same way for the user
-        raise ResourceError(
-            f"cannot download the C4 calibration shard ({C4_REPO}/{C4_SHARD}) from the Hugging Face hub: "
-            f"{hub_failure(err)}. Offline, pass local text instead: {flags.text} PATH "
-            '(.txt, .jsonl or .jsonl.gz with a "text" field, e.g. a C4 .json.gz shard), or set '
-            f"{DATA_ENV} to a folder holding {C4_FILE} (streamprune fetch-data DIR --c4 makes one)."
-        ) from err
+    return download(C4_HUB, "the C4 calibration shard", (
+        f'pass local text instead: {flags.text} PATH (.txt, .jsonl or .jsonl.gz with a "text" field, e.g. a C4 '
+        f".json.gz shard), or set {DATA_ENV} to a folder holding {C4_FILE} (streamprune fetch-data DIR --c4 makes one)."
+    ))  # fmt: skip
 
 
 def read_documents(path: Path, flags: DataFlags = CALIBRATION_FLAGS) -> list[str]:

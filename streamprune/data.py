@@ -32,7 +32,7 @@ ZEROSHOT_DIR = "zeroshot"
 class HubFile:
     repo: str
     filename: str
-    revision: str  # a commit: the same bytes for every user, whatever the repo becomes
+    revision: str | None = None  # a commit: the same bytes for every user, whatever the repo becomes
     repo_type: str = "dataset"
 
 
@@ -73,7 +73,7 @@ def ppl_text(ppl: str, data_dir: str | Path | None = None) -> tuple[str, str]:
         local = local_copy(WIKITEXT2_FILE, data_dir)
         if local is None:
             hub = WIKITEXT2_HUB
-            return wikitext_from_parquet(download(hub, "WikiText-2")), f"{hub.repo}@{hub.revision[:7]}/{hub.filename}"
+            return wikitext_from_parquet(download(hub, "WikiText-2", WIKITEXT2_OFFLINE)), f"{hub.repo}@{hub.revision[:7]}/{hub.filename}"
         path = local
     else:
         path = Path(ppl).expanduser()
@@ -83,8 +83,9 @@ def ppl_text(ppl: str, data_dir: str | Path | None = None) -> tuple[str, str]:
         raise BadInputError(f"--ppl {ppl}: cannot read it ({err}); pass a text file, or --ppl {WIKITEXT2}") from err
 
 
-def download(hub: HubFile, what: str) -> Path:
-    """`hub`'s file from the hub's cache, downloaded first where the hub is reachable."""
+def download(hub: HubFile, what: str, offline: str) -> Path:
+    """`hub`'s file from the hub's cache, downloaded first where the hub is reachable; `offline`: what
+    to do instead, said when it cannot be had."""
     from huggingface_hub import hf_hub_download
 
     try:
@@ -93,9 +94,12 @@ def download(hub: HubFile, what: str) -> Path:
     except Exception as err:  # offline, proxy, a cut download: each ends the same way for the user
         raise ResourceError(
             f"cannot download {what} ({hub.repo}, {hub.filename}) from the Hugging Face hub: {hub_failure(err)}. "
-            f"Offline, set {DATA_ENV} to a folder holding {WIKITEXT2_FILE} (streamprune fetch-data DIR makes one "
-            "where the hub is reachable), or pass --ppl FILE."
+            f"Offline, {offline}"
         ) from err
+
+
+WIKITEXT2_OFFLINE = (f"set {DATA_ENV} to a folder holding {WIKITEXT2_FILE} (streamprune fetch-data DIR makes one "
+                     "where the hub is reachable), or pass --ppl FILE.")  # fmt: skip
 
 
 def wikitext_from_parquet(path: Path) -> str:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from .calibration import fetch_c4
-from .data import C4_FILE, WIKITEXT2_FILE, WIKITEXT2_HUB, download, wikitext_from_parquet
+from .data import C4_FILE, WIKITEXT2_FILE, WIKITEXT2_HUB, WIKITEXT2_OFFLINE, download, wikitext_from_parquet
 from .errors import ResourceError, UsageError
 from .source import hub_failure
-from .writer import write_atomic
+from .writer import copy_atomic, write_atomic
 
 
 def fetch_data(folder: Path, c4: bool = False, tasks: list[str] | None = None) -> list[str]:
@@ -24,7 +22,7 @@ def fetch_data(folder: Path, c4: bool = False, tasks: list[str] | None = None) -
     done = []
     target = folder / WIKITEXT2_FILE
     if not target.is_file():
-        text = wikitext_from_parquet(download(WIKITEXT2_HUB, "WikiText-2"))
+        text = wikitext_from_parquet(download(WIKITEXT2_HUB, "WikiText-2", WIKITEXT2_OFFLINE))
         target.parent.mkdir(exist_ok=True)
         write_atomic(target, text.encode())
     done.append(f"{target}: WikiText-2 raw test")
@@ -39,12 +37,6 @@ def fetch_data(folder: Path, c4: bool = False, tasks: list[str] | None = None) -
         warm_harness_cache(tasks)
         done.append(f"lm-evaluation-harness datasets of {', '.join(tasks)}: in the hub cache (HF_HOME)")
     return done
-
-
-def copy_atomic(source: Path, target: Path) -> None:
-    partial = target.with_name(f".{target.name}.partial")
-    shutil.copyfile(source, partial)
-    os.replace(partial, target)
 
 
 def warm_harness_cache(tasks: list[str]) -> None:

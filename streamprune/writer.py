@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,6 +208,16 @@ def write_atomic(path: Path, data: bytes) -> None:
     temp = path.with_name(f".{path.name}.partial")
     with open(temp, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+
+
+def copy_atomic(source: Path, path: Path) -> None:
+    """write_atomic of a file's bytes, streamed (a C4 shard is hundreds of MB)."""
+    temp = path.with_name(f".{path.name}.partial")
+    with open(source, "rb") as read, open(temp, "wb") as f:
+        shutil.copyfileobj(read, f, 1 << 20)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temp, path)

@@ -73,7 +73,7 @@ def test_calib_c4_reads_the_data_folders_shard_first_and_offline_names_the_setti
     from streamprune.data import C4_FILE
     from streamprune.errors import ResourceError
 
-    monkeypatch.setattr("streamprune.calibration.hub_reachable", lambda: False)
+    monkeypatch.setattr("streamprune.data.hub_reachable", lambda: False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
     (tmp_path / "data" / "c4").mkdir(parents=True)
     monkeypatch.setenv("STREAMPRUNE_DATA", str(tmp_path / "data"))
